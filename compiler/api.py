@@ -1,0 +1,31 @@
+"""Programmatic entry points: compile a spec into a verified Plan without the CLI."""
+
+from __future__ import annotations
+
+import os
+
+from ..runtime.plan import Plan
+from .pipeline import Compiler, SideSets
+
+
+def compile_plan(
+    spec: str,
+    prefill_tp: int,
+    decode_tp: int,
+    sets: dict[str, object] | list[str] | None = None,
+    include_dirs: tuple[str, ...] = (),
+) -> Plan:
+    """Compile `spec` (a path, or the text of a spec) for one TP pair and return its Plan.
+
+    `sets` binds parameters like `--set`: ``{"num_key_value_heads": 8, "decode.block_size": 32}``.
+    Raises :class:`layoutc.compiler.diagnostics.LayoutError` for spec errors.
+    """
+    c = Compiler(include_dirs)
+    if os.path.exists(spec) or spec.endswith(".layout") and "\n" not in spec:
+        unit = c.load(spec)
+    else:
+        unit = c.load("<string>.layout", spec.encode())
+    if isinstance(sets, dict):
+        sets = {k: str(v) for k, v in sets.items()}
+    p, d = c.bind(unit, SideSets.parse(sets))
+    return c.plan(unit, p, d, prefill_tp, decode_tp)

@@ -1,0 +1,187 @@
+"""The compiler pipeline, one direction: parse -> resolve -> types -> bind -> rank -> plan -> verify.
+
+`PASSES` lists the unit-level semantic passes in the order they run.  Each takes the unit and
+a diagnostics sink; a stage ends by raising every diagnostic it collected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from . import ast
+from .bind import Value, bind, parse_value
+from .diagnostics import LayoutSemanticError, Sink, Sources
+from .ir import BoundSpec, RankedSpec, Unit
+from .parse import decode_source, parse
+from .passes.resolve import resolve
+from .passes.shapes import rank
+from .passes.types import check_types
+from .planner import plan as make_plan
+from .verify import verify_plan
+from ..runtime.plan import Plan
+
+PASSES = [check_types]  # after `resolve`, which builds the unit
+
+BUILTIN = "<layoutc>"
+
+
+def builtin_specs_dir():
+    return resources.files("layoutc").joinpath("specs")
+
+
+@dataclass
+class SideSets:
+    """`--set` values: for both sides, and per side (`prefill.NAME`, `decode.NAME`)."""
+
+    common: dict[str, str] = field(default_factory=dict)
+    prefill: dict[str, str] = field(default_factory=dict)
+    decode: dict[str, str] = field(default_factory=dict)
+
+    @staticmethod
+    def parse(items: list[str] | dict[str, str] | None) -> "SideSets":
+        from .bind import UsageError
+
+        out = SideSets()
+        if not items:
+            return out
+        pairs = items.items() if isinstance(items, dict) else [_split_set(i) for i in items]
+        for k, v in pairs:
+            v = str(v)
+            if k.startswith("prefill."):
+                out.prefill[k[len("prefill."):]] = v
+            elif k.startswith("decode."):
+                out.decode[k[len("decode."):]] = v
+            elif "." in k:
+                raise UsageError(f"--set {k}={v}: a side prefix must be 'prefill.' or 'decode.'")
+            else:
+                out.common[k] = v
+        return out
+
+    def side(self, role: str) -> dict[str, str]:
+        return {**self.common, **getattr(self, role)}
+
+
+def _split_set(item: str) -> tuple[str, str]:
+    from .bind import UsageError
+
+    if "=" not in item:
+        raise UsageError(f"--set {item}: expected NAME=VALUE")
+    k, v = item.split("=", 1)
+    return k.strip(), v.strip()
+
+
+class Compiler:
+    """Loads specs (with `use` resolution against -I dirs and the built-in family specs)."""
+
+    def __init__(self, include_dirs: list[str] | tuple[str, ...] = ()):
+        self.include_dirs = list(include_dirs)
+        self.sources = Sources()
+        self._hash_parts: list[bytes] = []
+
+    def _read(self, display: str, data: bytes) -> ast.Module:
+        text = decode_source(display, data)
+        self.sources.add(display, text)
+        self._hash_parts.append(display.rsplit("/", 1)[-1].encode() + b"\0" + data + b"\0")
+        return parse(display, text)
+
+    def _find(self, name: str, from_display: str) -> tuple[str, bytes] | None:
+        here = os.path.dirname(from_display) if not from_display.startswith(BUILTIN) else None
+        candidates = []
+        if here is not None:
+            candidates.append(os.path.join(here, name) if here else name)
+        candidates += [os.path.join(d, name) for d in self.include_dirs]
+        for c in candidates:
+            if os.path.isfile(c):
+                return os.path.normpath(c), Path(c).read_bytes()
+        builtin = builtin_specs_dir().joinpath(name)
+        if builtin.is_file():
+            return f"{BUILTIN}/specs/{name}", builtin.read_bytes()
+        return None
+
+    def load(self, path: str, data: bytes | None = None) -> Unit:
+        """Parse and check a spec file; raise LayoutError with every diagnostic."""
+        self._hash_parts = []
+        if data is None:
+            data = Path(path).read_bytes()
+        module = self._read(path, data)
+        sink = Sink()
+
+        def loader(name: str, span: ast.Span, from_display: str):
+            found = self._find(name, from_display)
+            if found is None:
+                where = ", ".join([os.path.dirname(from_display) or "."] + self.include_dirs)
+                sink.error(
+                    f"cannot find family spec '{name}' (looked in {where} and the built-in specs)",
+                    span,
+                    "E015",
+                )
+                return None
+            display, fdata = found
+            try:
+                return self._read(display, fdata), display
+            except LayoutSemanticError as e:  # pragma: no cover - parse raises syntax errors
+                sink.diagnostics.extend(e.diagnostics)
+                return None
+
+        unit = resolve(module, "", loader, sink)
+        sink.raise_if_any()
+        for p in PASSES:
+            p(unit, sink)
+        sink.raise_if_any()
+        unit.sha256 = hashlib.sha256(b"".join(self._hash_parts)).hexdigest()
+        return unit
+
+    def bind(self, unit: Unit, sets: SideSets) -> tuple[BoundSpec, BoundSpec]:
+        """Bind both sides; a value missing on one side is reported once."""
+        sink = Sink()
+        bound = []
+        for role in ("prefill", "decode"):
+            values: dict[str, Value] = {
+                k: parse_value(unit, k, v) for k, v in sets.side(role).items()
+            }
+            side_sink = Sink()
+            bound.append(bind(unit, values, side_sink))
+            for d in side_sink.diagnostics:
+                if d not in sink.diagnostics:
+                    sink.diagnostics.append(d)
+        sink.raise_if_any()
+        return bound[0], bound[1]
+
+    def rank_pair(self, p: BoundSpec, d: BoundSpec, ptp: int, dtp: int) -> tuple[RankedSpec, RankedSpec]:
+        sink = Sink()
+        pr = rank(p, ptp, sink, "prefill")
+        dr = rank(d, dtp, sink, "decode")
+        # the same error on both sides (same parameters) is reported once
+        uniq = []
+        for diag in sink.diagnostics:
+            if not any(u.span == diag.span and u.code == diag.code for u in uniq):
+                uniq.append(diag)
+        sink.diagnostics = uniq
+        sink.raise_if_any()
+        assert pr is not None and dr is not None
+        return pr, dr
+
+    def plan(self, unit: Unit, p: BoundSpec, d: BoundSpec, ptp: int, dtp: int) -> Plan:
+        pr, dr = self.rank_pair(p, d, ptp, dtp)
+        result = make_plan(spec_name(unit.path), unit.sha256, pr, dr)
+        verify_plan(result)
+        return result
+
+
+def spec_name(path: str) -> str:
+    """Module name of a spec: its stem with non-identifier characters turned into `_`."""
+    stem = os.path.basename(path)
+    if stem.endswith(".layout"):
+        stem = stem[: -len(".layout")]
+    name = "".join(c if (c.isalnum() and c.isascii()) or c == "_" else "_" for c in stem)
+    if not name or name[0].isdigit():
+        name = "_" + name
+    import keyword
+
+    if keyword.iskeyword(name):
+        name += "_"
+    return name

@@ -1,0 +1,380 @@
+"""Transfer plans: the data that generated modules hold and the runtime executes.
+
+A :class:`Plan` describes, for one (prefill TP, decode TP) pair, how every decode rank fills
+its pages from the prefill ranks.  It is pure data plus a few cheap derived views; it never
+imports the compiler (lark, jinja2) so engines can load generated modules without them.
+
+Addressing model (both sides alike):
+
+* A *page* is a named group of states laid end to end.  Each page lives in its own buffer per
+  layer (engines may alias buffers, e.g. vLLM's hybrid cache shares one tensor between the
+  attention and the Mamba page; both then share one ``kernel_stride``).
+* A *logical block* (what requests carry) is ``kernel_blocks`` consecutive kernel blocks.
+  A page is either ``per="kernel"`` (one copy per kernel block, e.g. attention KV) or
+  ``per="logical"`` (one copy per logical block, e.g. Mamba conv/SSM state).
+* The bytes of logical block ``L`` of a page start at ``L * logical_stride`` in its buffer,
+  ``logical_stride = kernel_blocks * kernel_stride``.  Every run offset below is relative to
+  that start, on each side.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from .layout import DimDesc, element_ids
+
+#: (major, minor) of the table format generated modules are written in.
+PLAN_FORMAT = (1, 0)
+
+
+class PlanFormatError(RuntimeError):
+    """A generated module was written for a plan format this runtime cannot read."""
+
+
+class PlanError(ValueError):
+    """A plan was asked for something it does not hold (an uncompiled pair, a bad rank)."""
+
+
+def require_plan_format(module_format: tuple[int, int], module_name: str) -> None:
+    """Refuse generated modules of another major format or a newer minor format.
+
+    ``LAYOUTC_SKIP_FORMAT_CHECK=1`` skips the check (for emergencies only).
+    """
+    if os.environ.get("LAYOUTC_SKIP_FORMAT_CHECK") == "1":
+        return
+    major, minor = module_format
+    if major != PLAN_FORMAT[0] or minor > PLAN_FORMAT[1]:
+        raise PlanFormatError(
+            f"{module_name} was generated for plan format {major}.{minor}, but this runtime "
+            f"reads {PLAN_FORMAT[0]}.{PLAN_FORMAT[1]}; regenerate it with `layoutc compile` "
+            f"or install a matching layoutc"
+        )
+
+
+DTYPE_SIZES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """One state on one side, on one rank: where it sits in its page and how big it is."""
+
+    name: str
+    page: str
+    dtype: str
+    offset: int  # bytes from the page start (of kernel page 0 for per-kernel pages)
+    nbytes: int  # bytes of the state in one page
+    itemsize: int = 1
+    dims: tuple[DimDesc, ...] = ()  # logical dims, outermost first (global sizes, distribution)
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """One page kind on one side, on one rank."""
+
+    name: str
+    states: tuple[str, ...]
+    nbytes: int  # bytes used by the states (the rest of the stride is padding)
+    per: str  # "kernel" or "logical"
+    kernel_stride: int  # bytes between consecutive kernel blocks in the page's buffer
+    kernel_blocks: int  # kernel blocks per logical block
+
+    @property
+    def logical_stride(self) -> int:
+        return self.kernel_stride * self.kernel_blocks
+
+    def buffer_bytes(self, num_logical_blocks: int) -> int:
+        """Bytes of a buffer holding ``num_logical_blocks`` logical blocks of this page."""
+        return num_logical_blocks * self.logical_stride
+
+
+@dataclass(frozen=True)
+class SideLayout:
+    """Everything one engine (prefill or decode) must agree on, at one TP size."""
+
+    role: str  # "prefill" or "decode"
+    tp: int
+    kernel_blocks: int
+    params: tuple[tuple[str, Any], ...]  # bound parameter values, sorted by name
+    pages: tuple[PageLayout, ...]
+    states: tuple[StateLayout, ...]
+
+    def page(self, name: str) -> PageLayout:
+        for p in self.pages:
+            if p.name == name:
+                return p
+        raise PlanError(f"no page named {name!r} (pages: {', '.join(self.page_names)})")
+
+    def state(self, name: str) -> StateLayout:
+        for s in self.states:
+            if s.name == name:
+                return s
+        raise PlanError(f"no state named {name!r}")
+
+    def element_ids(self, state: str, rank: int) -> np.ndarray:
+        """Global element ids of ``state`` on ``rank``: shape (copies, elements).
+
+        Row ``k`` holds the ids of the state's elements in kernel block ``k`` of a logical
+        block (one row for per-logical-block pages), in byte order; element ``e`` of row
+        ``k`` sits at ``k * kernel_stride + offset + e * itemsize`` from the logical block
+        start of the state's page.
+        """
+        st = self.state(state)
+        page = self.page(st.page)
+        return element_ids(st.dims, self.tp, rank, self.kernel_blocks, page.per == "kernel")
+
+    @property
+    def page_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.pages)
+
+    def header(self) -> dict[str, Any]:
+        """The layout facts a peer must agree with (used by the handshake)."""
+        return {
+            "tp": self.tp,
+            "kernel_blocks": self.kernel_blocks,
+            "params": {k: v for k, v in self.params},
+            "pages": {
+                p.name: {"nbytes": p.nbytes, "kernel_stride": p.kernel_stride, "per": p.per}
+                for p in self.pages
+            },
+        }
+
+
+@dataclass(frozen=True)
+class RunGroup:
+    """A strided family of byte runs copied from one prefill rank into one decode rank.
+
+    Run ``i`` (a multi-index over ``shape``) copies ``nbytes`` bytes from
+    ``prefill_offset + sum(i*prefill_stride)`` to ``decode_offset + sum(i*decode_stride)``.
+    Offsets count from the start of the logical block of ``page`` on each side.
+    ``state`` is the state the bytes belong to, or ``None`` for a run merged across states.
+    """
+
+    page: str
+    prefill_rank: int
+    decode_offset: int
+    prefill_offset: int
+    nbytes: int
+    shape: tuple[int, ...] = ()
+    decode_stride: tuple[int, ...] = ()
+    prefill_stride: tuple[int, ...] = ()
+    state: str | None = None
+
+    @property
+    def count(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def expand(self) -> tuple[np.ndarray, np.ndarray]:
+        """(decode_offsets, prefill_offsets) of every run, int64, outer modes slowest."""
+        d = np.array([self.decode_offset], dtype=np.int64)
+        p = np.array([self.prefill_offset], dtype=np.int64)
+        for n, ds, ps in zip(self.shape, self.decode_stride, self.prefill_stride):
+            step = np.arange(n, dtype=np.int64)
+            d = (d[:, None] + step[None, :] * ds).reshape(-1)
+            p = (p[:, None] + step[None, :] * ps).reshape(-1)
+        return d, p
+
+    def layout_str(self) -> str:
+        """CuTe-style ``shape:(decode stride, prefill stride)`` of the run family."""
+        if not self.shape:
+            return f"{self.nbytes}B"
+        shp = ",".join(map(str, self.shape))
+        ds = ",".join(map(str, self.decode_stride))
+        ps = ",".join(map(str, self.prefill_stride))
+        return f"{self.nbytes}B x ({shp}):(d {ds}; p {ps})"
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Expanded runs of one (decode rank, page, prefill rank): NIXL-ready int64 columns."""
+
+    decode_offset: np.ndarray
+    prefill_offset: np.ndarray
+    nbytes: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.nbytes.shape[0])
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.nbytes.sum())
+
+
+def _expand(groups: tuple[RunGroup, ...]) -> Runs:
+    if not groups:
+        z = np.zeros(0, dtype=np.int64)
+        return Runs(z, z.copy(), z.copy())
+    ds, ps, ns = [], [], []
+    for g in groups:
+        d, p = g.expand()
+        ds.append(d)
+        ps.append(p)
+        ns.append(np.full(d.shape[0], g.nbytes, dtype=np.int64))
+    d = np.concatenate(ds)
+    order = np.argsort(d, kind="stable")
+    runs = Runs(d[order], np.concatenate(ps)[order], np.concatenate(ns)[order])
+    for a in (runs.decode_offset, runs.prefill_offset, runs.nbytes):
+        a.setflags(write=False)
+    return runs
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """What one decode rank reads: its sources, who it only notifies, and the runs."""
+
+    rank: int
+    sources: tuple[int, ...]
+    notify_only: tuple[int, ...]
+    reads: tuple[RunGroup, ...]  # per state (each group has ``state`` set)
+    posts: tuple[RunGroup, ...]  # merged across states where both sides are contiguous
+
+    @property
+    def notified(self) -> tuple[int, ...]:
+        """Every prefill rank this decode rank must notify when a request completes."""
+        return tuple(sorted(set(self.sources) | set(self.notify_only)))
+
+    def runs(self, page: str, prefill_rank: int) -> Runs:
+        """Expanded posting runs for one page from one prefill rank (cached)."""
+        return _runs_cached(self, page, prefill_rank)
+
+    def pages(self) -> tuple[str, ...]:
+        return tuple(sorted({g.page for g in self.posts}))
+
+
+@functools.lru_cache(maxsize=4096)
+def _runs_cached(rank_plan: RankPlan, page: str, prefill_rank: int) -> Runs:
+    return _expand(
+        tuple(g for g in rank_plan.posts if g.page == page and g.prefill_rank == prefill_rank)
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The transfer plan of one (prefill TP, decode TP) pair of one spec."""
+
+    spec: str
+    spec_sha256: str
+    prefill: SideLayout
+    decode: SideLayout
+    ranks: tuple[RankPlan, ...]
+    layer_kinds: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    spans: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+    @property
+    def prefill_tp(self) -> int:
+        return self.prefill.tp
+
+    @property
+    def decode_tp(self) -> int:
+        return self.decode.tp
+
+    def rank(self, decode_rank: int) -> RankPlan:
+        if not 0 <= decode_rank < len(self.ranks):
+            raise PlanError(
+                f"decode rank {decode_rank} out of range for decode TP {self.decode_tp}"
+            )
+        return self.ranks[decode_rank]
+
+    def readers(self, prefill_rank: int) -> tuple[int, ...]:
+        """Decode ranks that notify ``prefill_rank`` for every request (its completion count)."""
+        if not 0 <= prefill_rank < self.prefill_tp:
+            raise PlanError(
+                f"prefill rank {prefill_rank} out of range for prefill TP {self.prefill_tp}"
+            )
+        return tuple(r.rank for r in self.ranks if prefill_rank in r.notified)
+
+    def targets(self, prefill_rank: int) -> tuple[int, ...]:
+        """Decode ranks that read bytes from ``prefill_rank`` (its WRITE targets in push mode).
+
+        A subset of :meth:`readers`: ranks for which ``prefill_rank`` is only ``notify_only``
+        are not targets.
+        """
+        if not 0 <= prefill_rank < self.prefill_tp:
+            raise PlanError(
+                f"prefill rank {prefill_rank} out of range for prefill TP {self.prefill_tp}"
+            )
+        return tuple(r.rank for r in self.ranks if prefill_rank in r.sources)
+
+    def layer_pages(self, kind: str) -> tuple[str, ...]:
+        for k, pages in self.layer_kinds:
+            if k == kind:
+                return pages
+        raise PlanError(f"no layer kind {kind!r}")
+
+    def descriptors_per_block(self, decode_rank: int) -> dict[str, int]:
+        """Posted runs per logical block and page for one decode rank (all sources)."""
+        out: dict[str, int] = {}
+        for g in self.rank(decode_rank).posts:
+            out[g.page] = out.get(g.page, 0) + g.count
+        return out
+
+    def iter_reads(self, decode_rank: int) -> Iterator[dict[str, Any]]:
+        """Per-state reads as in ``layoutc plan --format json`` (offsets from state start)."""
+        for g in self.rank(decode_rank).reads:
+            assert g.state is not None
+            dst = self.decode.state(g.state)
+            src = self.prefill.state(g.state)
+            d, p = g.expand()
+            for do, po in zip(d.tolist(), p.tolist()):
+                yield {
+                    "state": g.state,
+                    "prefill_rank": g.prefill_rank,
+                    "decode_offset": do - dst.offset,
+                    "prefill_offset": po - src.offset,
+                    "nbytes": g.nbytes,
+                }
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``layoutc.plan/1`` JSON document of this plan."""
+        return {
+            "format": "layoutc.plan/1",
+            "spec": self.spec,
+            "spec_sha256": self.spec_sha256,
+            "prefill_tp": self.prefill_tp,
+            "decode_tp": self.decode_tp,
+            "kernel_blocks": {
+                "prefill": self.prefill.kernel_blocks,
+                "decode": self.decode.kernel_blocks,
+            },
+            "states": [
+                {
+                    "name": s.name,
+                    "page": s.page,
+                    "dtype": s.dtype,
+                    "bytes": {"prefill": s.nbytes, "decode": self.decode.state(s.name).nbytes},
+                }
+                for s in self.prefill.states
+            ],
+            "pages": [
+                {
+                    "name": p.name,
+                    "per": p.per,
+                    "states": list(p.states),
+                    "kernel_stride": {
+                        "prefill": p.kernel_stride,
+                        "decode": self.decode.page(p.name).kernel_stride,
+                    },
+                }
+                for p in self.prefill.pages
+            ],
+            "decode_ranks": [
+                {
+                    "rank": r.rank,
+                    "sources": list(r.sources),
+                    "notify_only": list(r.notify_only),
+                    "descriptors_per_block": self.descriptors_per_block(r.rank),
+                    "reads": list(self.iter_reads(r.rank)),
+                }
+                for r in self.ranks
+            ],
+            "prefill_ranks": [
+                {"rank": p, "readers": list(self.readers(p))} for p in range(self.prefill_tp)
+            ],
+        }
