@@ -102,11 +102,16 @@ def render(err: LayoutError, sources: Sources, fmt: str = "human") -> str:
             if fmt == "human":
                 src = sources.line(s.file, s.line)
                 if src is not None:
-                    src = src.replace("\t", " ")
+                    src = "".join(c if c.isprintable() else "?" for c in src.replace("\t", " "))
+                    col = s.col
                     width = (s.end_col - s.col) if s.end_line == s.line else len(src) - s.col + 1
-                    width = max(1, width)
+                    width = max(1, min(width, 80))
+                    if len(src) > 100:  # long (or binary) lines: a window around the caret
+                        start = max(0, col - 40)
+                        src = src[start : start + 100]
+                        col -= start
                     out.append(f"  {src}")
-                    out.append("  " + " " * (s.col - 1) + "^" + "~" * (width - 1))
+                    out.append("  " + " " * (col - 1) + "^" + "~" * (width - 1))
         for note in d.notes:
             out.append(f"  note: {note}")
     n = len(err.diagnostics)

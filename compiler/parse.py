@@ -142,6 +142,14 @@ def _expected(exc: UnexpectedInput) -> str:
     return "; expected " + ", ".join(names)
 
 
+def _end_position(text: str) -> tuple[int, int]:
+    """Line and column just after the last non-blank character (where the file stops)."""
+    body = text.rstrip()
+    line = body.count("\n") + 1
+    col = len(body) - (body.rfind("\n") + 1) + 1
+    return line, col
+
+
 def _syntax_error(path: str, text: str, exc: UnexpectedInput) -> LayoutSyntaxError:
     line, col = max(exc.line, 1), max(exc.column, 1)
     width = 1
@@ -149,9 +157,7 @@ def _syntax_error(path: str, text: str, exc: UnexpectedInput) -> LayoutSyntaxErr
         tok = exc.token
         if tok.type == "$END":
             msg = "unexpected end of file" + _expected(exc)
-            lines = text.split("\n")
-            line = len(lines)
-            col = len(lines[-1]) + 1
+            line, col = _end_position(text)
         else:
             width = max(1, len(str(tok)))
             msg = f"unexpected {_TERMINAL_NAMES.get(tok.type, tok.type)} {str(tok)!r}"
@@ -161,14 +167,17 @@ def _syntax_error(path: str, text: str, exc: UnexpectedInput) -> LayoutSyntaxErr
         msg = f"unexpected character {ch!r}"
     elif isinstance(exc, UnexpectedEOF):
         msg = "unexpected end of file" + _expected(exc)
+        line, col = _end_position(text)
     else:  # pragma: no cover - lark has no other kinds
         msg = str(exc).splitlines()[0]
     span = ast.Span(path, line, col, line, col + width)
     return LayoutSyntaxError([Diagnostic(msg, span, "E001")])
 
 
-def decode_source(path: str, data: bytes) -> str:
+def decode_source(path: str, data: bytes, sources=None) -> str:
     """Decode spec bytes as UTF-8, reporting the first bad byte with its line and column."""
+    if sources is not None:
+        sources.add(path, data.decode("utf-8", errors="replace").replace("\x00", "\ufffd"))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -61,6 +61,14 @@ class SideSets:
                 out.common[k] = v
         return out
 
+    def only(self, names) -> "SideSets":
+        """The values naming parameters in `names` (for a command compiling several specs)."""
+        return SideSets(
+            {k: v for k, v in self.common.items() if k in names},
+            {k: v for k, v in self.prefill.items() if k in names},
+            {k: v for k, v in self.decode.items() if k in names},
+        )
+
     def side(self, role: str) -> dict[str, str]:
         return {**self.common, **getattr(self, role)}
 
@@ -83,7 +91,7 @@ class Compiler:
         self._hash_parts: list[bytes] = []
 
     def _read(self, display: str, data: bytes) -> ast.Module:
-        text = decode_source(display, data)
+        text = decode_source(display, data, self.sources)
         self.sources.add(display, text)
         self._hash_parts.append(display.rsplit("/", 1)[-1].encode() + b"\0" + data + b"\0")
         return parse(display, text)

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .layout import DimDesc, element_ids
+from .layout import DimDesc, SegmentDesc, element_ids
 
 #: (major, minor) of the table format generated modules are written in.
 PLAN_FORMAT = (1, 0)
@@ -378,3 +378,105 @@ class Plan:
                 {"rank": p, "readers": list(self.readers(p))} for p in range(self.prefill_tp)
             ],
         }
+
+
+# --- generated-module tables -------------------------------------------------------------------
+#
+# Generated modules hold plain tuples (no dataclass reprs) so they stay small, deterministic
+# and readable; these functions turn them back into Plan objects.
+
+
+def _side_from_table(role: str, t: tuple, params: dict[str, Any]) -> SideLayout:
+    tp, kernel_blocks, pages_t, states_t = t
+    pages = tuple(
+        PageLayout(name, tuple(states), nbytes, per, kstride, kernel_blocks)
+        for name, states, nbytes, per, kstride in pages_t
+    )
+    states = tuple(
+        StateLayout(
+            name,
+            page,
+            dtype,
+            offset,
+            nbytes,
+            itemsize,
+            tuple(
+                DimDesc(dname, tuple(SegmentDesc(*s) for s in segs), paged)
+                for dname, paged, segs in dims
+            ),
+        )
+        for name, page, dtype, offset, nbytes, itemsize, dims in states_t
+    )
+    return SideLayout(role, tp, kernel_blocks, tuple(sorted(params.items())), pages, states)
+
+
+def _group(page_names: tuple[str, ...], state_names: tuple[str, ...], t: tuple) -> RunGroup:
+    page, src, doff, poff, nbytes, shape, dstride, pstride, state = t
+    return RunGroup(
+        page_names[page],
+        src,
+        doff,
+        poff,
+        nbytes,
+        tuple(shape),
+        tuple(dstride),
+        tuple(pstride),
+        None if state < 0 else state_names[state],
+    )
+
+
+class PlanTables:
+    """The plans of one generated module, built lazily per compiled pair."""
+
+    def __init__(
+        self,
+        *,
+        spec: str,
+        spec_sha256: str,
+        params: dict[str, dict[str, Any]],
+        sides: dict[tuple[str, int], tuple],
+        pairs: dict[tuple[int, int], tuple],
+        layer_kinds: tuple[tuple[str, tuple[str, ...]], ...],
+        compile_command: str,
+    ):
+        self.spec = spec
+        self.spec_sha256 = spec_sha256
+        self.params = params
+        self.sides = sides
+        self.pairs = pairs
+        self.layer_kinds = layer_kinds
+        self.compile_command = compile_command
+        self._cache: dict[tuple[int, int], Plan] = {}
+
+    @property
+    def compiled_pairs(self) -> tuple[tuple[int, int], ...]:
+        return tuple(sorted(self.pairs))
+
+    def plan(self, prefill_tp: int, decode_tp: int) -> Plan:
+        key = (prefill_tp, decode_tp)
+        if key not in self.pairs:
+            have = ",".join(f"{p}:{d}" for p, d in self.compiled_pairs) or "none"
+            want = ",".join(f"{p}:{d}" for p, d in sorted(set(self.compiled_pairs) | {key}))
+            raise PlanError(
+                f"{self.spec}: prefill TP {prefill_tp} -> decode TP {decode_tp} was not compiled "
+                f"(compiled pairs: {have}); add it with: {self.compile_command} --tp-pairs {want}"
+            )
+        if key not in self._cache:
+            prefill = _side_from_table("prefill", self.sides[("prefill", prefill_tp)], self.params["prefill"])
+            decode = _side_from_table("decode", self.sides[("decode", decode_tp)], self.params["decode"])
+            pages = decode.page_names
+            states = tuple(s.name for s in decode.states)
+            ranks = tuple(
+                RankPlan(
+                    rank,
+                    tuple(sources),
+                    tuple(notify),
+                    tuple(_group(pages, states, g) for g in reads),
+                    tuple(_group(pages, states, g) for g in posts),
+                )
+                for rank, sources, notify, reads, posts in self.pairs[key]
+            )
+            self._cache[key] = Plan(
+                self.spec, self.spec_sha256, prefill, decode, ranks, self.layer_kinds
+            )
+        return self._cache[key]

@@ -128,6 +128,8 @@ def _check_refs(unit: Unit, sink: Sink) -> None:
                 hint = ""
                 if n.name in unit.pages and "page" not in where:
                     hint = " (page sizes may be used only in `stride`)"
+                elif "dtype" in where:
+                    hint = f" (dtypes: {', '.join(sorted(DTYPES))})"
                 sink.error(f"unknown name '{n.name}' in {where}{hint}", n.span, "E020")
         for c in _calls_in(expr):
             if c.func not in FUNCTIONS:

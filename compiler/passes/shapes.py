@@ -10,6 +10,7 @@ from ..bind import Evaluator
 from ..diagnostics import Sink
 from ..ir import BoundSpec, RankedPage, RankedSpec, RankedState
 from ...runtime.layout import ShardError, shard
+from .resolve import _names_in as _names
 
 
 def _local_elems(bound_state, tp: int, sink: Sink, role: str) -> int | None:
@@ -26,9 +27,9 @@ def _local_elems(bound_state, tp: int, sink: Sink, role: str) -> int | None:
                 what = (
                     f"dim '{d.name}'" if len(d.segments) == 1 else f"segment '{seg.name}' of '{d.name}'"
                 )
-                unit_txt = "" if seg.unit == 1 else f" units of {seg.unit}"
+                size_txt = f"size {units}" if seg.unit == 1 else f"{units} units of {seg.unit}"
                 sink.error(
-                    f"{what} of state '{bound_state.name}' has {units}{unit_txt}; cannot be split "
+                    f"{what} of state '{bound_state.name}' ({size_txt}) cannot be split "
                     f"over {role}tp {tp} (needs {units} % {tp} == 0 or {tp} % {units} == 0)",
                     seg.span,
                     "E060",
@@ -90,8 +91,3 @@ def rank(bound: BoundSpec, tp: int, sink: Sink, role: str = "") -> RankedSpec | 
     pages = tuple(RankedPage(pg, page_bytes[pg.name], strides[pg.name]) for pg in bound.pages)
     return RankedSpec(bound, tp, tuple(states), pages)
 
-
-def _names(expr):
-    from .resolve import _names_in
-
-    return _names_in(expr)

@@ -1,0 +1,109 @@
+"""Plans -> one Python module per spec (jinja2).  Deterministic byte for byte."""
+
+from __future__ import annotations
+
+import functools
+
+import jinja2
+
+from .. import __version__
+from ..runtime.plan import PLAN_FORMAT, Plan, RunGroup, SideLayout
+from .ir import Unit
+from .pyfmt import fmt
+
+
+@functools.lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("layoutc.compiler", "templates"),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+    )
+
+
+def _side_table(side: SideLayout) -> tuple:
+    return (
+        side.tp,
+        side.kernel_blocks,
+        tuple((p.name, p.states, p.nbytes, p.per, p.kernel_stride) for p in side.pages),
+        tuple(
+            (
+                s.name,
+                s.page,
+                s.dtype,
+                s.offset,
+                s.nbytes,
+                s.itemsize,
+                tuple(
+                    (d.name, d.paged, tuple((g.name, g.size, g.unit) for g in d.segments))
+                    for d in s.dims
+                ),
+            )
+            for s in side.states
+        ),
+    )
+
+
+def _group(g: RunGroup, pages: tuple[str, ...], states: tuple[str, ...]) -> tuple:
+    return (
+        pages.index(g.page),
+        g.prefill_rank,
+        g.decode_offset,
+        g.prefill_offset,
+        g.nbytes,
+        g.shape,
+        g.decode_stride,
+        g.prefill_stride,
+        -1 if g.state is None else states.index(g.state),
+    )
+
+
+def render_module(unit: Unit, source: str, plans: list[Plan], command: str) -> str:
+    """The text of the generated module for `plans` (one per compiled pair, same spec)."""
+    plans = sorted(plans, key=lambda p: (p.prefill_tp, p.decode_tp))
+    spec = plans[0].spec
+    sides: dict[tuple[str, int], tuple] = {}
+    pairs: dict[tuple[int, int], tuple] = {}
+    for pl in plans:
+        sides[("prefill", pl.prefill_tp)] = _side_table(pl.prefill)
+        sides[("decode", pl.decode_tp)] = _side_table(pl.decode)
+        pages = pl.decode.page_names
+        states = tuple(s.name for s in pl.decode.states)
+        pairs[(pl.prefill_tp, pl.decode_tp)] = tuple(
+            (
+                r.rank,
+                r.sources,
+                r.notify_only,
+                tuple(_group(g, pages, states) for g in r.reads),
+                tuple(_group(g, pages, states) for g in r.posts),
+            )
+            for r in pl.ranks
+        )
+    sides = dict(sorted(sides.items()))
+    spans = [(f"state {s.name}", str(s.span)) for s in unit.states.values()]
+    spans += [(f"page {p.name}", str(p.span)) for p in unit.pages.values()]
+    params = {
+        "prefill": dict(plans[0].prefill.params),
+        "decode": dict(plans[0].decode.params),
+    }
+    view = {
+        "version": __version__,
+        "source": source,
+        "sha256": unit.sha256,
+        "spec": spec,
+        "pairs_text": ", ".join(f"{p}:{d}" for p, d in pairs),
+        "first_pair": next(iter(pairs)),
+        "command": command,
+        "plan_format": fmt(PLAN_FORMAT),
+        "spans": spans,
+        "spans_dict": fmt(dict(spans), 0, "SPANS = "),
+        "params": fmt(params, 0, "PARAMS = "),
+        "layer_kinds": fmt(plans[0].layer_kinds, 0, "LAYER_KINDS = "),
+        "sides": fmt(sides, 0, "SIDES = "),
+        "pairs": fmt(pairs, 0, "PAIRS = "),
+        "compiled_pairs": fmt(tuple(pairs)),
+    }
+    return _env().get_template("plan_module.py.j2").render(**view)
