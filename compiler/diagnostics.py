@@ -102,7 +102,7 @@ def render(err: LayoutError, sources: Sources, fmt: str = "human") -> str:
             if fmt == "human":
                 src = sources.line(s.file, s.line)
                 if src is not None:
-                    src = "".join(c if c.isprintable() else "?" for c in src.replace("\t", " "))
+                    src = "".join(c if c.isprintable() and c != "\ufffd" else "?" for c in src.replace("\t", " "))
                     col = s.col
                     width = (s.end_col - s.col) if s.end_line == s.line else len(src) - s.col + 1
                     width = max(1, min(width, 80))
