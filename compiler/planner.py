@@ -192,7 +192,9 @@ def _state_reads(pr: RankedSpec, dr: RankedSpec, name: str, d: int) -> list[RunG
     return out
 
 
-def _compress(page: str, p: int, d_off: np.ndarray, p_off: np.ndarray, n: np.ndarray) -> list[RunGroup]:
+def _compress(
+    page: str, p: int, d_off: np.ndarray, p_off: np.ndarray, n: np.ndarray, state: str | None = None
+) -> list[RunGroup]:
     """Runs (sorted by decode offset) -> 1-D strided RunGroups of equal length and step."""
     out: list[RunGroup] = []
     i, total = 0, len(n)
@@ -208,16 +210,25 @@ def _compress(page: str, p: int, d_off: np.ndarray, p_off: np.ndarray, n: np.nda
             ):
                 j += 1
             count = j - i + 1
-            out.append(RunGroup(page, p, int(d_off[i]), int(p_off[i]), int(n[i]), (count,), (dd,), (dp,)))
+            out.append(
+                RunGroup(page, p, int(d_off[i]), int(p_off[i]), int(n[i]), (count,), (dd,), (dp,), state)
+            )
             i = j + 1
         else:
-            out.append(RunGroup(page, p, int(d_off[i]), int(p_off[i]), int(n[i])))
+            out.append(RunGroup(page, p, int(d_off[i]), int(p_off[i]), int(n[i]), state=state))
             i += 1
     return out
 
 
-def merge_posts(reads: list[RunGroup]) -> list[RunGroup]:
-    """Merge runs of one page and source that are contiguous on both sides (across states)."""
+def merge_posts(
+    reads: list[RunGroup], state: str | None = None, kernel_strides: tuple[int, int] | None = None
+) -> list[RunGroup]:
+    """Merge runs of one page and source that are contiguous on both sides.
+
+    With `state` given, `reads` are one state's and the result keeps that state, and runs do not
+    merge across kernel blocks (`kernel_strides` = decode, prefill); otherwise runs merge across
+    states and kernel blocks (what the runtime posts).
+    """
     out: list[RunGroup] = []
     keys = sorted({(g.page, g.prefill_rank) for g in reads})
     for page, p in keys:
@@ -234,11 +245,12 @@ def merge_posts(reads: list[RunGroup]) -> list[RunGroup]:
         # start a new run wherever the previous one does not end exactly here on both sides
         brk = np.ones(len(d), dtype=bool)
         brk[1:] = (d[:-1] + n[:-1] != d[1:]) | (pp[:-1] + n[:-1] != pp[1:])
+        if kernel_strides is not None:
+            dks, pks = kernel_strides
+            brk[1:] |= (d[:-1] // dks != d[1:] // dks) | (pp[:-1] // pks != pp[1:] // pks)
         starts = np.flatnonzero(brk)
-        ends = np.append(starts[1:], len(d))
         lengths = np.add.reduceat(n, starts)
-        del ends
-        out.extend(_compress(page, p, d[starts], pp[starts], lengths))
+        out.extend(_compress(page, p, d[starts], pp[starts], lengths, state))
     return out
 
 
@@ -249,7 +261,10 @@ def plan(spec_name: str, sha256: str, pr: RankedSpec, dr: RankedSpec) -> Plan:
     for d in range(dr.tp):
         reads: list[RunGroup] = []
         for st in dr.states:
-            reads.extend(_state_reads(pr, dr, st.ir.name, d))
+            ks = None
+            if dr.page(st.ir.page).ir.per == "kernel_block":
+                ks = (dr.page(st.ir.page).kernel_stride, pr.page(st.ir.page).kernel_stride)
+            reads.extend(merge_posts(_state_reads(pr, dr, st.ir.name, d), st.ir.name, ks))
         sources = tuple(sorted({g.prefill_rank for g in reads}))
         notify_only = tuple(p for p in _natural(d, dr.tp, pr.tp) if p not in sources)
         ranks.append(RankPlan(d, sources, notify_only, tuple(reads), tuple(merge_posts(reads))))

@@ -31,7 +31,7 @@ def _locate(side: SideLayout, state: str, off: np.ndarray, nbytes: np.ndarray, w
     page = side.page(st.page)
     isz = st.itemsize
     copies = side.kernel_blocks if page.per == "kernel" else 1
-    k = off // page.kernel_stride
+    k = off // page.kernel_stride if page.per == "kernel" else np.zeros_like(off)
     rel = off - k * page.kernel_stride - st.offset
     if np.any(rel % isz) or np.any(nbytes % isz):
         raise InternalError(f"{what}: a run of state '{state}' is not element-aligned")

@@ -166,6 +166,15 @@ def _check_refs(unit: Unit, sink: Sink) -> None:
                 check_expr(seg.size, values, f"the size of '{seg.name}'")
                 if seg.split is not None:
                     check_expr(seg.split.unit, values, f"the split unit of '{seg.name}'")
+        split_dims = [d for d in st.dims if any(seg.split is not None for seg in d.segments)]
+        if len(split_dims) > 1:
+            a, b = split_dims[0], split_dims[1]
+            sink.error(
+                f"state '{st.name}' is split over tp in two dims ('{a.name}' and '{b.name}'); "
+                "a state can be split in one dim only (the ranks would not hold all of it)",
+                b.span,
+                "E035",
+            )
         if len(paged) > 1:
             sink.error(f"state '{st.name}' has more than one paged dim", paged[1].span, "E030")
         if not st.dims:
