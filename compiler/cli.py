@@ -21,6 +21,7 @@ from .diagnostics import InternalError, LayoutError, render
 from .pipeline import Compiler, SideSets, spec_name
 
 DEFAULT_TPS = (1, 2, 4, 8)
+MAX_TP = 1024
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,8 +41,8 @@ def _pairs(text: str | None) -> list[tuple[int, int]] | None:
             pair = (int(p), int(d))
         except ValueError:
             raise UsageError(f"--tp-pairs: '{item}' is not P:D (e.g. 2:4)") from None
-        if pair[0] <= 0 or pair[1] <= 0:
-            raise UsageError(f"--tp-pairs: '{item}': TP sizes must be positive")
+        if not (0 < pair[0] <= MAX_TP and 0 < pair[1] <= MAX_TP):
+            raise UsageError(f"--tp-pairs: '{item}': TP sizes must be in 1..{MAX_TP}")
         out.append(pair)
     return sorted(set(out))
 
@@ -181,6 +182,9 @@ def cmd_check(args, compiler: Compiler) -> int:
 
 
 def _one_plan(args, compiler: Compiler):
+    for flag, tp in (("--prefill-tp", args.prefill_tp), ("--decode-tp", args.decode_tp)):
+        if not 0 < tp <= MAX_TP:
+            raise UsageError(f"{flag} {tp}: TP sizes must be in 1..{MAX_TP}")
     if not os.path.isfile(args.spec):
         raise UsageError(f"{args.spec}: no such spec file")
     unit = compiler.load(args.spec)

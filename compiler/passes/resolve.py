@@ -209,5 +209,9 @@ def resolve(module: ast.Module, sha256: str, load: Loader, sink: Sink) -> Unit:
     _collect(module, unit, sink, load, (module.path,))
     _check_refs(unit, sink)
     if not unit.states and not sink.diagnostics:
-        sink.error("spec declares no state", None, "E031")
+        sink.error(
+            "spec declares no state; a spec needs at least one `state` and a `page` holding it",
+            ast.Span(module.path, 1, 1, 1, 1),
+            "E031",
+        )
     return unit

@@ -38,6 +38,11 @@ def _local_elems(bound_state, tp: int, sink: Sink, role: str) -> int | None:
     return n if ok else None
 
 
+#: A state larger than this per block and rank is certainly a mistake (and would take the
+#: verifier's memory): refuse it with a located error.
+MAX_STATE_BYTES = 64 << 20
+
+
 def rank(bound: BoundSpec, tp: int, sink: Sink, role: str = "") -> RankedSpec | None:
     """Lay out `bound` at TP size `tp`; None (with diagnostics) when it cannot be."""
     role_txt = f"{role} " if role else ""
@@ -49,6 +54,14 @@ def rank(bound: BoundSpec, tp: int, sink: Sink, role: str = "") -> RankedSpec | 
         n = _local_elems(st, tp, sink, role_txt)
         if n is not None:
             sizes[st.name] = n * st.itemsize
+            if sizes[st.name] > MAX_STATE_BYTES:
+                sink.error(
+                    f"state '{st.name}' needs {sizes[st.name]} bytes per block on {role_txt}tp {tp}; "
+                    f"the limit is {MAX_STATE_BYTES} bytes (64 MiB) per state and block",
+                    st.span,
+                    "E063",
+                )
+                return None
     if len(sizes) != len(bound.states):
         return None
     kb = bound.kernel_blocks
