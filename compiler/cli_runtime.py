@@ -52,7 +52,9 @@ def _compile_for_demo(args, compiler: Compiler):
     if args.inject == "spec-mismatch":
         # the decode side believes in different parameters: its plan differs from prefill's
         other = dict(sets)
-        other["decode.block_size"] = str(int(dict(d.params)["block_size"]) * 2) if "block_size" in dict(d.params) else "2"
+        other["decode.block_size"] = (
+            str(int(dict(d.params)["block_size"]) * 2) if "block_size" in dict(d.params) else "2"
+        )
         pd, dd = compiler.bind(unit, SideSets.parse(other))
         mismatch = compiler.plan(unit, pd, dd, args.prefill_tp, args.decode_tp)
     return plan, mismatch
@@ -102,9 +104,15 @@ def cmd_doctor(args, compiler: Compiler) -> int:
 
 
 def add_commands(sub, add_spec_options) -> None:
-    p = sub.add_parser("demo", help="end-to-end transfer between real processes, every byte verified")
-    p.add_argument("spec", nargs="?", metavar="SPEC",
-                   help=f"spec path or built-in name (default: {DEMO_SPEC} with a small model)")
+    p = sub.add_parser(
+        "demo", help="end-to-end transfer between real processes, every byte verified"
+    )
+    p.add_argument(
+        "spec",
+        nargs="?",
+        metavar="SPEC",
+        help=f"spec path or built-in name (default: {DEMO_SPEC} with a small model)",
+    )
     add_spec_options(p)
     p.add_argument("--prefill-tp", type=int, default=2, metavar="P")
     p.add_argument("--decode-tp", type=int, default=4, metavar="D")

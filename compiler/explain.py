@@ -95,7 +95,7 @@ def render_picture(plan: Plan, path: str, decode_rank: int | None) -> None:
         xs = {p: -2.2 - 1.6 * (len(srcs) - 1 - i) for i, p in enumerate(srcs)}
         y0 = {s: (len(states) - 1 - i) * (band + gap) for i, s in enumerate(states)}
 
-        def y_of(side, rank_state, off):
+        def y_of(side, rank_state, off, y0=y0):
             st = side.state(rank_state)
             frac = (off - st.offset) / max(1, st.nbytes)
             return y0[rank_state] + band * (1 - frac)

@@ -14,7 +14,7 @@ from functools import reduce
 from itertools import product
 from typing import Union
 
-IntTuple = Union[int, tuple["IntTuple", ...]]
+IntTuple = Union[int, tuple["IntTuple", ...]]  # noqa: UP007 - a recursive alias
 
 
 def flatten(t: IntTuple) -> tuple[int, ...]:
@@ -37,7 +37,7 @@ class Layout:
             raise ValueError(f"shape {self.shape} and stride {self.stride} differ in rank")
 
     @staticmethod
-    def row_major(shape: tuple[int, ...]) -> "Layout":
+    def row_major(shape: tuple[int, ...]) -> Layout:
         strides = []
         acc = 1
         for n in reversed(shape):
@@ -46,7 +46,7 @@ class Layout:
         return Layout(tuple(shape), tuple(reversed(strides)))
 
     @staticmethod
-    def from_tensor(t) -> "Layout":
+    def from_tensor(t) -> Layout:
         return Layout(tuple(t.shape), tuple(t.stride()))
 
     def size(self) -> int:

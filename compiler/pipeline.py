@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..runtime.plan import Plan
 from . import ast
 from .bind import Value, bind, parse_value
 from .diagnostics import LayoutSemanticError, Sink, Sources
@@ -22,7 +23,6 @@ from .passes.shapes import rank
 from .passes.types import check_types
 from .planner import plan as make_plan
 from .verify import verify_plan
-from ..runtime.plan import Plan
 
 PASSES = [check_types]  # after `resolve`, which builds the unit
 
@@ -42,7 +42,7 @@ class SideSets:
     decode: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
-    def parse(items: list[str] | dict[str, str] | None) -> "SideSets":
+    def parse(items: list[str] | dict[str, str] | None) -> SideSets:
         from .bind import UsageError
 
         out = SideSets()
@@ -52,16 +52,16 @@ class SideSets:
         for k, v in pairs:
             v = str(v)
             if k.startswith("prefill."):
-                out.prefill[k[len("prefill."):]] = v
+                out.prefill[k[len("prefill.") :]] = v
             elif k.startswith("decode."):
-                out.decode[k[len("decode."):]] = v
+                out.decode[k[len("decode.") :]] = v
             elif "." in k:
                 raise UsageError(f"--set {k}={v}: a side prefix must be 'prefill.' or 'decode.'")
             else:
                 out.common[k] = v
         return out
 
-    def only(self, names) -> "SideSets":
+    def only(self, names) -> SideSets:
         """The values naming parameters in `names` (for a command compiling several specs)."""
         return SideSets(
             {k: v for k, v in self.common.items() if k in names},
@@ -159,7 +159,9 @@ class Compiler:
         sink.raise_if_any()
         return bound[0], bound[1]
 
-    def rank_pair(self, p: BoundSpec, d: BoundSpec, ptp: int, dtp: int) -> tuple[RankedSpec, RankedSpec]:
+    def rank_pair(
+        self, p: BoundSpec, d: BoundSpec, ptp: int, dtp: int
+    ) -> tuple[RankedSpec, RankedSpec]:
         sink = Sink()
         pr = rank(p, ptp, sink, "prefill")
         dr = rank(d, dtp, sink, "decode")

@@ -27,14 +27,18 @@ PER = {"kernel_block": "kernel", "logical_block": "logical"}
 
 def dim_desc(st: StateIR) -> tuple[DimDesc, ...]:
     return tuple(
-        DimDesc(d.name, tuple(SegmentDesc(s.name, s.size, s.unit or 0) for s in d.segments), d.paged)
+        DimDesc(
+            d.name, tuple(SegmentDesc(s.name, s.size, s.unit or 0) for s in d.segments), d.paged
+        )
         for d in st.dims
     )
 
 
 def side_layout(r: RankedSpec, role: str) -> SideLayout:
     pages = tuple(
-        PageLayout(p.ir.name, p.ir.states, p.nbytes, PER[p.ir.per], p.kernel_stride, r.kernel_blocks)
+        PageLayout(
+            p.ir.name, p.ir.states, p.nbytes, PER[p.ir.per], p.kernel_stride, r.kernel_blocks
+        )
         for p in r.pages
     )
     states = tuple(
@@ -211,7 +215,9 @@ def _compress(
                 j += 1
             count = j - i + 1
             out.append(
-                RunGroup(page, p, int(d_off[i]), int(p_off[i]), int(n[i]), (count,), (dd,), (dp,), state)
+                RunGroup(
+                    page, p, int(d_off[i]), int(p_off[i]), int(n[i]), (count,), (dd,), (dp,), state
+                )
             )
             i = j + 1
         else:

@@ -122,11 +122,7 @@ def _check_posts(r, where: str) -> None:
         j = np.searchsorted(b_d, a_d, side="right") - 1
         if np.any(j < 0):
             raise InternalError(f"{where}: a read is not posted")
-        ok = (
-            (a_d + a_n <= b_d[j] + b_n[j])
-            & (a_p - a_d == b_p[j] - b_d[j])
-            & (a_s == b_s[j])
-        )
+        ok = (a_d + a_n <= b_d[j] + b_n[j]) & (a_p - a_d == b_p[j] - b_d[j]) & (a_s == b_s[j])
         if not np.all(ok):
             raise InternalError(f"{where}: posted runs differ from the reads")
         if not np.array_equal(np.bincount(j, weights=a_n, minlength=len(b_n)), b_n):

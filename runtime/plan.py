@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -462,8 +463,12 @@ class PlanTables:
                 f"(compiled pairs: {have}); add it with: {self.compile_command} --tp-pairs {want}"
             )
         if key not in self._cache:
-            prefill = _side_from_table("prefill", self.sides[("prefill", prefill_tp)], self.params["prefill"])
-            decode = _side_from_table("decode", self.sides[("decode", decode_tp)], self.params["decode"])
+            prefill = _side_from_table(
+                "prefill", self.sides[("prefill", prefill_tp)], self.params["prefill"]
+            )
+            decode = _side_from_table(
+                "decode", self.sides[("decode", decode_tp)], self.params["decode"]
+            )
             pages = decode.page_names
             states = tuple(s.name for s in decode.states)
             ranks = tuple(

@@ -14,15 +14,20 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from layoutc.compiler.cli import main
 from layoutc.compiler.pipeline import Compiler, SideSets
 from layoutc.compiler.verify import verify_plan
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 VALUES = {
-    "num_key_value_heads": 4, "head_dim": 32, "kv_lora_rank": 64, "qk_rope_head_dim": 16,
-    "mamba_num_heads": 8, "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 32,
+    "kv_lora_rank": 64,
+    "qk_rope_head_dim": 16,
+    "mamba_num_heads": 8,
+    "mamba_head_dim": 8,
+    "n_groups": 2,
+    "ssm_state_size": 16,
 }
 LOCATED = re.compile(r"^\S+:\d+:\d+: error\[E\d+\]: ", re.M)
 
@@ -37,16 +42,61 @@ def bound_text(name: str) -> str:
 
 FAMILIES = sorted(p.name for p in SPECS.glob("*.layout"))
 BASES = {n: bound_text(n) for n in FAMILIES}
-TOKENS = ["0", "-1", "3", "7", "1000000", "4096", "split", "tp", "by", "paged", "concat", "{", "}",
-          "[", "]", "(", ")", "=", ":", ",", "*", "/", "//", "%", "state", "page", "param", "let",
-          "stride", "layer", "kernel_blocks", "use", "per", "logical_block", "fp8", "bf17", "x",
-          "head", "max", "min(", "\"vllm_mla.layout\"", "\n", "#", "\x00", "\xff"]
+TOKENS = [
+    "0",
+    "-1",
+    "3",
+    "7",
+    "1000000",
+    "4096",
+    "split",
+    "tp",
+    "by",
+    "paged",
+    "concat",
+    "{",
+    "}",
+    "[",
+    "]",
+    "(",
+    ")",
+    "=",
+    ":",
+    ",",
+    "*",
+    "/",
+    "//",
+    "%",
+    "state",
+    "page",
+    "param",
+    "let",
+    "stride",
+    "layer",
+    "kernel_blocks",
+    "use",
+    "per",
+    "logical_block",
+    "fp8",
+    "bf17",
+    "x",
+    "head",
+    "max",
+    "min(",
+    '"vllm_mla.layout"',
+    "\n",
+    "#",
+    "\x00",
+    "\xff",
+]
 
 
 def run_plan(tmp_path: Path, data: bytes, p: int, d: int, capsys) -> None:
     spec = tmp_path / "fuzz.layout"
     spec.write_bytes(data)
-    rc = main(["plan", str(spec), "--prefill-tp", str(p), "--decode-tp", str(d), "--format", "json"])
+    rc = main(
+        ["plan", str(spec), "--prefill-tp", str(p), "--decode-tp", str(d), "--format", "json"]
+    )
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     assert rc in (0, 1), (rc, err)
@@ -94,8 +144,9 @@ def token_mutation(draw):
     return "".join(parts).encode("utf-8", errors="surrogateescape")
 
 
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                      HealthCheck.too_slow])
+SETTINGS = dict(
+    deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 def test_unmutated_bases_compile(tmp_path, capsys):

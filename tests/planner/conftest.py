@@ -3,18 +3,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from layoutc.compiler.pipeline import Compiler, SideSets
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 
 NANO = dict(  # Nemotron-3-Nano-30B-A3B (VLLM_SEMANTICS.md §5)
-    num_key_value_heads=2, head_dim=128, mamba_num_heads=64, mamba_head_dim=64,
-    n_groups=8, ssm_state_size=128, conv_kernel=4,
+    num_key_value_heads=2,
+    head_dim=128,
+    mamba_num_heads=64,
+    mamba_head_dim=64,
+    n_groups=8,
+    ssm_state_size=128,
+    conv_kernel=4,
 )
 NEMOTRON_H_8B = dict(
-    num_key_value_heads=8, head_dim=128, mamba_num_heads=128, mamba_head_dim=64,
-    n_groups=8, ssm_state_size=128, conv_kernel=4,
+    num_key_value_heads=8,
+    head_dim=128,
+    mamba_num_heads=128,
+    mamba_head_dim=64,
+    n_groups=8,
+    ssm_state_size=128,
+    conv_kernel=4,
 )
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from layoutc.compiler.diagnostics import InternalError, LayoutError
 from layoutc.compiler.pipeline import Compiler, SideSets
 from layoutc.compiler.verify import verify_plan
@@ -114,8 +113,12 @@ def test_different_block_sizes_are_correct_or_refused(pbs, pkb, dbs, dkb, tps):
     c = Compiler()
     unit = c.load("paged.layout", PAGED.encode())
     sets = SideSets.parse(
-        [f"prefill.block_size={pbs}", f"prefill.kernel_blocks={pkb}",
-         f"decode.block_size={dbs}", f"decode.kernel_blocks={dkb}"]
+        [
+            f"prefill.block_size={pbs}",
+            f"prefill.kernel_blocks={pkb}",
+            f"decode.block_size={dbs}",
+            f"decode.kernel_blocks={dkb}",
+        ]
     )
     pb, db = c.bind(unit, sets)
     try:

@@ -10,7 +10,6 @@ import itertools
 
 import pytest
 from conftest import compile_pair
-
 from layoutc.compiler.diagnostics import LayoutError
 from layoutc.compiler.verify import verify_plan
 
@@ -25,13 +24,46 @@ CASES = [
     ("vllm_flash_attn", dict(num_key_value_heads=12, head_dim=64, block_size=32), [12]),
     ("vllm_mla", dict(kv_lora_rank=512, qk_rope_head_dim=64), []),
     ("vllm_mla", dict(kv_lora_rank=64, qk_rope_head_dim=16, kv_dtype="fp8"), []),
-    ("vllm_hybrid_mamba2", dict(HYBRID_BASE, num_key_value_heads=2, mamba_num_heads=16, n_groups=8), [2, 16, 8]),
-    ("vllm_hybrid_mamba2", dict(HYBRID_BASE, num_key_value_heads=8, mamba_num_heads=48, n_groups=1,
-                                num_speculative_tokens=2, kv_dtype="fp8"), [8, 48, 1]),
-    ("vllm_hybrid_mamba2", dict(HYBRID_BASE, num_key_value_heads=4, mamba_num_heads=24, n_groups=2,
-                                conv_dtype="fp32", ssm_dtype="bf16"), [4, 24, 2]),
-    ("vllm_hybrid_mamba2", dict(HYBRID_BASE, num_key_value_heads=6, mamba_num_heads=12, n_groups=6,
-                                num_speculative_tokens=1), [6, 12, 6]),
+    (
+        "vllm_hybrid_mamba2",
+        dict(HYBRID_BASE, num_key_value_heads=2, mamba_num_heads=16, n_groups=8),
+        [2, 16, 8],
+    ),
+    (
+        "vllm_hybrid_mamba2",
+        dict(
+            HYBRID_BASE,
+            num_key_value_heads=8,
+            mamba_num_heads=48,
+            n_groups=1,
+            num_speculative_tokens=2,
+            kv_dtype="fp8",
+        ),
+        [8, 48, 1],
+    ),
+    (
+        "vllm_hybrid_mamba2",
+        dict(
+            HYBRID_BASE,
+            num_key_value_heads=4,
+            mamba_num_heads=24,
+            n_groups=2,
+            conv_dtype="fp32",
+            ssm_dtype="bf16",
+        ),
+        [4, 24, 2],
+    ),
+    (
+        "vllm_hybrid_mamba2",
+        dict(
+            HYBRID_BASE,
+            num_key_value_heads=6,
+            mamba_num_heads=12,
+            n_groups=6,
+            num_speculative_tokens=1,
+        ),
+        [6, 12, 6],
+    ),
 ]
 
 
@@ -39,7 +71,9 @@ def allowed(units: list[int], tp: int) -> bool:
     return all(u % tp == 0 or tp % u == 0 for u in units)
 
 
-@pytest.mark.parametrize("spec,params,units", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "spec,params,units", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)]
+)
 def test_sweep(spec, params, units):
     planned = 0
     for p, d in itertools.product(TPS, TPS):

@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 from conftest import NANO, compile_pair
-
 from layoutc.compiler.diagnostics import InternalError
 from layoutc.compiler.verify import verify_plan
 
@@ -24,8 +23,16 @@ def tamper(plan, rank, change, which="reads", state=None):
 @pytest.mark.parametrize(
     "state,change,message",
     [
-        ("ssm", lambda g: dataclasses.replace(g, prefill_offset=g.prefill_offset + 4), "wrong data"),
-        ("conv", lambda g: dataclasses.replace(g, decode_offset=g.decode_offset + 2), "exactly once"),
+        (
+            "ssm",
+            lambda g: dataclasses.replace(g, prefill_offset=g.prefill_offset + 4),
+            "wrong data",
+        ),
+        (
+            "conv",
+            lambda g: dataclasses.replace(g, decode_offset=g.decode_offset + 2),
+            "exactly once",
+        ),
         ("ssm", lambda g: dataclasses.replace(g, nbytes=g.nbytes - 4), "exactly once"),
         ("conv", lambda g: dataclasses.replace(g, nbytes=g.nbytes - 1), "aligned"),
         ("kv", lambda g: dataclasses.replace(g, prefill_rank=1), "sources"),
@@ -41,7 +48,9 @@ def test_verifier_catches_tampered_reads(state, change, message):
 
 def test_verifier_catches_posts_that_differ_from_reads():
     plan = compile_pair("vllm_hybrid_mamba2", 4, 2, NANO)
-    bad = tamper(plan, 0, lambda g: dataclasses.replace(g, prefill_offset=g.prefill_offset + 8), "posts")
+    bad = tamper(
+        plan, 0, lambda g: dataclasses.replace(g, prefill_offset=g.prefill_offset + 8), "posts"
+    )
     with pytest.raises(InternalError, match="posted runs"):
         verify_plan(bad)
 

@@ -28,10 +28,14 @@ def test_nano_state_sizes_per_tp():
 def test_nano_1_to_2():
     plan = compile_pair("vllm_hybrid_mamba2", 1, 2, NANO)
     assert reads(plan, 0, "conv") == [
-        ("conv", 0, 0, 0, 12288), ("conv", 0, 12288, 24576, 3072), ("conv", 0, 15360, 30720, 3072)
+        ("conv", 0, 0, 0, 12288),
+        ("conv", 0, 12288, 24576, 3072),
+        ("conv", 0, 15360, 30720, 3072),
     ]
     assert reads(plan, 1, "conv") == [
-        ("conv", 0, 0, 12288, 12288), ("conv", 0, 12288, 27648, 3072), ("conv", 0, 15360, 33792, 3072)
+        ("conv", 0, 0, 12288, 12288),
+        ("conv", 0, 12288, 27648, 3072),
+        ("conv", 0, 15360, 33792, 3072),
     ]
     # §5: ssm at 36864 and 36864 + 1048576 from the Mamba page start
     assert reads(plan, 0, "ssm") == [("ssm", 0, 0, 36864 - 36864, 1048576)]
@@ -44,7 +48,9 @@ def test_nano_1_to_2():
 def test_nano_2_to_4():
     plan = compile_pair("vllm_hybrid_mamba2", 2, 4, NANO)
     assert reads(plan, 1, "conv") == [
-        ("conv", 0, 0, 6144, 6144), ("conv", 0, 6144, 13824, 1536), ("conv", 0, 7680, 16896, 1536)
+        ("conv", 0, 0, 6144, 6144),
+        ("conv", 0, 6144, 13824, 1536),
+        ("conv", 0, 7680, 16896, 1536),
     ]
     assert reads(plan, 1, "ssm") == [("ssm", 0, 0, 18432 + 524288 - 18432, 524288)]
     # D replicated (TP 4 > K 2): ranks 0,1 read P0's head 0; 2,3 read P1's only head (offset 0)
@@ -59,9 +65,13 @@ def test_nano_4_to_2():
     assert r0.sources == (0, 1)
     got = sorted(reads(plan, 0, "conv") + reads(plan, 0, "ssm"), key=lambda r: (r[1], r[0], r[2]))
     assert got == [
-        ("conv", 0, 0, 0, 6144), ("conv", 0, 12288, 6144, 1536), ("conv", 0, 15360, 7680, 1536),
+        ("conv", 0, 0, 0, 6144),
+        ("conv", 0, 12288, 6144, 1536),
+        ("conv", 0, 15360, 7680, 1536),
         ("ssm", 0, 0, 0, 524288),
-        ("conv", 1, 6144, 0, 6144), ("conv", 1, 13824, 6144, 1536), ("conv", 1, 16896, 7680, 1536),
+        ("conv", 1, 6144, 0, 6144),
+        ("conv", 1, 13824, 6144, 1536),
+        ("conv", 1, 16896, 7680, 1536),
         ("ssm", 1, 524288, 0, 524288),
     ]
     # FA only from P0 (P1 holds the same replicated head); D rank 1 from P2
