@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import difflib
 import json
 import os
@@ -18,7 +20,7 @@ from pathlib import Path
 from .. import __version__
 from .bind import UsageError
 from .diagnostics import InternalError, LayoutError, render
-from .pipeline import Compiler, SideSets, spec_name
+from .pipeline import BUILTIN, Compiler, SideSets, spec_name
 
 DEFAULT_TPS = (1, 2, 4, 8)
 MAX_TP = 1024
@@ -63,8 +65,29 @@ def _display_source(path: str, include_dirs: list[str]) -> str:
     return os.path.normpath(path).replace(os.sep, "/")
 
 
-def _command(args, source: str) -> str:
-    parts = ["layoutc", "compile", source]
+def _portable_unit(unit, spec: str, source: str, include_dirs: list[str]):
+    """`unit` with the file of every span written into generated code made portable: the spec
+    as in the header, family specs relative to -I (or the cwd), never an absolute path."""
+
+    def fix(span):
+        if span.file == spec:
+            name = source
+        elif span.file.startswith(BUILTIN):
+            name = span.file
+        else:
+            name = _display_source(span.file, include_dirs)
+        return dataclasses.replace(span, file=name)
+
+    out = copy.copy(unit)
+    out.states = {k: dataclasses.replace(v, span=fix(v.span)) for k, v in unit.states.items()}
+    out.pages = {k: dataclasses.replace(v, span=fix(v.span)) for k, v in unit.pages.items()}
+    return out
+
+
+def _command(args, spec: str, source: str) -> str:
+    """The command that regenerates one module, as written into it (no absolute paths)."""
+    given = source if os.path.isabs(spec) else os.path.normpath(spec).replace(os.sep, "/")
+    parts = ["layoutc", "compile", given]
     out = args.output if not os.path.isabs(args.output) else "OUTDIR"
     parts += ["-o", out]
     for d in args.include:
@@ -99,19 +122,26 @@ def _generate(args, compiler: Compiler) -> dict[str, str]:
         p_bound, d_bound = compiler.bind(unit, sets.only(unit.params))
         pairs = explicit or [(p, d) for p in DEFAULT_TPS for d in DEFAULT_TPS]
         plans = []
+        refused: list[tuple[tuple[int, int], LayoutError]] = []
         for p, d in pairs:
             try:
                 plans.append(compiler.plan(unit, p_bound, d_bound, p, d))
-            except LayoutError:
+            except LayoutError as e:
                 if explicit:
                     raise
+                refused.append(((p, d), e))
         if not plans:
-            raise UsageError(
-                f"{spec}: none of the TP pairs {pairs} is possible with these parameters; "
-                "pass --tp-pairs (see `layoutc plan` for the reason a pair is refused)"
+            # no default pair works: a spec error, shown with the reason of the first pair
+            (p, d), e = refused[0]
+            note = (
+                f"no TP pair of {{{', '.join(map(str, DEFAULT_TPS))}}} can be compiled with these "
+                f"values; this is why prefill TP {p} -> decode TP {d} cannot"
             )
+            first = dataclasses.replace(e.diagnostics[0], notes=(*e.diagnostics[0].notes, note))
+            raise type(e)([first, *e.diagnostics[1:]])
         source = _display_source(spec, args.include)
-        text = render_module(unit, source, plans, _command(args, source))
+        portable = _portable_unit(unit, spec, source, args.include)
+        text = render_module(portable, source, plans, _command(args, spec, source))
         target = os.path.join(args.output, spec_name(spec) + ".py")
         if target in out:
             raise UsageError(f"two specs would both write {target}; rename one")
@@ -255,9 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-o", "--output", metavar="FILE.svg|FILE.png")
         p.set_defaults(func=fn)
 
-    from . import cli_runtime
+    from . import cli_init, cli_runtime
 
     cli_runtime.add_commands(sub, _add_spec_options)
+    cli_init.add_commands(sub, _add_spec_options)
     return ap
 
 
