@@ -47,7 +47,9 @@ def render_text(plan: Plan, decode_rank: int | None) -> str:
             + "; descriptors per logical block: "
             + ", ".join(f"{k} {v}" for k, v in sorted(per_block.items()))
         )
-        lines.append(f"  {'state':<10} {'from':>4} {'decode off':>11} {'prefill off':>12} {'bytes':>10}  runs")
+        lines.append(
+            f"  {'state':<10} {'from':>4} {'decode off':>11} {'prefill off':>12} {'bytes':>10}  runs"
+        )
         for g in r.reads:
             st = D.state(g.state)
             pst = P.state(g.state)
@@ -57,15 +59,15 @@ def render_text(plan: Plan, decode_rank: int | None) -> str:
                 + (f"  {g.layout_str()}" if g.shape else "")
             )
         total = sum(g.nbytes * g.count for g in r.posts)
-        lines.append(f"  posted: {sum(g.count for g in r.posts)} runs per logical block, {_size(total)}")
+        lines.append(
+            f"  posted: {sum(g.count for g in r.posts)} runs per logical block, {_size(total)}"
+        )
     lines.append("")
     lines.append(
         "prefill completion: "
         + ", ".join(f"P{p} waits for {len(plan.readers(p))}" for p in range(plan.prefill_tp))
     )
     return "\n".join(lines)
-
-
 
 
 def render_picture(plan: Plan, path: str, decode_rank: int | None) -> None:
@@ -82,56 +84,105 @@ def render_picture(plan: Plan, path: str, decode_rank: int | None) -> None:
     P, D = plan.prefill, plan.decode
     ranks = plan.ranks if decode_rank is None else (plan.rank(decode_rank),)
     states = [s.name for s in D.states]
-    band = 1.0
-    gap = 0.25
+    band, gap, rank_gap = 1.0, 0.3, 0.8
     colors = plt.get_cmap("tab10")
-    n_r = len(ranks)
-    max_src = max(1, max(len(r.sources) for r in ranks))
-    fig_h = max(3.0, 1.3 * len(states) * n_r + 1.2)
-    fig, axes = plt.subplots(n_r, 1, figsize=(4.2 + 1.9 * max_src, fig_h), squeeze=False)
+    col_h = len(states) * (band + gap)
+    heights = []
+    for r in ranks:
+        heights.append(max(col_h, len(r.sources) * (col_h + rank_gap)) + 1.2)
+    fig, axes = plt.subplots(
+        len(ranks),
+        1,
+        figsize=(9.0, 0.55 * sum(heights) + 0.8),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
     for ax, r in zip(axes[:, 0], ranks):
-        # decode column at x=0..1 on the right; source columns on the left
         srcs = list(r.sources)
-        xs = {p: -2.2 - 1.6 * (len(srcs) - 1 - i) for i, p in enumerate(srcs)}
-        y0 = {s: (len(states) - 1 - i) * (band + gap) for i, s in enumerate(states)}
+        total = len(srcs) * (col_h + rank_gap) - rank_gap
+        # prefill ranks stacked on the left (x 0..1), the decode rank centred on the right (x 3..4)
+        p_top = {p: total - i * (col_h + rank_gap) for i, p in enumerate(srcs)}
+        d_top = total / 2 + col_h / 2
 
-        def y_of(side, rank_state, off, y0=y0):
-            st = side.state(rank_state)
+        def y_state(top: float, i: int) -> float:
+            return top - i * (band + gap) - band
+
+        def y_of(side, state: str, top: float, off: int) -> float:
+            st = side.state(state)
+            i = states.index(state)
             frac = (off - st.offset) / max(1, st.nbytes)
-            return y0[rank_state] + band * (1 - frac)
+            return y_state(top, i) + band * (1 - frac)
 
-        for s in states:
-            ax.add_patch(Rectangle((0, y0[s]), 1, band, fill=False, lw=1.0, ec="black"))
-            ax.text(1.08, y0[s] + band / 2, f"{s}\n{_size(D.state(s).nbytes)}", va="center", fontsize=8)
+        for i, s in enumerate(states):
+            ax.add_patch(Rectangle((3, y_state(d_top, i)), 1, band, fill=False, lw=1.2, ec="black"))
+            ax.text(
+                4.1,
+                y_state(d_top, i) + band / 2,
+                f"{s}  {_size(D.state(s).nbytes)}",
+                va="center",
+                fontsize=8,
+            )
             for p in srcs:
-                ax.add_patch(Rectangle((xs[p], y0[s]), 1, band, fill=False, lw=0.6, ec="gray"))
+                ax.add_patch(
+                    Rectangle((0, y_state(p_top[p], i)), 1, band, fill=False, lw=0.6, ec="gray")
+                )
+                ax.text(
+                    -0.1,
+                    y_state(p_top[p], i) + band / 2,
+                    f"{s}  {_size(P.state(s).nbytes)}",
+                    va="center",
+                    ha="right",
+                    fontsize=7,
+                    color="dimgray",
+                )
         for p in srcs:
-            ax.text(xs[p] + 0.5, y0[states[0]] + band + 0.08, f"prefill rank {p}", ha="center", fontsize=8)
-        ax.text(0.5, y0[states[0]] + band + 0.08, f"decode rank {r.rank}", ha="center", fontsize=8, weight="bold")
-        counts = {}
+            ax.text(
+                0.5,
+                p_top[p] + 0.12,
+                f"prefill rank {p}",
+                ha="center",
+                fontsize=8,
+                color=colors(p % 10),
+                weight="bold",
+            )
+        ax.text(3.5, d_top + 0.12, f"decode rank {r.rank}", ha="center", fontsize=9, weight="bold")
         for g in r.reads:
             c = colors(g.prefill_rank % 10)
+            top = p_top[g.prefill_rank]
             d_off, p_off = g.expand()
-            counts[g.prefill_rank] = counts.get(g.prefill_rank, 0) + len(d_off)
             for do, po in list(zip(d_off.tolist(), p_off.tolist()))[:400]:
-                dt, db = y_of(D, g.state, do), y_of(D, g.state, do + g.nbytes)
-                pt, pb = y_of(P, g.state, po), y_of(P, g.state, po + g.nbytes)
-                xp = xs[g.prefill_rank]
-                ax.add_patch(Rectangle((0, db), 1, dt - db, color=c, alpha=0.85, lw=0))
-                ax.add_patch(Rectangle((xp, pb), 1, pt - pb, color=c, alpha=0.85, lw=0))
-                ax.add_patch(Polygon([(xp + 1, pt), (0, dt), (0, db), (xp + 1, pb)], closed=True,
-                                     color=c, alpha=0.18, lw=0))
+                dt, db = y_of(D, g.state, d_top, do), y_of(D, g.state, d_top, do + g.nbytes)
+                pt, pb = y_of(P, g.state, top, po), y_of(P, g.state, top, po + g.nbytes)
+                ax.add_patch(Rectangle((3, db), 1, dt - db, color=c, alpha=0.85, lw=0))
+                ax.add_patch(Rectangle((0, pb), 1, pt - pb, color=c, alpha=0.85, lw=0))
+                ax.add_patch(
+                    Polygon(
+                        [(1, pt), (3, dt), (3, db), (1, pb)], closed=True, color=c, alpha=0.2, lw=0
+                    )
+                )
+                if dt - db > 0.18:
+                    ax.text(
+                        3.5,
+                        (dt + db) / 2,
+                        _size(g.nbytes),
+                        ha="center",
+                        va="center",
+                        fontsize=6.5,
+                        color="white",
+                    )
         per_block = plan.descriptors_per_block(r.rank)
-        note = "descriptors per logical block: " + ", ".join(f"{k} {v}" for k, v in sorted(per_block.items()))
+        note = "descriptors per logical block: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(per_block.items())
+        )
         if r.notify_only:
-            note += f"   notify only: {list(r.notify_only)}"
-        ax.text(min(xs.values(), default=0), -0.35, note, fontsize=8)
-        ax.set_xlim(min(xs.values(), default=-2.2) - 0.3, 2.3)
-        ax.set_ylim(-0.6, len(states) * (band + gap) + 0.2)
+            note += f";  notifies only prefill ranks {list(r.notify_only)}"
+        ax.text(-1.6, -0.75, note, fontsize=8)
+        ax.set_xlim(-1.7, 5.4)
+        ax.set_ylim(-1.0, total + 0.5)
         ax.axis("off")
     fig.suptitle(
-        f"{plan.spec}: prefill TP {plan.prefill_tp} -> decode TP {plan.decode_tp} "
-        "(each state one band; runs coloured by source rank)",
+        f"{plan.spec}: prefill TP {plan.prefill_tp} -> decode TP {plan.decode_tp}\n"
+        "each state one band (bytes linear within it); runs coloured by source rank",
         fontsize=9,
     )
     fig.tight_layout()
