@@ -66,13 +66,15 @@ class Evaluator:
             if default is None:
                 p = unit.params[name]
                 self.sink.error(
-                    f"parameter '{name}' has no default and no value; "
-                    f"pass --set {name}=VALUE",
+                    f"parameter '{name}' has no default and no value; pass --set {name}=VALUE",
                     p.span,
                     "E050",
                 )
                 raise _Poison
-            return self.eval(default)
+            value = self.eval(default)
+            if isinstance(value, int) != (unit.params[name].type == "int"):
+                raise _Poison  # a type error, reported by the types pass
+            return value
         if name in unit.lets:
             return self.eval(unit.lets[name].value)
         if name in DTYPES:
@@ -160,8 +162,10 @@ def bind(unit: Unit, overrides: dict[str, Value], sink: Sink) -> BoundSpec:
             pass
     states = []
     for st in unit.states.values():
+        if st.name not in unit.state_page:
+            continue  # reported by the resolve pass
         dtype = ev.maybe(st.dtype)
-        if dtype is not None and dtype not in DTYPES:
+        if isinstance(dtype, str) and dtype not in DTYPES:
             sink.error(f"unknown dtype '{dtype}'", st.dtype.span, "E042")
         dims = []
         for d in st.dims:
@@ -187,7 +191,9 @@ def bind(unit: Unit, overrides: dict[str, Value], sink: Sink) -> BoundSpec:
             dims.append(DimIR(d.name, tuple(segs), d.paged, d.span))
         if isinstance(dtype, str) and dtype in DTYPES:
             states.append(
-                StateIR(st.name, dtype, DTYPES[dtype], tuple(dims), unit.state_page[st.name], st.span)
+                StateIR(
+                    st.name, dtype, DTYPES[dtype], tuple(dims), unit.state_page[st.name], st.span
+                )
             )
     pages = tuple(
         PageIR(p.name, tuple(s.name for s in p.states), p.per, p.span) for p in unit.pages.values()

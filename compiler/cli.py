@@ -193,7 +193,10 @@ def cmd_check(args, compiler: Compiler) -> int:
         if old != text:
             stale += 1
             diff = difflib.unified_diff(
-                old.splitlines(True), text.splitlines(True), f"{path} (on disk)", f"{path} (expected)"
+                old.splitlines(True),
+                text.splitlines(True),
+                f"{path} (on disk)",
+                f"{path} (expected)",
             )
             sys.stdout.writelines(diff)
             print(f"{path}: stale", file=sys.stderr)
@@ -205,7 +208,10 @@ def cmd_check(args, compiler: Compiler) -> int:
             regen += ["--set", s]
         if args.tp_pairs:
             regen += ["--tp-pairs", args.tp_pairs]
-        print(f"{stale} generated file(s) out of date; regenerate with:\n  {shlex.join(regen)}", file=sys.stderr)
+        print(
+            f"{stale} generated file(s) out of date; regenerate with:\n  {shlex.join(regen)}",
+            file=sys.stderr,
+        )
         return 1
     print(f"up to date: {len(args.specs)} spec(s)", file=sys.stderr)
     return 0
@@ -248,31 +254,52 @@ def cmd_explain(args, compiler: Compiler) -> int:
 
 
 def _add_spec_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-I", "--include", action="append", default=[], metavar="DIR",
-                   help="directory searched for `use`d family specs")
-    p.add_argument("--set", action="append", metavar="NAME=VALUE",
-                   help="bind a parameter (prefill.NAME / decode.NAME for one side)")
+    p.add_argument(
+        "-I",
+        "--include",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory searched for `use`d family specs",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="NAME=VALUE",
+        help="bind a parameter (prefill.NAME / decode.NAME for one side)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="layoutc", description=__doc__.split("\n")[0])
     ap.add_argument("--version", action="version", version=f"layoutc {__version__}")
-    ap.add_argument("--error-format", choices=["human", "gcc", "json"], default="human",
-                    help="how spec diagnostics are printed (default: human, with source and caret)")
+    ap.add_argument(
+        "--error-format",
+        choices=["human", "gcc", "json"],
+        default="human",
+        help="how spec diagnostics are printed (default: human, with source and caret)",
+    )
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    for name, fn, hlp in (("compile", cmd_compile, "write one plan module per spec"),
-                          ("check", cmd_check, "fail (exit 1, with a diff) if modules are stale")):
+    for name, fn, hlp in (
+        ("compile", cmd_compile, "write one plan module per spec"),
+        ("check", cmd_check, "fail (exit 1, with a diff) if modules are stale"),
+    ):
         p = sub.add_parser(name, help=hlp)
         p.add_argument("specs", nargs="+", metavar="SPEC")
         p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
-        p.add_argument("--tp-pairs", metavar="P:D,...",
-                       help="pairs to compile (default: every P, D in {1,2,4,8} the shapes allow)")
+        p.add_argument(
+            "--tp-pairs",
+            metavar="P:D,...",
+            help="pairs to compile (default: every P, D in {1,2,4,8} the shapes allow)",
+        )
         _add_spec_options(p)
         p.set_defaults(func=fn)
 
-    for name, fn, hlp in (("plan", cmd_plan, "print one pair's plan (text or JSON)"),
-                          ("explain", cmd_explain, "draw one pair's plan (SVG/PNG) or print it")):
+    for name, fn, hlp in (
+        ("plan", cmd_plan, "print one pair's plan (text or JSON)"),
+        ("explain", cmd_explain, "draw one pair's plan (SVG/PNG) or print it"),
+    ):
         p = sub.add_parser(name, help=hlp)
         p.add_argument("spec", metavar="SPEC")
         p.add_argument("--prefill-tp", type=int, required=True, metavar="P")

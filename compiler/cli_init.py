@@ -101,20 +101,43 @@ def add_commands(sub, add_spec_options=None) -> None:
         description="Write a model spec (a family spec with the model's values bound, each "
         "commented with its source) from a Hugging Face config.json.",
     )
-    p.add_argument("--from-hf", required=True, metavar="CONFIG.json",
-                   help="the model's Hugging Face config.json")
-    p.add_argument("-o", "--output", metavar="FILE.layout",
-                   help="write the spec here (default: print it)")
-    p.add_argument("--engine", choices=ENGINES, default="vllm",
-                   help="engine whose cache layout to describe (default: vllm)")
-    p.add_argument("--block-size", type=_positive, metavar="N",
-                   help="tokens per kernel block, as the engine uses it (default: 16; 64 for MLA)")
-    p.add_argument("--kv-dtype", metavar="DTYPE",
-                   help="attention cache dtype: fp32, bf16, fp16, fp8 or a torch name "
-                   "(default: the config's torch_dtype)")
-    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="flashinfer",
-                   help="GQA cache layout: flashinfer (blocks-first K|V page, default) or "
-                   "flash_attn (separate K and V buffers)")
-    p.add_argument("--force", action="store_true",
-                   help="with -o, replace a file that `layoutc init` did not write")
+    p.add_argument(
+        "--from-hf",
+        required=True,
+        metavar="CONFIG.json",
+        help="the model's Hugging Face config.json",
+    )
+    p.add_argument(
+        "-o", "--output", metavar="FILE.layout", help="write the spec here (default: print it)"
+    )
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="vllm",
+        help="engine whose cache layout to describe (default: vllm)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=_positive,
+        metavar="N",
+        help="tokens per kernel block, as the engine uses it (default: 16; 64 for MLA)",
+    )
+    p.add_argument(
+        "--kv-dtype",
+        metavar="DTYPE",
+        help="attention cache dtype: fp32, bf16, fp16, fp8 or a torch name "
+        "(default: the config's torch_dtype)",
+    )
+    p.add_argument(
+        "--attention-backend",
+        choices=ATTENTION_BACKENDS,
+        default="flashinfer",
+        help="GQA cache layout: flashinfer (blocks-first K|V page, default) or "
+        "flash_attn (separate K and V buffers)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with -o, replace a file that `layoutc init` did not write",
+    )
     p.set_defaults(func=cmd_init)

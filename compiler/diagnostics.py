@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass, field
 
 from .ast import Span
@@ -74,6 +75,16 @@ class Sources:
         return lines[line - 1] if 1 <= line <= len(lines) else None
 
 
+def _one_column(c: str) -> str:
+    """`c` if it takes exactly one terminal column, else `?` (keeps the caret under its column:
+    control, combining and wide characters, and the replacement character of undecodable bytes)."""
+    if not c.isprintable() or c == "\ufffd" or unicodedata.combining(c):
+        return "?"
+    if unicodedata.east_asian_width(c) in ("W", "F"):
+        return "?"
+    return c
+
+
 def render(err: LayoutError, sources: Sources, fmt: str = "human") -> str:
     """All diagnostics of `err`, in `human` (with source line and caret) or `json` format."""
     if fmt == "json":
@@ -102,7 +113,7 @@ def render(err: LayoutError, sources: Sources, fmt: str = "human") -> str:
             if fmt == "human":
                 src = sources.line(s.file, s.line)
                 if src is not None:
-                    src = "".join(c if c.isprintable() and c != "\ufffd" else "?" for c in src.replace("\t", " "))
+                    src = "".join(map(_one_column, src.replace("\t", " ")))
                     col = s.col
                     width = (s.end_col - s.col) if s.end_line == s.line else len(src) - s.col + 1
                     width = max(1, min(width, 80))

@@ -81,11 +81,19 @@ NOT_YET = {
 
 #: `torch_dtype` / `dtype` / `--kv-dtype` names -> layoutc dtype names.
 DTYPE_NAMES = {
-    "bfloat16": "bf16", "bf16": "bf16",
-    "float16": "fp16", "half": "fp16", "fp16": "fp16",
-    "float32": "fp32", "float": "fp32", "fp32": "fp32",
-    "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8",
-    "float8_e4m3fn": "fp8", "float8_e5m2": "fp8",
+    "bfloat16": "bf16",
+    "bf16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+    "fp16": "fp16",
+    "float32": "fp32",
+    "float": "fp32",
+    "fp32": "fp32",
+    "fp8": "fp8",
+    "fp8_e4m3": "fp8",
+    "fp8_e5m2": "fp8",
+    "float8_e4m3fn": "fp8",
+    "float8_e5m2": "fp8",
 }
 
 #: TP sizes `init` checks the shapes against (the ones `layoutc compile` tries by default).
@@ -95,8 +103,13 @@ TP_SIZES = (1, 2, 4, 8)
 PATTERN_KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 #: Layer-type words (`layers_block_type` / `layer_types` lists).
 LAYER_WORDS = {
-    "mamba": "mamba", "mamba2": "mamba", "attention": "attention", "full_attention": "attention",
-    "attn": "attention", "mlp": "mlp", "moe": "moe",
+    "mamba": "mamba",
+    "mamba2": "mamba",
+    "attention": "attention",
+    "full_attention": "attention",
+    "attn": "attention",
+    "mlp": "mlp",
+    "moe": "moe",
 }
 
 
@@ -167,7 +180,9 @@ class _Config:
 
 def _architecture(config: dict) -> str:
     archs = config.get("architectures")
-    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+    if archs is not None and not (
+        isinstance(archs, list) and all(isinstance(a, str) for a in archs)
+    ):
         raise InitError(f"'architectures' must be a list of names, got {archs!r}")
     if archs:
         for a in archs:
@@ -175,7 +190,9 @@ def _architecture(config: dict) -> str:
                 return a
         for a in archs:
             if a in NOT_YET:
-                raise InitError(f"{a} is not supported yet: {NOT_YET[a]}. Supported: {supported_text()}")
+                raise InitError(
+                    f"{a} is not supported yet: {NOT_YET[a]}. Supported: {supported_text()}"
+                )
         raise InitError(
             f"unsupported architecture {', '.join(archs)}. Supported: {supported_text()}"
         )
@@ -274,8 +291,9 @@ def _layer_kinds(cfg: _Config) -> tuple[list[str] | None, str]:
 # --- the three kinds ---------------------------------------------------------------------------
 
 
-def _attention_bindings(cfg: _Config, kv_dtype: tuple[str, str], layers_key: str | None,
-                        layers: tuple[int, str] | None) -> list[_Binding]:
+def _attention_bindings(
+    cfg: _Config, kv_dtype: tuple[str, str], layers_key: str | None, layers: tuple[int, str] | None
+) -> list[_Binding]:
     kv, kv_src = _kv_heads(cfg)
     hd, hd_src = _head_dim(cfg, ("head_dim", "attention_head_dim"))
     out = [_Binding("num_key_value_heads", kv, kv_src), _Binding("head_dim", hd, hd_src)]
@@ -307,8 +325,9 @@ def _mla_bindings(cfg: _Config, kv_dtype: tuple[str, str]) -> tuple[list[_Bindin
     ], notes
 
 
-def _hybrid_bindings(cfg: _Config, kv_dtype: tuple[str, str], model_dtype: tuple[str, str]
-                     ) -> tuple[list[_Binding], list[str]]:
+def _hybrid_bindings(
+    cfg: _Config, kv_dtype: tuple[str, str], model_dtype: tuple[str, str]
+) -> tuple[list[_Binding], list[str]]:
     kinds, kinds_key = _layer_kinds(cfg)
     n_attn = n_mamba = None
     notes: list[str] = []
@@ -340,7 +359,9 @@ def _hybrid_bindings(cfg: _Config, kv_dtype: tuple[str, str], model_dtype: tuple
         hidden, _ = cfg.int("hidden_size")
         if None not in (expand, hidden, heads):
             if (expand * hidden) % heads:
-                cfg.bad.append(f"mamba_expand * hidden_size = {expand * hidden} is not divisible by {hk} {heads}")
+                cfg.bad.append(
+                    f"mamba_expand * hidden_size = {expand * hidden} is not divisible by {hk} {heads}"
+                )
             else:
                 hdim = expand * hidden // heads
                 hdk = f"derived: mamba_expand * hidden_size / {hk} = {expand} * {hidden} / {heads}"
@@ -354,7 +375,9 @@ def _hybrid_bindings(cfg: _Config, kv_dtype: tuple[str, str], model_dtype: tuple
         conv_src = f"config: {ck}"
     else:
         conv, conv_src = 4, "default: 4 (the config names no conv_kernel / mamba_d_conv)"
-    out[3:3] = [_Binding("num_mamba_layers", n_mamba, f"derived: count of Mamba2 layers in {kinds_key}")]
+    out[3:3] = [
+        _Binding("num_mamba_layers", n_mamba, f"derived: count of Mamba2 layers in {kinds_key}")
+    ]
     out += [
         _Binding("mamba_num_heads", heads, f"config: {hk}"),
         _Binding("mamba_head_dim", hdim, hdk or ""),
@@ -363,29 +386,41 @@ def _hybrid_bindings(cfg: _Config, kv_dtype: tuple[str, str], model_dtype: tuple
         _Binding("conv_kernel", conv, conv_src),
         _Binding("num_speculative_tokens", 0, "default: no speculative decoding (adds conv rows)"),
         _Binding(
-            "conv_dtype", model_dtype[0],
+            "conv_dtype",
+            model_dtype[0],
             f"{model_dtype[1]} (vLLM's mamba_cache_dtype 'auto' = the model dtype; not --kv-dtype)",
         ),
     ]
     ssm = cfg.c.get("mamba_ssm_cache_dtype")
     if ssm is not None:
         try:
-            out.append(_Binding("ssm_dtype", dtype_name(ssm, "config 'mamba_ssm_cache_dtype'"),
-                                f'config: mamba_ssm_cache_dtype = "{ssm}"'))
+            out.append(
+                _Binding(
+                    "ssm_dtype",
+                    dtype_name(ssm, "config 'mamba_ssm_cache_dtype'"),
+                    f'config: mamba_ssm_cache_dtype = "{ssm}"',
+                )
+            )
         except UsageError as e:
             cfg.bad.append(str(e))
     elif cfg.arch == "NemotronHForCausalLM":
-        out.append(_Binding(
-            "ssm_dtype", "fp32",
-            "default: fp32, vLLM's NemotronH config hook when the config names no "
-            "mamba_ssm_cache_dtype (uncertain; check the engine's --mamba-ssm-cache-dtype)",
-        ))
+        out.append(
+            _Binding(
+                "ssm_dtype",
+                "fp32",
+                "default: fp32, vLLM's NemotronH config hook when the config names no "
+                "mamba_ssm_cache_dtype (uncertain; check the engine's --mamba-ssm-cache-dtype)",
+            )
+        )
     else:
-        out.append(_Binding(
-            "ssm_dtype", model_dtype[0],
-            "default: vLLM's mamba_ssm_cache_dtype 'auto' = the conv state dtype "
-            "(check the engine's --mamba-ssm-cache-dtype)",
-        ))
+        out.append(
+            _Binding(
+                "ssm_dtype",
+                model_dtype[0],
+                "default: vLLM's mamba_ssm_cache_dtype 'auto' = the conv state dtype "
+                "(check the engine's --mamba-ssm-cache-dtype)",
+            )
+        )
     return out, notes
 
 
@@ -470,7 +505,9 @@ def init_from_hf(
     if kv_dtype is not None:
         kvd = (dtype_name(kv_dtype, "--kv-dtype"), f"command line: --kv-dtype {kv_dtype}")
     elif model_dtype[0] is None:
-        raise InitError(f"{arch} config: {model_dtype[1]}; pass --kv-dtype to choose the cache dtype")
+        raise InitError(
+            f"{arch} config: {model_dtype[1]}; pass --kv-dtype to choose the cache dtype"
+        )
     else:
         kvd = model_dtype
     if kind == HYBRID and model_dtype[0] is None:
@@ -480,7 +517,11 @@ def init_from_hf(
         )
     notes: list[str] = []
     if kind == GQA:
-        family = "vllm_flashinfer.layout" if attention_backend == "flashinfer" else "vllm_flash_attn.layout"
+        family = (
+            "vllm_flashinfer.layout"
+            if attention_backend == "flashinfer"
+            else "vllm_flash_attn.layout"
+        )
         bindings = _attention_bindings(cfg, kvd, "num_layers", None)
     elif kind == MLA:
         family = "vllm_mla.layout"
@@ -493,11 +534,18 @@ def init_from_hf(
     if block_size is not None:
         bs = _Binding("block_size", block_size, f"command line: --block-size {block_size}")
     elif kind == MLA:
-        bs = _Binding("block_size", 64, "default: 64, what vLLM forces for FlashMLA (Hopper); "
-                      "CUTLASS MLA (Blackwell) uses 128 (init --block-size to match)")
+        bs = _Binding(
+            "block_size",
+            64,
+            "default: 64, what vLLM forces for FlashMLA (Hopper); "
+            "CUTLASS MLA (Blackwell) uses 128 (init --block-size to match)",
+        )
     else:
-        bs = _Binding("block_size", 16, "default: vLLM's 16-token kernel block "
-                      "(init --block-size to match the engine)")
+        bs = _Binding(
+            "block_size",
+            16,
+            "default: vLLM's 16-token kernel block (init --block-size to match the engine)",
+        )
     # Block geometry first: the grammar lexes `kernel_blocks` as its keyword after an
     # expression, so a `kernel_blocks = N` binding must open the `use` block.
     kb = _Binding("kernel_blocks", 1, "default: one kernel block per scheduler block")

@@ -33,6 +33,7 @@ class Unit:
     stride: ast.Stride | None = None
     kernel_blocks: ast.KernelBlocks | None = None
     state_page: dict[str, str] = field(default_factory=dict)
+    pending: list = field(default_factory=list)  # diagnostics of the unit passes, not yet raised
 
 
 # --- bound (values known, TP not yet) ---------------------------------------------------------

@@ -131,6 +131,8 @@ def composition(a: Layout, b: Layout) -> Layout:
 
 def _compose_mode(a: Layout, n: int, d: int) -> list[tuple[int, int]]:
     # take every d-th element of a, n of them
+    if d == 0 or n == 1:  # a broadcast mode of b stays a broadcast mode (a(0) == 0)
+        return [(n, 0)]
     out = []
     rest_stride, rest_n = d, n
     for s, st in a.modes():
@@ -174,7 +176,8 @@ def complement(layout: Layout, cosize_hi: int) -> Layout:
 
 def right_inverse(layout: Layout) -> Layout:
     """R with layout(R(i)) == i for i in [0, size of the contiguous image)."""
-    modes = sorted((d, s, i) for i, (s, d) in enumerate(layout.modes()) if s != 1)
+    # broadcast (stride-0) modes add nothing to the image: the inverse keeps their coordinate 0
+    modes = sorted((d, s, i) for i, (s, d) in enumerate(layout.modes()) if s != 1 and d != 0)
     # column-major (CuTe) strides of the domain
     dom = []
     acc = 1

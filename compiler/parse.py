@@ -13,14 +13,43 @@ from .diagnostics import Diagnostic, LayoutSyntaxError
 
 # Friendly names for terminals in "expected ..." messages.
 _TERMINAL_NAMES = {
-    "LBRACE": "'{'", "RBRACE": "'}'", "LBRACKET": "'['", "RBRACKET": "']'", "LPAR": "'('",
-    "RPAR": "')'", "COLON": "':'", "COMMA": "','", "EQUAL": "'='", "PLUS": "'+'", "MINUS": "'-'",
-    "TIMES": "'*'", "FLOORDIV": "'//'", "SLASH": "'/'", "PERCENT": "'%'", "NAME": "a name",
-    "INT": "an integer", "STRING": "a quoted path", "PAGE_UNIT": "kernel_block or logical_block",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "LBRACKET": "'['",
+    "RBRACKET": "']'",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "COLON": "':'",
+    "COMMA": "','",
+    "EQUAL": "'='",
+    "PLUS": "'+'",
+    "MINUS": "'-'",
+    "TIMES": "'*'",
+    "FLOORDIV": "'//'",
+    "SLASH": "'/'",
+    "PERCENT": "'%'",
+    "NAME": "a name",
+    "INT": "an integer",
+    "STRING": "a quoted path",
+    "PAGE_UNIT": "kernel_block or logical_block",
     "$END": "end of file",
 }
-_KEYWORDS = ("USE", "PARAM", "LET", "STATE", "PAGE", "STRIDE", "LAYER", "KERNEL_BLOCKS",
-             "CONCAT", "SPLIT", "TP", "BY", "PAGED", "PER")
+_KEYWORDS = (
+    "USE",
+    "PARAM",
+    "LET",
+    "STATE",
+    "PAGE",
+    "STRIDE",
+    "LAYER",
+    "KERNEL_BLOCKS",
+    "CONCAT",
+    "SPLIT",
+    "TP",
+    "BY",
+    "PAGED",
+    "PER",
+)
 for _k in _KEYWORDS:
     _TERMINAL_NAMES[_k] = f"'{_k.lower()}'"
 
@@ -83,7 +112,9 @@ class _Build(Transformer):
 
     def param_decl(self, meta, ch):
         default = ch[5] if len(ch) > 5 else None
-        return ast.Param(str(ch[1]), str(ch[3]), default, self._s(meta), _tok_span(self.path, ch[3]))
+        return ast.Param(
+            str(ch[1]), str(ch[3]), default, self._s(meta), _tok_span(self.path, ch[3])
+        )
 
     def let_decl(self, meta, ch):
         return ast.Let(str(ch[1]), ch[3], self._s(meta))
@@ -133,13 +164,68 @@ class _Build(Transformer):
         return tuple(ch)
 
 
+_OPERATORS = {"PLUS", "MINUS", "TIMES", "FLOORDIV", "SLASH", "PERCENT"}
+_WORDS = {"NAME": "a name", "INT": "an integer", "STRING": "a quoted path", "$END": "end of file"}
+
+
+def _expected_rank(term: str) -> tuple[int, str]:
+    if term in _KEYWORDS or term == "PAGE_UNIT":
+        return (0, term)
+    if term in _WORDS:
+        return (2, "" if term == "NAME" else term)
+    return (1, term)  # punctuation
+
+
 def _expected(exc: UnexpectedInput) -> str:
-    names = sorted({_TERMINAL_NAMES.get(t, t) for t in getattr(exc, "expected", ()) or ()})
+    """`; expected ...` from the terminals the parser accepts at the error (most useful first)."""
+    terms = set(getattr(exc, "accepts", None) or getattr(exc, "expected", None) or ())
+    operator = len(terms & (_OPERATORS - {"MINUS"})) >= 3
+    if operator:  # after an expression: any binary operator continues it
+        terms -= _OPERATORS
+    names = [_TERMINAL_NAMES.get(t, t) for t in sorted(terms, key=_expected_rank)]
+    if operator:
+        names.append("an operator")
     if not names:
         return ""
     if len(names) > 6:
         names = names[:6] + ["..."]
     return "; expected " + ", ".join(names)
+
+
+def _describe(tok: Token) -> str:
+    """A token as the user wrote it: `name 'x'`, `integer 3`, `'='`, `'split'`."""
+    if tok.type == "NAME":
+        return f"name {str(tok)!r}"
+    if tok.type == "INT":
+        return f"integer {tok}"
+    if tok.type == "STRING":
+        return f"string {tok}"
+    return repr(str(tok))
+
+
+def _unclosed_brace(text: str) -> tuple[int, int] | None:
+    """Line and column of the first `{` that is never closed (ignoring comments and strings)."""
+    stack: list[int] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "#":
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        if c == '"':
+            ends = [x for x in (text.find('"', i + 1), text.find("\n", i + 1)) if x >= 0]
+            i = min(ends) if ends else n
+        elif c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            stack.pop()
+        i += 1
+    if not stack:
+        return None
+    pos = stack[0]
+    line = text.count("\n", 0, pos) + 1
+    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
 
 
 def _end_position(text: str) -> tuple[int, int]:
@@ -160,18 +246,23 @@ def _syntax_error(path: str, text: str, exc: UnexpectedInput) -> LayoutSyntaxErr
             line, col = _end_position(text)
         else:
             width = max(1, len(str(tok)))
-            msg = f"unexpected {_TERMINAL_NAMES.get(tok.type, tok.type)} {str(tok)!r}"
-            msg += _expected(exc)
+            msg = f"unexpected {_describe(tok)}" + _expected(exc)
     elif isinstance(exc, UnexpectedCharacters):
         ch = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else ""
         msg = f"unexpected character {ch!r}"
+        if ch == '"':
+            msg = "unterminated string: a quoted path must end on the same line"
     elif isinstance(exc, UnexpectedEOF):
         msg = "unexpected end of file" + _expected(exc)
         line, col = _end_position(text)
     else:  # pragma: no cover - lark has no other kinds
         msg = str(exc).splitlines()[0]
+    notes: tuple[str, ...] = ()
+    brace = _unclosed_brace(text)
+    if brace is not None and brace <= (line, col):
+        notes = (f"the '{{' at {path}:{brace[0]}:{brace[1]} is never closed; a '}}' is missing",)
     span = ast.Span(path, line, col, line, col + width)
-    return LayoutSyntaxError([Diagnostic(msg, span, "E001")])
+    return LayoutSyntaxError([Diagnostic(msg, span, "E001", notes=notes)])
 
 
 def decode_source(path: str, data: bytes, sources=None) -> str:
@@ -194,7 +285,9 @@ def decode_source(path: str, data: bytes, sources=None) -> str:
         line = before.count("\n") + 1
         col = len(before) - (before.rfind("\n") + 1) + 1
         span = ast.Span(path, line, col, line, col + 1)
-        raise LayoutSyntaxError([Diagnostic("spec contains a NUL byte (binary file?)", span, "E002")])
+        raise LayoutSyntaxError(
+            [Diagnostic("spec contains a NUL byte (binary file?)", span, "E002")]
+        )
     return text
 
 

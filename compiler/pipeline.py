@@ -136,23 +136,33 @@ class Compiler:
                 return None
 
         unit = resolve(module, "", loader, sink)
-        sink.raise_if_any()
         for p in PASSES:
             p(unit, sink)
-        sink.raise_if_any()
         unit.sha256 = hashlib.sha256(b"".join(self._hash_parts)).hexdigest()
+        # Errors so far are reported together with the value errors `bind` finds, so that a
+        # file's errors of every kind come out at once.
+        unit.pending = list(sink.diagnostics)
         return unit
 
     def bind(self, unit: Unit, sets: SideSets) -> tuple[BoundSpec, BoundSpec]:
-        """Bind both sides; a value missing on one side is reported once."""
-        sink = Sink()
+        """Bind both sides; raise every error of the spec (name, type and value errors).
+
+        A value missing on one side is reported once.
+        """
+        sink = Sink(list(unit.pending))
         bound = []
         for role in ("prefill", "decode"):
             values: dict[str, Value] = {
                 k: parse_value(unit, k, v) for k, v in sets.side(role).items()
             }
             side_sink = Sink()
-            bound.append(bind(unit, values, side_sink))
+            try:
+                bound.append(bind(unit, values, side_sink))
+            except Exception:
+                if not unit.pending:
+                    raise
+                # a unit with name errors may not be bindable; its name errors are the report
+                side_sink.diagnostics.clear()
             for d in side_sink.diagnostics:
                 if d not in sink.diagnostics:
                     sink.diagnostics.append(d)
@@ -165,10 +175,14 @@ class Compiler:
         sink = Sink()
         pr = rank(p, ptp, sink, "prefill")
         dr = rank(d, dtp, sink, "decode")
-        # the same error on both sides (same parameters) is reported once
+        # the same error on both sides (same parameters, same TP) is reported once
         uniq = []
         for diag in sink.diagnostics:
-            if not any(u.span == diag.span and u.code == diag.code for u in uniq):
+            same = diag.message.replace("decode tp", "prefill tp")
+            if not any(
+                u.span == diag.span and u.message.replace("decode tp", "prefill tp") == same
+                for u in uniq
+            ):
                 uniq.append(diag)
         sink.diagnostics = uniq
         sink.raise_if_any()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -458,9 +459,10 @@ class PlanTables:
         if key not in self.pairs:
             have = ",".join(f"{p}:{d}" for p, d in self.compiled_pairs) or "none"
             want = ",".join(f"{p}:{d}" for p, d in sorted(set(self.compiled_pairs) | {key}))
+            command = re.sub(r" --tp-pairs \S+", "", self.compile_command)
             raise PlanError(
                 f"{self.spec}: prefill TP {prefill_tp} -> decode TP {decode_tp} was not compiled "
-                f"(compiled pairs: {have}); add it with: {self.compile_command} --tp-pairs {want}"
+                f"(compiled pairs: {have}); add it with: {command} --tp-pairs {want}"
             )
         if key not in self._cache:
             prefill = _side_from_table(

@@ -7,13 +7,16 @@ states in no page or in two pages, layers naming unknown pages, repeated `stride
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .. import ast
 from ..diagnostics import Sink
 from ..ir import DTYPES, Unit
 
 FUNCTIONS = {"max": (1, None), "min": (1, None), "ceil_div": (2, 2), "align": (2, 2)}
+
+#: Words of a dim declaration; a dim or segment named like one is a misplaced keyword.
+_DIM_KEYWORDS = ("split", "tp", "by", "paged", "concat")
 
 Loader = Callable[[str, ast.Span, str], "tuple[ast.Module, str] | None"]
 
@@ -120,7 +123,9 @@ def _check_refs(unit: Unit, sink: Sink) -> None:
     values = set(unit.params) | set(unit.lets)
     order = list(unit.params) + list(unit.lets)
 
-    def check_expr(expr: ast.Expr | None, allowed: set[str], where: str) -> None:
+    def check_expr(
+        expr: ast.Expr | None, allowed: set[str], where: str, dtype: bool = False
+    ) -> None:
         if expr is None:
             return
         for n in _names_in(expr):
@@ -128,7 +133,7 @@ def _check_refs(unit: Unit, sink: Sink) -> None:
                 hint = ""
                 if n.name in unit.pages and "page" not in where:
                     hint = " (page sizes may be used only in `stride`)"
-                elif "dtype" in where:
+                elif "dtype" in where or dtype:
                     hint = f" (dtypes: {', '.join(sorted(DTYPES))})"
                 sink.error(f"unknown name '{n.name}' in {where}{hint}", n.span, "E020")
         for c in _calls_in(expr):
@@ -147,7 +152,12 @@ def _check_refs(unit: Unit, sink: Sink) -> None:
     for i, name in enumerate(order):
         earlier = set(order[:i])
         if name in unit.params:
-            check_expr(unit.defaults.get(name), earlier, f"the default of '{name}'")
+            check_expr(
+                unit.defaults.get(name),
+                earlier,
+                f"the default of '{name}'",
+                unit.params[name].type == "dtype",
+            )
         else:
             check_expr(unit.lets[name].value, earlier, f"'let {name}'")
     for st in unit.states.values():
@@ -155,13 +165,25 @@ def _check_refs(unit: Unit, sink: Sink) -> None:
         dim_names: dict[str, ast.Span] = {}
         paged = [d for d in st.dims if d.paged]
         for d in st.dims:
+            misplaced = [x for x in (d, *d.segments) if x.name in _DIM_KEYWORDS]
+            if misplaced:
+                # `head 8 paged split tp` parses `split` as the name of a new dim
+                sink.error(
+                    f"'{misplaced[0].name}' is out of place in state '{st.name}': a dim reads "
+                    "`NAME SIZE [split tp [by UNIT]] [paged]`",
+                    misplaced[0].span,
+                    "E023",
+                )
+                continue
             if d.name in dim_names:
                 sink.error(f"duplicate dim '{d.name}' in state '{st.name}'", d.span, "E010")
             dim_names[d.name] = d.span
             seg_names: set[str] = set()
             for seg in d.segments:
                 if d.is_concat and seg.name in seg_names:
-                    sink.error(f"duplicate segment '{seg.name}' in dim '{d.name}'", seg.span, "E010")
+                    sink.error(
+                        f"duplicate segment '{seg.name}' in dim '{d.name}'", seg.span, "E010"
+                    )
                 seg_names.add(seg.name)
                 check_expr(seg.size, values, f"the size of '{seg.name}'")
                 if seg.split is not None:

@@ -6,10 +6,10 @@ Errors name the dim or segment and both numbers, at the declaration:
 
 from __future__ import annotations
 
+from ...runtime.layout import ShardError, shard
 from ..bind import Evaluator
 from ..diagnostics import Sink
 from ..ir import BoundSpec, RankedPage, RankedSpec, RankedState
-from ...runtime.layout import ShardError, shard
 from .resolve import _names_in as _names
 
 
@@ -25,7 +25,9 @@ def _local_elems(bound_state, tp: int, sink: Sink, role: str) -> int | None:
                 ok = False
                 units = seg.size // seg.unit
                 what = (
-                    f"dim '{d.name}'" if len(d.segments) == 1 else f"segment '{seg.name}' of '{d.name}'"
+                    f"dim '{d.name}'"
+                    if len(d.segments) == 1
+                    else f"segment '{seg.name}' of '{d.name}'"
                 )
                 size_txt = f"size {units}" if seg.unit == 1 else f"{units} units of {seg.unit}"
                 sink.error(
@@ -90,11 +92,19 @@ def rank(bound: BoundSpec, tp: int, sink: Sink, role: str = "") -> RankedSpec | 
             if value < need[name]:
                 bad = True
                 pg = bound.page(name)
-                unit_txt = "kernel block" if pg.per == "kernel_block" else f"logical block of {kb} kernel blocks"
+                unit_txt = (
+                    "kernel block"
+                    if pg.per == "kernel_block"
+                    else f"logical block of {kb} kernel blocks"
+                )
                 sink.error(
                     f"page overflow at {role_txt}tp {tp}: page '{name}' needs {page_bytes[name]} "
                     f"bytes per {unit_txt} but the stride is {value}"
-                    + ("" if pg.per == "kernel_block" else f" per kernel block ({value * kb} per logical block)"),
+                    + (
+                        ""
+                        if pg.per == "kernel_block"
+                        else f" per kernel block ({value * kb} per logical block)"
+                    ),
                     unit.stride.span,
                     "E062",
                 )
@@ -103,4 +113,3 @@ def rank(bound: BoundSpec, tp: int, sink: Sink, role: str = "") -> RankedSpec | 
             return None
     pages = tuple(RankedPage(pg, page_bytes[pg.name], strides[pg.name]) for pg in bound.pages)
     return RankedSpec(bound, tp, tuple(states), pages)
-

@@ -30,10 +30,20 @@ STATES = {
     "nemotron_h_8b": ["kv", "conv", "ssm"],
     "nemotron_3_nano_30b_a3b": ["kv", "conv", "ssm"],
 }
-REQUIRED = {"llama_3_1_8b", "llama_3_1_70b", "qwen3_8b", "deepseek_v3", "nemotron_h_8b",
-            "nemotron_3_nano_30b_a3b"}
-SUPPORTED_NAMES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "DeepseekV3ForCausalLM",
-                   "NemotronHForCausalLM")
+REQUIRED = {
+    "llama_3_1_8b",
+    "llama_3_1_70b",
+    "qwen3_8b",
+    "deepseek_v3",
+    "nemotron_h_8b",
+    "nemotron_3_nano_30b_a3b",
+}
+SUPPORTED_NAMES = (
+    "LlamaForCausalLM",
+    "Qwen3ForCausalLM",
+    "DeepseekV3ForCausalLM",
+    "NemotronHForCausalLM",
+)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -50,8 +60,9 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def plan_json(capsys, spec: Path, p: int, d: int, *extra) -> dict:
-    rc, out, err = run(capsys, "plan", spec, "--prefill-tp", p, "--decode-tp", d,
-                       "--format", "json", *extra)
+    rc, out, err = run(
+        capsys, "plan", spec, "--prefill-tp", p, "--decode-tp", d, "--format", "json", *extra
+    )
     assert rc == 0, err
     return json.loads(out)
 
@@ -189,8 +200,9 @@ def test_model_spec_compiles_elsewhere_for_every_default_pair(name, tmp_path, ca
     """The spec `use`s its family from the built-in specs, wherever it lies."""
     made = tmp_path / "made"
     made.mkdir()
-    rc, _, err = run(capsys, "init", "--from-hf", FIXTURES / f"{name}.json",
-                     "-o", made / f"{name}.layout")
+    rc, _, err = run(
+        capsys, "init", "--from-hf", FIXTURES / f"{name}.json", "-o", made / f"{name}.layout"
+    )
     assert rc == 0, err
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -232,8 +244,10 @@ def test_kv_dtype_fp8_halves_attention_but_not_mamba(tmp_path, capsys):
     assert plan_json(capsys, spec, 1, 4)["kernel_blocks"]["prefill"] == 261
 
 
-@pytest.mark.parametrize("torch_dtype,ours,nbytes", [("float16", "fp16", 2), ("float32", "fp32", 4),
-                                                     ("bfloat16", "bf16", 2)])
+@pytest.mark.parametrize(
+    "torch_dtype,ours,nbytes",
+    [("float16", "fp16", 2), ("float32", "fp32", 4), ("bfloat16", "bf16", 2)],
+)
 def test_torch_dtype_maps_to_kv_dtype(torch_dtype, ours, nbytes, tmp_path, capsys):
     cfg = config_of("llama_3_1_8b") | {"torch_dtype": torch_dtype}
     text = init_from_hf(cfg)
@@ -247,13 +261,26 @@ def test_newer_dtype_key_and_no_dtype():
     cfg = config_of("qwen3_8b")
     del cfg["torch_dtype"]
     assert "kv_dtype            = bf16  # default" in init_from_hf(cfg)
-    assert 'kv_dtype            = fp16  # config: dtype = "float16"' in init_from_hf(cfg | {"dtype": "float16"})
+    assert 'kv_dtype            = fp16  # config: dtype = "float16"' in init_from_hf(
+        cfg | {"dtype": "float16"}
+    )
 
 
 def test_block_size_option(tmp_path, capsys):
     spec = tmp_path / "m.layout"
-    assert run(capsys, "init", "--from-hf", FIXTURES / "llama_3_1_8b.json", "--block-size", "32",
-               "-o", spec)[0] == 0
+    assert (
+        run(
+            capsys,
+            "init",
+            "--from-hf",
+            FIXTURES / "llama_3_1_8b.json",
+            "--block-size",
+            "32",
+            "-o",
+            spec,
+        )[0]
+        == 0
+    )
     assert state_bytes(plan_json(capsys, spec, 1, 1))["kv"] == (2 * 8 * 32 * 128 * 2,) * 2
     # a hybrid's logical block follows the kernel block: kernel = logical at 2096 tokens
     text = init_from_hf(config_of("nemotron_3_nano_30b_a3b"), block_size=2096)
@@ -262,8 +289,16 @@ def test_block_size_option(tmp_path, capsys):
 
 def test_flash_attn_backend_gives_k_and_v(tmp_path, capsys):
     spec = tmp_path / "m.layout"
-    rc, _, _ = run(capsys, "init", "--from-hf", FIXTURES / "llama_3_1_70b.json",
-                   "--attention-backend", "flash_attn", "-o", spec)
+    rc, _, _ = run(
+        capsys,
+        "init",
+        "--from-hf",
+        FIXTURES / "llama_3_1_70b.json",
+        "--attention-backend",
+        "flash_attn",
+        "-o",
+        spec,
+    )
     assert rc == 0
     assert 'use "vllm_flash_attn.layout"' in spec.read_text()
     sizes = state_bytes(plan_json(capsys, spec, 8, 4))
@@ -272,19 +307,32 @@ def test_flash_attn_backend_gives_k_and_v(tmp_path, capsys):
 
 def test_head_dim_given_wins_over_derived():
     # Mistral-NeMo-like: head_dim 128 while hidden_size / heads = 160
-    cfg = {"architectures": ["MistralForCausalLM"], "hidden_size": 5120, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 40}
+    cfg = {
+        "architectures": ["MistralForCausalLM"],
+        "hidden_size": 5120,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "num_hidden_layers": 40,
+    }
     text = init_from_hf(cfg)
     assert "head_dim            = 128   # config: head_dim" in text
     del cfg["head_dim"]
-    assert "head_dim            = 160   # derived: hidden_size / num_attention_heads = 5120 / 32" in init_from_hf(cfg)
+    assert (
+        "head_dim            = 160   # derived: hidden_size / num_attention_heads = 5120 / 32"
+        in init_from_hf(cfg)
+    )
     cfg["head_dim"] = None  # null counts as absent
     assert "= 160   # derived" in init_from_hf(cfg)
 
 
 def test_mha_without_kv_heads_and_model_type_fallback():
-    cfg = {"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32,
-           "num_hidden_layers": 32}
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+    }
     text = init_from_hf(cfg)
     assert 'use "vllm_flashinfer.layout"' in text
     assert "num_key_value_heads = 32    # config: num_attention_heads" in text
@@ -298,11 +346,21 @@ def test_tp_sizes_listed_in_the_spec():
 
 
 def test_granite_style_layer_types_and_auto_head_dim(tmp_path, capsys):
-    cfg = {"architectures": ["GraniteMoeHybridForCausalLM"], "hidden_size": 1536,
-           "num_attention_heads": 12, "num_key_value_heads": 4, "num_hidden_layers": 6,
-           "layer_types": ["mamba", "mamba", "attention", "mamba", "mamba", "mamba"],
-           "mamba_n_heads": 48, "mamba_d_head": "auto", "mamba_expand": 2, "mamba_n_groups": 1,
-           "mamba_d_state": 128, "mamba_d_conv": 4, "torch_dtype": "bfloat16"}
+    cfg = {
+        "architectures": ["GraniteMoeHybridForCausalLM"],
+        "hidden_size": 1536,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": 6,
+        "layer_types": ["mamba", "mamba", "attention", "mamba", "mamba", "mamba"],
+        "mamba_n_heads": 48,
+        "mamba_d_head": "auto",
+        "mamba_expand": 2,
+        "mamba_n_groups": 1,
+        "mamba_d_state": 128,
+        "mamba_d_conv": 4,
+        "torch_dtype": "bfloat16",
+    }
     spec = write_config(tmp_path, cfg)
     out = tmp_path / "g.layout"
     assert run(capsys, "init", "--from-hf", spec, "-o", out)[0] == 0
@@ -338,11 +396,14 @@ def test_no_architecture_at_all(tmp_path, capsys):
     assert rc == 1 and "architectures" in err and "LlamaForCausalLM" in err
 
 
-@pytest.mark.parametrize("name,drop", [
-    ("llama_3_1_8b", ["num_hidden_layers", "num_key_value_heads", "num_attention_heads"]),
-    ("deepseek_v3", ["kv_lora_rank", "qk_rope_head_dim"]),
-    ("nemotron_h_8b", ["mamba_num_heads", "n_groups", "hybrid_override_pattern"]),
-])
+@pytest.mark.parametrize(
+    "name,drop",
+    [
+        ("llama_3_1_8b", ["num_hidden_layers", "num_key_value_heads", "num_attention_heads"]),
+        ("deepseek_v3", ["kv_lora_rank", "qk_rope_head_dim"]),
+        ("nemotron_h_8b", ["mamba_num_heads", "n_groups", "hybrid_override_pattern"]),
+    ],
+)
 def test_missing_keys_are_named(name, drop, tmp_path, capsys):
     cfg = config_of(name)
     for k in drop:
@@ -374,7 +435,9 @@ def test_bad_values_are_named(tmp_path, capsys):
     rc, _, err = run(capsys, "init", "--from-hf", write_config(tmp_path, cfg))
     assert rc == 1 and "int8" in err and "--kv-dtype" in err
     # --kv-dtype rescues a config whose dtype init cannot read
-    assert run(capsys, "init", "--from-hf", write_config(tmp_path, cfg), "--kv-dtype", "fp8")[0] == 0
+    assert (
+        run(capsys, "init", "--from-hf", write_config(tmp_path, cfg), "--kv-dtype", "fp8")[0] == 0
+    )
 
 
 def test_head_dim_underivable(tmp_path, capsys):
@@ -385,8 +448,11 @@ def test_head_dim_underivable(tmp_path, capsys):
 
 def test_shapes_that_fit_no_tp(tmp_path, capsys):
     # 3 KV heads fit TP 1 only (and 3 % 2 != 0): init still writes the spec, listing TP 1
-    cfg = config_of("llama_3_1_8b") | {"num_key_value_heads": 3, "num_attention_heads": 3,
-                                       "hidden_size": 384}
+    cfg = config_of("llama_3_1_8b") | {
+        "num_key_value_heads": 3,
+        "num_attention_heads": 3,
+        "hidden_size": 384,
+    }
     text = init_from_hf(cfg)
     assert "(of 1, 2, 4, 8): 1." in text
 
@@ -424,8 +490,9 @@ def test_o_refuses_to_overwrite_a_hand_written_spec(tmp_path, capsys):
     assert target.read_text() == "# my own spec\n"
     rc, _, _ = run(capsys, "init", "--from-hf", FIXTURES / "qwen3_8b.json", "-o", target, "--force")
     # an absolute config path is written as its file name only
-    assert rc == 0 and target.read_text() == init_from_hf(config_of("qwen3_8b"),
-                                                          source_name="qwen3_8b.json")
+    assert rc == 0 and target.read_text() == init_from_hf(
+        config_of("qwen3_8b"), source_name="qwen3_8b.json"
+    )
 
 
 QUARTER = 4  # 1 tries every combination (slower)
@@ -438,7 +505,9 @@ def _mutations():
         cfg = config_of(name)
         for key in sorted(k for k in cfg if not k.startswith("_")):
             for i, v in enumerate(odd):
-                if (sum(map(ord, key)) + i) % QUARTER == 0:  # a deterministic quarter of the combinations
+                if (
+                    sum(map(ord, key)) + i
+                ) % QUARTER == 0:  # a deterministic quarter of the combinations
                     yield name, key, v
 
 
@@ -462,11 +531,15 @@ def test_broken_configs_never_crash(tmp_path, capsys):
 
 
 def test_local_paths_and_control_characters_stay_out_of_the_spec():
-    cfg = config_of("qwen3_8b") | {"_name_or_path": "/home/me/models/qwen3",
-                                   "_layoutc_notes": ["two\nlines"]}
+    cfg = config_of("qwen3_8b") | {
+        "_name_or_path": "/home/me/models/qwen3",
+        "_layoutc_notes": ["two\nlines"],
+    }
     text = init_from_hf(cfg, source_name="odd\nname.json")
     assert "/home/me" not in text
     assert text.startswith("# odd name: the vLLM cache of Qwen3ForCausalLM")
-    assert all(line.startswith("#") or not line or line.startswith(("use", "  ", "}"))
-               for line in text.splitlines())
+    assert all(
+        line.startswith("#") or not line or line.startswith(("use", "  ", "}"))
+        for line in text.splitlines()
+    )
     assert "Note (config): two lines" in text
