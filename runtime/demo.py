@@ -1,0 +1,729 @@
+"""``layoutc demo``: a real P/D transfer of tagged pages between processes, every byte checked.
+
+:func:`run_demo` spawns one process per prefill rank and per decode rank (multiprocessing
+*spawn*), each with an :class:`~layoutc.runtime.endpoint.Endpoint` over a real NIXL agent.
+The parent is only the control plane: it carries handshake bytes between the processes
+(a plain byte channel), says "go", counts completions for the progress bar, and collects
+results.  Then:
+
+1. every rank allocates its buffers with enough logical blocks that each request's blocks
+   are scattered (a random permutation, different on prefill and decode);
+2. prefill ranks fill their pages with *tagged* bytes (:mod:`.tags`: each byte derives from
+   its layer, request, block, state and global element), decode pages start as a sentinel;
+3. requests move per the plan, pulled (decode READs) or pushed (prefill WRITEs), with the
+   plan's completion accounting (prefill checks that ``len(plan.readers(p))`` decode ranks
+   notified each request in pull mode);
+4. every decode rank recomputes, from its *own* logical identity, what each byte of its
+   buffers must hold (sentinel where nothing may land) and compares every byte.
+
+``inject`` turns a fault on: ``kill-prefill`` / ``kill-decode`` (SIGKILL the last rank of
+that side once half of the requests are done), ``bad-blocks`` (a request carries block ids
+outside the peer's range), ``spec-mismatch`` (the decode side runs a plan compiled from
+other parameters).  Each ends in :class:`DemoError` naming the peer, ids or values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import numpy as np
+
+from .errors import LayoutcRuntimeError
+from .plan import Plan
+
+INJECTIONS = ("kill-prefill", "kill-decode", "bad-blocks", "spec-mismatch")
+MODES = ("pull", "push")
+_PREFILL_FILL = 0xC3  # bytes of prefill buffers outside any request's state bytes
+_DECODE_FILL = 0x5A  # decode sentinel: what every byte nothing may write must still hold
+_WINDOW = 4  # requests in flight per initiator
+_SETUP_TIMEOUT_S = 120.0
+
+
+class DemoError(LayoutcRuntimeError):
+    """The demo failed; ``errors`` holds one line per failure that a process reported."""
+
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = list(errors or [])
+
+
+@dataclass
+class DemoResult:
+    """What a successful demo run measured.  (A failed run raises :class:`DemoError`.)"""
+
+    mode: str
+    prefill_tp: int
+    decode_tp: int
+    requests: int
+    layers: int
+    blocks: int
+    bytes: int  # bytes moved, all decode ranks together
+    descriptors: int  # NIXL descriptor indices posted, all initiators together
+    seconds: float  # wall time of the transfer phase (go -> last request complete)
+    verified_bytes: int  # decode buffer bytes compared (every byte of every buffer)
+    prefill_completions: dict[int, int] = field(default_factory=dict)  # rank -> requests
+    notifications: dict[int, int] = field(default_factory=dict)  # prefill rank -> received
+    setup_seconds: float = 0.0
+    ok: bool = True
+    error: str | None = None
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def verified_line(self) -> str:
+        """The text after ``verified: `` (the CLI prints that prefix)."""
+        return (
+            f"{self.requests} requests x {self.layers} layers x {self.blocks} blocks, "
+            f"P_TP={self.prefill_tp} -> D_TP={self.decode_tp} ({self.mode}): "
+            f"{self.verified_bytes} decode bytes checked, 0 wrong"
+        )
+
+    def summary(self) -> str:
+        done = ", ".join(f"rank {p}: {n}" for p, n in sorted(self.prefill_completions.items()))
+        return (
+            f"moved {self.bytes / 2**20:.2f} MiB in {self.descriptors} descriptors in "
+            f"{self.seconds:.3f} s ({self.gbps:.2f} GB/s; set-up {self.setup_seconds:.1f} s)\n"
+            f"prefill requests completed: {done}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared by parent and workers
+# --------------------------------------------------------------------------------------------
+def mismatched_plan(plan: Plan) -> Plan:
+    """The same plan with one parameter changed on both sides (a 'compiled from other
+    params' decode side, for ``inject='spec-mismatch'`` when no real second plan is given)."""
+    params = dict(plan.decode.params)
+    name = (
+        "block_size"
+        if isinstance(params.get("block_size"), int)
+        else next(
+            (
+                k
+                for k, v in sorted(params.items())
+                if isinstance(v, int) and not isinstance(v, bool)
+            ),
+            None,
+        )
+    )
+    if name is None:
+        new = dict(params, layoutc_demo_mismatch=1)
+    else:
+        new = dict(params, **{name: params[name] * 2})
+
+    def patch(side):
+        p = dict(side.params)
+        p.update({k: v for k, v in new.items() if k in p or k not in params})
+        return dataclasses.replace(side, params=tuple(sorted(p.items())))
+
+    return dataclasses.replace(plan, prefill=patch(plan.prefill), decode=patch(plan.decode))
+
+
+def _layout_blocks(requests: int, blocks: int, seed: int) -> dict[str, Any]:
+    """Logical block ids of every request on each side: disjoint, scattered, P != D."""
+    used = requests * blocks
+    nb_p = used + max(blocks, used // 4) + 1
+    nb_d = used + max(blocks, used // 4) + 3
+    rng = np.random.default_rng(seed)
+    p = rng.permutation(nb_p)[:used].reshape(requests, blocks)
+    d = rng.permutation(nb_d)[:used].reshape(requests, blocks)
+    return {"nb_prefill": nb_p, "nb_decode": nb_d, "prefill": p, "decode": d}
+
+
+def _rid(i: int) -> str:
+    return f"req-{i}"
+
+
+# --------------------------------------------------------------------------------------------
+# Worker process
+# --------------------------------------------------------------------------------------------
+def _worker(cfg: dict[str, Any], conn: Connection) -> None:
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    code = 1
+    try:
+        code = _worker_body(cfg, conn)
+    except _Abort:
+        pass
+    except BaseException as e:  # noqa: BLE001 - everything goes to the parent
+        from .errors import LayoutcRuntimeError
+
+        msg = (
+            str(e)
+            if isinstance(e, LayoutcRuntimeError)
+            else (
+                f"{cfg['role']} rank {cfg['rank']}: {type(e).__name__}: {e}\n"
+                + traceback.format_exc(limit=8)
+            )
+        )
+        try:
+            conn.send(("error", msg))
+        except (OSError, EOFError):
+            pass
+    conn.close()
+    os._exit(code)
+
+
+class _Abort(Exception):
+    """The parent told this worker to stop."""
+
+
+def _recv(conn: Connection, want: str) -> tuple:
+    msg = conn.recv()
+    if msg[0] == "abort":
+        raise _Abort()
+    if msg[0] != want:
+        raise RuntimeError(f"protocol error: expected {want!r}, got {msg[0]!r}")
+    return msg
+
+
+def _check_abort(conn: Connection) -> None:
+    """Between polls: stop at once if the parent says so (it is giving up on the run)."""
+    if conn.poll(0):
+        _recv(conn, "abort")
+
+
+def _request_keys(layer: int, ids: np.ndarray) -> np.ndarray:
+    """Tag keys of every (request, block index) of ``ids`` (requests x blocks), row-major."""
+    from .tags import block_keys
+
+    nreq, nblk = ids.shape
+    return block_keys(layer, np.arange(nreq)[:, None], np.arange(nblk)[None, :]).reshape(-1)
+
+
+def _worker_body(cfg: dict[str, Any], conn: Connection) -> int:
+    import torch
+
+    from .endpoint import Endpoint, allocate_buffers
+    from .tags import PageTagger
+
+    torch.set_num_threads(1)
+    role, rank, plan = cfg["role"], cfg["rank"], cfg["plan"]
+    kinds, blocks = cfg["kinds"], cfg["blocks"]
+    side = plan.prefill if role == "prefill" else plan.decode
+    nb = blocks["nb_" + role]
+    my_ids = blocks[role]
+    peer_ids = blocks["decode" if role == "prefill" else "prefill"]
+
+    ep = Endpoint(
+        plan,
+        role,
+        rank,
+        name=f"demo-{cfg['run_id']}-{role}-{rank}",
+        engine=role,
+        device=cfg["device"],
+        timeout_s=cfg["timeout_s"],
+    )
+    try:
+        bufs = allocate_buffers(plan, role, kinds, nb, cfg["device"])
+        taggers = {p: PageTagger(side, rank, p) for p in side.page_names}
+        flat = my_ids.reshape(-1)
+        for li, layer in enumerate(bufs):
+            keys = _request_keys(li, my_ids)
+            for page, t in layer.items():
+                if role == "prefill":
+                    # tags are computed on the host, then copied to the device if any
+                    host = t if t.device.type == "cpu" else torch.empty_like(t, device="cpu")
+                    host.fill_(_PREFILL_FILL)
+                    stride = side.page(page).logical_stride
+                    taggers[page].fill(host.numpy().reshape(nb, stride), flat, keys)
+                    if host is not t:
+                        t.copy_(host)
+                else:
+                    t.fill_(_DECODE_FILL)
+        if cfg["device"] != "cpu":
+            torch.cuda.synchronize()
+        ep.register_layers(bufs, kinds)
+        conn.send(("handshake", ep.handshake_bytes()))
+        for data in _recv(conn, "peers")[1]:
+            ep.add_peer(data)
+        conn.send(("ready",))
+        _recv(conn, "go")
+
+        if (role == "decode") == (cfg["mode"] == "pull"):
+            completions = _run_initiator(ep, cfg, conn, my_ids, peer_ids)
+        else:
+            completions = _run_passive(ep, cfg, conn)
+        result: dict[str, Any] = {"stats": ep.stats(), "completions": completions}
+        if role == "decode":
+            result["verified_bytes"] = _verify(plan, rank, bufs, taggers, my_ids, nb, ep.label)
+        conn.send(("finished", result))
+        # keep progressing (late notifications, a peer's first message) until told to exit
+        while not conn.poll(0.002):
+            ep.poll()
+        _recv(conn, "exit")
+        open_handles = ep.stats()["xfer_handles_open"]
+        if open_handles:
+            raise RuntimeError(f"{ep.label}: {open_handles} transfer handles left open")
+    finally:
+        ep.close()
+    return 0
+
+
+def _gate(cfg: dict[str, Any], conn: Connection, i: int) -> None:
+    """With a kill injection, initiators pause half-way until the parent killed its victim."""
+    if cfg["inject"] in ("kill-prefill", "kill-decode") and i == cfg["requests"] // 2:
+        conn.send(("gate", i))
+        _recv(conn, "continue")
+
+
+def _run_initiator(ep, cfg, conn, my_ids, peer_ids) -> int:
+    """Start requests (up to _WINDOW in flight) and wait for them; raise the first failure."""
+    from .errors import TransferError
+
+    nreq, half = cfg["requests"], cfg["requests"] // 2
+    start = ep.pull if ep.role == "decode" else ep.push
+    in_flight: set[str] = set()
+    nxt = completions = 0
+    waiter = _Sleep()
+    while nxt < nreq or in_flight:
+        while nxt < nreq and len(in_flight) < _WINDOW and not (nxt == half and in_flight):
+            _gate(cfg, conn, nxt)  # (drained first, so a kill lands between requests)
+            remote = peer_ids[nxt]
+            if cfg["inject"] == "bad-blocks" and nxt == half:
+                remote = remote.copy()
+                remote[min(3, len(remote) - 1)] = cfg["blocks"]["nb_" + ep.peer_role] + 7
+                remote[min(5, len(remote) - 1)] = -1
+            try:
+                start(_rid(nxt), my_ids[nxt], remote)
+            except TransferError as e:
+                earlier = ep.poll().failed  # an earlier request's failure is the cause
+                raise next(iter(earlier.values()), e) from None
+            in_flight.add(_rid(nxt))
+            nxt += 1
+        _check_abort(conn)
+        progress = ep.poll()
+        for err in progress.failed.values():
+            raise err
+        for rid in progress.done:
+            in_flight.discard(rid)
+            completions += 1
+            if ep.role == "decode":
+                conn.send(("done", rid))
+        waiter.after(progress)
+    return completions
+
+
+def _run_passive(ep, cfg, conn) -> int:
+    """Expect requests (a sliding window) until all completed; check completion counts."""
+    nreq = cfg["requests"]
+    want = (
+        len(ep.plan.readers(ep.rank))
+        if ep.role == "prefill"
+        else len(ep.plan.rank(ep.rank).sources)
+    )
+    nxt = 0
+    pending: set[str] = set()
+    completions = 0
+    waiter = _Sleep()
+    while nxt < nreq or pending:
+        while nxt < nreq and len(pending) < 2 * _WINDOW:
+            ep.expect(_rid(nxt))
+            pending.add(_rid(nxt))
+            nxt += 1
+        _check_abort(conn)
+        progress = ep.poll()
+        for err in progress.failed.values():
+            raise err
+        for rid in progress.done:
+            pending.discard(rid)
+            info = ep.completion_info(rid)
+            if len(info["peers"]) != want:
+                raise RuntimeError(
+                    f"{ep.label}: request {rid!r} completed after {len(info['peers'])} "
+                    f"{ep.peer_role} notifications, the plan says {want}"
+                )
+            completions += 1
+            if ep.role == "decode":
+                conn.send(("done", rid))
+        waiter.after(progress)
+    return completions
+
+
+class _Sleep:
+    """Back-off between polls when nothing happened (no hot spin on a 2-core box)."""
+
+    def __init__(self) -> None:
+        self.delay = 5e-5
+
+    def after(self, progress) -> None:
+        if progress.done or progress.failed:
+            self.delay = 5e-5
+            return
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 2e-3)
+
+
+def _verify(plan, rank, bufs, taggers, my_ids, nb, label) -> int:
+    """Compare every byte of every decode buffer with what its logical identity says."""
+    flat = my_ids.reshape(-1)
+    checked = 0
+    for li, layer in enumerate(bufs):
+        keys = _request_keys(li, my_ids)
+        for page, t in layer.items():
+            stride = plan.decode.page(page).logical_stride
+            got = t.cpu().numpy().reshape(-1)  # (no copy for host memory)
+            want = np.full(got.shape, _DECODE_FILL, dtype=np.uint8)
+            taggers[page].fill(want[: nb * stride].reshape(nb, stride), flat, keys)
+            checked += got.size
+            if not np.array_equal(got, want):
+                bad = np.flatnonzero(got != want)
+                blk, off = divmod(int(bad[0]), stride)
+                where = np.argwhere(my_ids == blk)
+                req = (
+                    f"request {where[0][0]} block {where[0][1]}" if where.size else "in no request"
+                )
+                raise RuntimeError(
+                    f"{label}: layer {li} page {page!r}: {bad.size} of {got.size} bytes wrong; "
+                    f"first at logical block {blk} ({req}), offset {off} "
+                    f"({_state_at(plan.decode, page, off)}): got {int(got[bad[0]]):#04x}, "
+                    f"want {int(want[bad[0]]):#04x}"
+                )
+    return checked
+
+
+def _state_at(side, page: str, off: int) -> str:
+    pl = side.page(page)
+    off_k = off % pl.kernel_stride
+    for s in pl.states:
+        st = side.state(s)
+        if st.offset <= off_k < st.offset + st.nbytes:
+            return f"state {s!r} byte {off_k - st.offset}"
+    return "padding"
+
+
+# --------------------------------------------------------------------------------------------
+# Parent
+# --------------------------------------------------------------------------------------------
+class _Child:
+    """A worker process and its pipe, as the parent sees it."""
+
+    def __init__(self, ctx, role: str, rank: int, cfg: dict[str, Any]) -> None:
+        self.role, self.rank = role, rank
+        self.label = f"{role} rank {rank}"
+        self.conn, child_conn = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_worker, args=(cfg, child_conn), name=f"layoutc-demo-{role}-{rank}", daemon=True
+        )
+        self.proc.start()
+        child_conn.close()
+        self.state = "running"  # running | finished | failed | killed | dead
+        self.result: dict[str, Any] | None = None
+
+    def send(self, *msg: Any) -> None:
+        try:
+            self.conn.send(msg)
+        except (OSError, EOFError, BrokenPipeError):
+            pass
+
+    def recv(self) -> tuple | None:
+        """A message, or None when the pipe closed (the process ended)."""
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            return None
+
+
+def _make_progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    try:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+    except ImportError:
+        return None
+    prog = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+    prog.start()
+    prog.add_task("requests x decode ranks", total=total)
+    return prog
+
+
+def run_demo(
+    plan: Plan,
+    *,
+    mode: str = "pull",
+    requests: int = 16,
+    layers: int = 8,
+    blocks: int = 32,
+    device: str = "cpu",
+    inject: str | None = None,
+    timeout_s: float = 10.0,
+    progress: bool = True,
+    decode_plan: Plan | None = None,
+    seed: int = 0,
+) -> DemoResult:
+    """Run the demo; raise :class:`DemoError` on any failure (never a silent success).
+
+    ``timeout_s`` bounds every request (and so every wait for a dead peer).
+    ``decode_plan``: the plan the decode processes use for ``inject="spec-mismatch"``
+    (default: :func:`mismatched_plan`).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if inject is not None and inject not in INJECTIONS:
+        raise ValueError(f"inject must be one of {', '.join(INJECTIONS)}, got {inject!r}")
+    for name, v in (("requests", requests), ("layers", layers), ("blocks", blocks)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if requests >= 1 << 21 or blocks >= 1 << 21:
+        raise ValueError("requests and blocks must each be below 2**21")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    if inject in ("kill-prefill", "kill-decode") and requests < 2:
+        raise ValueError("kill injections need at least 2 requests")
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+    from .endpoint import layer_kind_sequence
+    from .tags import element_ids
+
+    for side in (plan.prefill, plan.decode):
+        element_ids(side, side.states[0].name, 0)  # fail early without tag identity
+    kinds = layer_kind_sequence(plan, layers)
+    blk = _layout_blocks(requests, blocks, seed)
+    run_id = f"{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    base = {
+        "mode": mode,
+        "requests": requests,
+        "kinds": kinds,
+        "blocks": blk,
+        "device": device,
+        "timeout_s": timeout_s,
+        "inject": inject,
+        "run_id": run_id,
+    }
+    dplan = plan
+    if inject == "spec-mismatch":
+        dplan = decode_plan if decode_plan is not None else mismatched_plan(plan)
+
+    ctx = mp.get_context("spawn")
+    t_start = time.monotonic()
+    children = [
+        _Child(ctx, "prefill", r, dict(base, role="prefill", rank=r, plan=plan))
+        for r in range(plan.prefill_tp)
+    ]
+    children += [
+        _Child(ctx, "decode", r, dict(base, role="decode", rank=r, plan=dplan))
+        for r in range(plan.decode_tp)
+    ]
+    errors: list[str] = []
+    notes: list[str] = []
+    prog = None
+    try:
+        # ---- set-up: handshake bytes travel through the parent (a plain byte channel)
+        hs = _collect(children, "handshake", errors)
+        if not errors:
+            for c in children:
+                c.send("peers", [hs[x.label][1] for x in children if x.role != c.role])
+            _collect(children, "ready", errors)
+        if errors:
+            raise _failure(errors, notes)
+        setup_s = time.monotonic() - t_start
+
+        # ---- transfer
+        prog = _make_progress(progress, requests * plan.decode_tp)
+        t0 = t_last = time.monotonic()
+        for c in children:
+            c.send("go")
+        initiators = [c for c in children if (c.role == "decode") == (mode == "pull")]
+        victim = None
+        if inject in ("kill-prefill", "kill-decode"):
+            vrole = inject.split("-", 1)[1]
+            vrank = (plan.prefill_tp if vrole == "prefill" else plan.decode_tp) - 1
+            victim = next(c for c in children if c.role == vrole and c.rank == vrank)
+        gated: set[str] = set()
+        done = 0
+        watchdog = t0 + 3 * timeout_s + 60.0
+        stop_at: float | None = None  # after a failure: when to stop waiting for more reports
+        while any(c.state == "running" for c in children):
+            now = time.monotonic()
+            if stop_at is not None and now > stop_at:
+                break
+            if now > watchdog:
+                errors.append(f"demo: stopped after {now - t0:.0f} s without completing")
+                break
+            running = [c for c in children if c.state == "running"]
+            ready = wait([c.conn for c in running], timeout=0.2)
+            for c in running:
+                if c.conn not in ready:
+                    continue
+                msg = c.recv()
+                if msg is None:
+                    c.proc.join(1)
+                    c.state = "dead"
+                    errors.append(
+                        f"{c.label}: process exited unexpectedly (exit code {c.proc.exitcode})"
+                    )
+                    stop_at = stop_at or time.monotonic() + 1.0
+                elif msg[0] == "done":
+                    done += 1
+                    t_last = time.monotonic()
+                    if prog is not None:
+                        prog.update(prog.task_ids[0], completed=done)
+                elif msg[0] == "finished":
+                    c.state, c.result = "finished", msg[1]
+                elif msg[0] == "error":
+                    c.state = "failed"
+                    errors.append(msg[1])
+                    if stop_at is None:
+                        # let the peers report their side (a timeout takes timeout_s)
+                        stop_at = time.monotonic() + (
+                            timeout_s + 2.0 if victim is not None else 1.0
+                        )
+                elif msg[0] == "gate":
+                    gated.add(c.label)
+                    waiting = [x for x in initiators if x.state == "running"]
+                    if victim is not None and all(x.label in gated for x in waiting):
+                        _kill(victim)
+                        notes.append(
+                            f"injected: killed {victim.label} (pid {victim.proc.pid}) "
+                            f"after {requests // 2} requests"
+                        )
+                        for x in waiting:
+                            if x is not victim:
+                                x.send("continue")
+                        stop_at = time.monotonic() + timeout_s + 5.0
+        seconds = t_last - t0
+        if prog is not None:
+            prog.stop()
+            prog = None
+        if errors or inject is not None:
+            if not errors:
+                errors.append(f"injected {inject}, but no process reported an error")
+            raise _failure(errors, notes)
+        for c in children:
+            c.send("exit")
+        for c in children:
+            c.proc.join(15)
+            if c.proc.exitcode != 0:
+                raise _failure([f"{c.label}: exit code {c.proc.exitcode} after finishing"], notes)
+        dec = [c.result for c in children if c.role == "decode"]
+        pre = [c.result for c in children if c.role == "prefill"]
+        inits = dec if mode == "pull" else pre
+        return DemoResult(
+            mode=mode,
+            prefill_tp=plan.prefill_tp,
+            decode_tp=plan.decode_tp,
+            requests=requests,
+            layers=layers,
+            blocks=blocks,
+            bytes=sum(f["stats"]["bytes_posted"] for f in inits),
+            descriptors=sum(f["stats"]["descriptors_posted"] for f in inits),
+            seconds=seconds,
+            verified_bytes=sum(f["verified_bytes"] for f in dec),
+            prefill_completions={r: f["completions"] for r, f in enumerate(pre)},
+            notifications={r: f["stats"]["notifs_received"] for r, f in enumerate(pre)},
+            setup_seconds=setup_s,
+        )
+    finally:
+        if prog is not None:
+            prog.stop()
+        for c in children:
+            c.send("abort")
+        end = time.monotonic() + 5.0
+        for c in children:
+            c.proc.join(max(0.0, end - time.monotonic()))
+        for c in children:
+            if c.proc.is_alive():
+                c.proc.terminate()
+                c.proc.join(2)
+            if c.proc.is_alive():
+                c.proc.kill()
+                c.proc.join(2)
+            c.conn.close()
+
+
+def _kill(c: _Child) -> None:
+    c.state = "killed"
+    try:
+        os.kill(c.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    c.proc.join(5)
+
+
+def _collect(children: list[_Child], want: str, errors: list[str]) -> dict[str, tuple]:
+    """Wait for message ``want`` from every child; on an error or a death, give the others a
+    second to report theirs (both sides of a handshake mismatch), then return."""
+    deadline = time.monotonic() + _SETUP_TIMEOUT_S
+    got: dict[str, tuple] = {}
+    pending = list(children)
+    stop_at = None
+    while pending:
+        now = time.monotonic()
+        if stop_at is not None and now > stop_at:
+            return got
+        if now > deadline:
+            errors.append(
+                f"set-up timed out after {_SETUP_TIMEOUT_S:.0f} s waiting for "
+                f"{', '.join(c.label for c in pending)} ({want})"
+            )
+            return got
+        ready = wait([c.conn for c in pending], timeout=0.2)
+        for c in list(pending):
+            if c.conn not in ready:
+                continue
+            msg = c.recv()
+            pending.remove(c)
+            if msg is None:
+                c.proc.join(1)
+                errors.append(
+                    f"{c.label}: process died during set-up (exit code {c.proc.exitcode})"
+                )
+            elif msg[0] == "error":
+                errors.append(msg[1])
+            elif msg[0] == want:
+                got[c.label] = msg
+                continue
+            else:
+                errors.append(f"{c.label}: unexpected message {msg[0]!r} during set-up")
+            stop_at = stop_at or time.monotonic() + 1.0
+    return got
+
+
+def _failure(errors: list[str], notes: list[str]) -> DemoError:
+    seen, uniq = set(), []
+    for e in errors:
+        if e not in seen:
+            seen.add(e)
+            uniq.append(e)
+    lines = notes + uniq
+    return DemoError("demo failed:\n  " + "\n  ".join(lines), uniq)
+
+
+def demo_main(plan: Plan, **kwargs: Any) -> int:
+    """Run the demo as a CLI would: summary and ``verified: ...`` on stdout (after the
+    progress bar has ended), errors on stderr; return the exit code (0 ok, 1 failure)."""
+    try:
+        res = run_demo(plan, **kwargs)
+    except DemoError as e:
+        print(f"layoutc demo: failed: {e}", file=sys.stderr)
+        return 1
+    sys.stderr.flush()
+    print(res.summary())
+    print(f"verified: {res.verified_line()}", flush=True)
+    return 0

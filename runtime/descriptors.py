@@ -1,0 +1,238 @@
+"""Descriptor tables: plan runs + registered buffers → NIXL descriptor rows and index arrays.
+
+Pure numpy; no NIXL here, so every function can be tested on its own.
+
+For one (local rank, remote rank) pair the runtime prepares **one** descriptor list per side,
+once, with NIXL's strided ``Nx5`` rows ``(addr, len, devid, stride, count)``: one row per
+(layer, page, run), ``stride`` = the page's logical-block stride and ``count`` = the number of
+logical blocks in that buffer.  NIXL numbers the expanded descriptors row by row, so logical
+block ``L`` of row ``k`` is descriptor ``row_start[k] + L`` (``row_start`` = the cumulative
+block counts).  A request then needs no Python loop per block: its index arrays are one numpy
+broadcast, ``row_start[rows, None] + block_ids[None, :]``, on each side.
+
+Rows are ordered layer, page, run; the indices of one row are consecutive for consecutive
+blocks, so NIXL merges a run spanning a whole page across neighbouring blocks by itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BlockIdError
+from .plan import Plan
+
+#: Bytes of a NIXL descriptor list row, for memory estimates.
+_ROW_COLUMNS = 5
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One registered buffer: the bytes of one page kind of one layer on one rank."""
+
+    layer: int
+    page: str
+    addr: int
+    nbytes: int
+    devid: int
+    logical_stride: int
+    num_blocks: int
+
+
+def segments_by_key(segments: list[Segment]) -> dict[tuple[int, str], Segment]:
+    return {(s.layer, s.page): s for s in segments}
+
+
+@dataclass(frozen=True)
+class PairTable:
+    """Descriptor rows of one (local rank, remote rank) pair and how to index them.
+
+    ``local_rows``/``remote_rows`` are the ``Nx5`` arrays given to ``prep_xfer_dlist``;
+    row ``k`` of both describes the same run, with ``row_nbytes[k]`` bytes per block.
+    """
+
+    local_rows: np.ndarray
+    remote_rows: np.ndarray
+    row_layer: np.ndarray  # int64 (N,)
+    row_nbytes: np.ndarray  # int64 (N,)
+    local_row_start: np.ndarray  # int64 (N,): descriptor index of (row, block 0), local list
+    remote_row_start: np.ndarray  # int64 (N,): same in the remote list
+    local_limit: int  # logical blocks every local row can address
+    remote_limit: int  # same on the remote side
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_layer.shape[0])
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes moved per logical block, over every layer."""
+        return int(self.row_nbytes.sum())
+
+    def rows_for_layers(self, layers: np.ndarray | None) -> np.ndarray | slice:
+        """Row selector for a subset of layers (``None``: every row)."""
+        if layers is None:
+            return slice(None)
+        return np.flatnonzero(np.isin(self.row_layer, layers))
+
+    def indices(
+        self,
+        local_blocks: np.ndarray,
+        remote_blocks: np.ndarray,
+        rows: np.ndarray | slice = slice(None),
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """(local indices, remote indices, bytes) of one request; blocks already validated."""
+        ls = self.local_row_start[rows]
+        rs = self.remote_row_start[rows]
+        li = (ls[:, None] + local_blocks[None, :]).reshape(-1)
+        ri = (rs[:, None] + remote_blocks[None, :]).reshape(-1)
+        nbytes = int(self.row_nbytes[rows].sum()) * int(local_blocks.shape[0])
+        return li, ri, nbytes
+
+
+def build_pair_table(
+    plan: Plan,
+    *,
+    decode_rank: int,
+    prefill_rank: int,
+    local_is_decode: bool,
+    layer_pages: list[tuple[str, ...]],
+    local_segments: dict[tuple[int, str], Segment],
+    remote_segments: dict[tuple[int, str], Segment],
+) -> PairTable | None:
+    """Rows for every run from ``prefill_rank`` into ``decode_rank``, over all layers.
+
+    ``layer_pages[l]`` are the pages of layer ``l``.  Returns ``None`` when the pair moves no
+    bytes (the prefill rank is not a source of the decode rank).
+    """
+    rank_plan = plan.rank(decode_rank)
+    loc_rows: list[np.ndarray] = []
+    rem_rows: list[np.ndarray] = []
+    row_layer: list[np.ndarray] = []
+    for layer, pages in enumerate(layer_pages):
+        for page in pages:
+            runs = rank_plan.runs(page, prefill_rank)
+            n = len(runs)
+            if n == 0:
+                continue
+            if local_is_decode:
+                loff, roff = runs.decode_offset, runs.prefill_offset
+            else:
+                loff, roff = runs.prefill_offset, runs.decode_offset
+            for seg, off, out in (
+                (local_segments[(layer, page)], loff, loc_rows),
+                (remote_segments[(layer, page)], roff, rem_rows),
+            ):
+                rows = np.empty((n, _ROW_COLUMNS), dtype=np.uint64)
+                rows[:, 0] = np.uint64(seg.addr) + off.astype(np.uint64)
+                rows[:, 1] = runs.nbytes.astype(np.uint64)
+                rows[:, 2] = seg.devid
+                rows[:, 3] = seg.logical_stride
+                rows[:, 4] = seg.num_blocks
+                out.append(rows)
+            row_layer.append(np.full(n, layer, dtype=np.int64))
+    if not loc_rows:
+        return None
+    local_rows = np.concatenate(loc_rows)
+    remote_rows = np.concatenate(rem_rows)
+
+    def starts(rows: np.ndarray) -> np.ndarray:
+        counts = rows[:, 4].astype(np.int64)
+        out = np.zeros_like(counts)
+        np.cumsum(counts[:-1], out=out[1:])
+        return out
+
+    return PairTable(
+        local_rows=local_rows,
+        remote_rows=remote_rows,
+        row_layer=np.concatenate(row_layer),
+        row_nbytes=local_rows[:, 1].astype(np.int64),
+        local_row_start=starts(local_rows),
+        remote_row_start=starts(remote_rows),
+        local_limit=int(local_rows[:, 4].min()),
+        remote_limit=int(remote_rows[:, 4].min()),
+    )
+
+
+def _fmt_ids(values: np.ndarray, positions: np.ndarray, limit: int = 8) -> str:
+    shown = ", ".join(f"{int(v)} (at {int(p)})" for v, p in zip(values[:limit], positions[:limit]))
+    more = len(values) - limit
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def check_block_ids(
+    ids: object,
+    *,
+    what: str,
+    limit: int,
+    who: str,
+    request_id: str,
+    peer: str | None = None,
+    unique: bool = False,
+) -> np.ndarray:
+    """Validate a request's block ids; return them as an int64 array.
+
+    Raises :class:`BlockIdError` naming the bad ids (value and position) when an id is not an
+    integer, is negative or ``>= limit``, or (``unique=True``, destination ids) repeats.
+    """
+    try:
+        arr = np.asarray(ids)
+    except Exception as e:  # noqa: BLE001 - anything numpy cannot read is bad input
+        raise BlockIdError(
+            f"{who}: request {request_id!r}: {what} block ids are not an array ({e})",
+            peer=peer,
+            request_id=request_id,
+        ) from None
+    if arr.ndim != 1:
+        raise BlockIdError(
+            f"{who}: request {request_id!r}: {what} block ids must be a 1-D sequence, "
+            f"got shape {arr.shape}",
+            peer=peer,
+            request_id=request_id,
+        )
+    if arr.size and arr.dtype.kind not in "iu":
+        raise BlockIdError(
+            f"{who}: request {request_id!r}: {what} block ids must be integers, got dtype "
+            f"{arr.dtype}",
+            peer=peer,
+            request_id=request_id,
+        )
+    arr = arr.astype(np.int64, copy=False)
+    bad = np.flatnonzero((arr < 0) | (arr >= limit))
+    if bad.size:
+        raise BlockIdError(
+            f"{who}: request {request_id!r}: {what} block ids out of range [0, {limit}): "
+            f"{_fmt_ids(arr[bad], bad)}",
+            peer=peer,
+            request_id=request_id,
+        )
+    if unique and arr.size > 1:
+        order = np.argsort(arr, kind="stable")
+        srt = arr[order]
+        dup = np.flatnonzero(srt[1:] == srt[:-1]) + 1
+        if dup.size:
+            raise BlockIdError(
+                f"{who}: request {request_id!r}: {what} block ids repeat (two blocks would "
+                f"land in one): {_fmt_ids(srt[dup], order[dup])}",
+                peer=peer,
+                request_id=request_id,
+            )
+    return arr
+
+
+def check_same_count(
+    local: np.ndarray,
+    remote: np.ndarray,
+    *,
+    local_what: str,
+    remote_what: str,
+    who: str,
+    request_id: str,
+) -> None:
+    if local.shape[0] != remote.shape[0]:
+        raise BlockIdError(
+            f"{who}: request {request_id!r}: wrong count of block ids: {local.shape[0]} "
+            f"{local_what} but {remote.shape[0]} {remote_what}",
+            request_id=request_id,
+        )

@@ -1,0 +1,385 @@
+"""``layoutc doctor``: is this machine ready to move state with NIXL?
+
+:func:`run_doctor` checks, in order: the NIXL import and its variant, the backends (plugins)
+and the UCX backend's memory types, the NIXL/UCX environment, CUDA and
+``UCX_CUDA_IPC_ENABLE_GET_ZCOPY`` on GPU machines, the progress-thread mode, and — unless
+``live=False`` — a small live transfer between two processes over host memory (and device
+memory when CUDA is available), verified byte for byte, with its rate and the UCX transports
+UCX chose (``UCX_PROTO_INFO=y`` in the two processes).  Each problem found becomes a warning
+that says how to fix it; the exit code is 0 with no warnings, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any
+
+from . import nixl_compat
+
+_LIVE_BYTES = 64 << 20
+_LIVE_PIECE = 4096
+_LIVE_RUNS = 3
+_LIVE_TIMEOUT_S = 60.0
+#: Below this, a single-descriptor host-memory READ is not using shared memory (CMA).
+_MIN_HOST_GBPS = 1.0
+#: Below this, a device-memory READ fell back to UCX's software path (no cuda_ipc GET).
+_MIN_VRAM_GBPS = 5.0
+
+
+def run_doctor(live: bool = True) -> tuple[list[str], list[str], int]:
+    """Return (report lines, warnings, exit code)."""
+    lines: list[str] = []
+    warnings: list[str] = []
+    lines.append(
+        f"python {platform.python_version()} on {platform.system()} "
+        f"{platform.machine()}, {os.cpu_count()} CPUs"
+    )
+    try:
+        import numpy
+        import torch
+
+        lines.append(f"numpy {numpy.__version__}, torch {torch.__version__}")
+    except ImportError as e:
+        warnings.append(
+            f"cannot import numpy/torch ({e}): install layoutc[cpu] or a torch build for your CUDA"
+        )
+        return lines, warnings, 1
+
+    # ---- NIXL
+    try:
+        mod = nixl_compat.load()
+    except nixl_compat.NixlMissingError as e:
+        lines.append("NIXL: not installed")
+        warnings.append(str(e).splitlines()[0])
+        return lines, warnings, 1
+    meta = "" if mod.name == "nixl" else " (the `nixl` meta package is not installed; fine)"
+    lines.append(f"NIXL {mod.version}: imported {mod.name}._api from {mod.variant}{meta}")
+    level = os.environ.get("NIXL_LOG_LEVEL", "")
+    lines.append(f"NIXL_LOG_LEVEL={level or '(unset)'}")
+    if level.upper() in ("INFO", "DEBUG", "TRACE"):
+        warnings.append(
+            f"NIXL_LOG_LEVEL={level}: NIXL then logs every agent creation to "
+            f"stdout; set NIXL_LOG_LEVEL=WARN"
+        )
+
+    try:
+        agent = nixl_compat.create_agent(f"layoutc-doctor-{os.getpid()}")
+    except Exception as e:  # noqa: BLE001 - any failure here is the finding
+        lines.append(f"NIXL agent with the UCX backend: failed ({e})")
+        warnings.append(
+            "NIXL could not create a UCX backend: check that the nixl wheel's "
+            "bundled UCX loads (ldd on its plugins) and that UCX_TLS is not empty"
+        )
+        return lines, warnings, 1
+    plugins = sorted(agent.get_plugin_list())
+    lines.append(f"backend plugins: {', '.join(plugins)}")
+    try:
+        mems = agent.get_backend_mem_types("UCX")
+        params = agent.get_backend_params("UCX") or agent.get_plugin_params("UCX")
+    except Exception:  # noqa: BLE001
+        mems, params = [], {}
+    lines.append(
+        f"UCX backend: created; memory types {', '.join(map(str, mems)) or '?'}; "
+        f"parameters {', '.join(f'{k}={v!r}' for k, v in sorted(params.items())) or '-'}"
+    )
+    del agent
+
+    # ---- environment
+    ucx_env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("UCX_")}
+    lines.append(
+        "UCX environment: " + (", ".join(f"{k}={v}" for k, v in ucx_env.items()) or "(none set)")
+    )
+    tls = ucx_env.get("UCX_TLS")
+    if tls is not None:
+        if not tls.strip():
+            warnings.append("UCX_TLS is empty, which breaks UCX backend creation: unset it")
+        elif tls.startswith("^") and "cma" in tls:
+            warnings.append(
+                "UCX_TLS excludes cma: host-memory transfers fall back to TCP "
+                "(~2 GB/s); drop cma from the exclusion list"
+            )
+    ptrace = _read("/proc/sys/kernel/yama/ptrace_scope")
+    if ptrace is not None:
+        lines.append(
+            f"kernel.yama.ptrace_scope={ptrace} (CMA needs ptrace access between "
+            f"the engine processes)"
+        )
+
+    # ---- progress thread
+    lines.append(
+        "progress thread: off in layoutc endpoints (NIXL's default thread busy-spins "
+        "one core per agent); endpoints progress inside poll()/wait()"
+    )
+
+    # ---- CUDA
+    cuda = torch.cuda.is_available()
+    if cuda:
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        lines.append(
+            f"CUDA: {len(names)} device(s): {', '.join(names)}; torch CUDA {torch.version.cuda}"
+        )
+        gz = os.environ.get("UCX_CUDA_IPC_ENABLE_GET_ZCOPY")
+        if gz is None:
+            lines.append(
+                "UCX_CUDA_IPC_ENABLE_GET_ZCOPY: unset here; layoutc endpoints with "
+                "device='cuda' set it to 'y' before creating their agent"
+            )
+        elif gz.strip().lower() in ("n", "no", "0", "off", "false"):
+            warnings.append(
+                f"UCX_CUDA_IPC_ENABLE_GET_ZCOPY={gz}: without NVLink, cuda_ipc "
+                f"then refuses GET and pull-mode (READ) transfers crawl at "
+                f"~0.4 GB/s; set UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y (or use push)"
+            )
+        else:
+            lines.append(f"UCX_CUDA_IPC_ENABLE_GET_ZCOPY={gz}")
+    else:
+        lines.append(f"CUDA: not available to torch {torch.__version__} (host memory only)")
+
+    # ---- live transfer
+    if live:
+        devices = ["cpu"] + (["cuda"] if cuda else [])
+        for device in devices:
+            _live(device, lines, warnings)
+    else:
+        lines.append("live transfer: skipped")
+    return lines, warnings, (1 if warnings else 0)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Live transfer between two processes
+# --------------------------------------------------------------------------------------------
+def _live(device: str, lines: list[str], warnings: list[str]) -> None:
+    mem = "host" if device == "cpu" else "device"
+    with tempfile.TemporaryDirectory(prefix="layoutc-doctor-") as tmp:
+        logs = [os.path.join(tmp, f"{r}.log") for r in ("target", "initiator")]
+        ctx = mp.get_context("spawn")
+        saved = os.environ.get("UCX_PROTO_INFO")
+        os.environ["UCX_PROTO_INFO"] = "y"  # read by UCX in the children at start-up
+        try:
+            tconn, tchild = ctx.Pipe()
+            iconn, ichild = ctx.Pipe()
+            target = ctx.Process(
+                target=_child, args=("target", device, tchild, logs[0]), daemon=True
+            )
+            init = ctx.Process(
+                target=_child, args=("initiator", device, ichild, logs[1]), daemon=True
+            )
+            target.start()
+            init.start()
+        finally:
+            if saved is None:
+                os.environ.pop("UCX_PROTO_INFO", None)
+            else:
+                os.environ["UCX_PROTO_INFO"] = saved
+        tchild.close()
+        ichild.close()
+        result: dict[str, Any] | None = None
+        error = None
+        try:
+            md = _expect(tconn, "md")
+            iconn.send(("md", md[1], md[2]))
+            result = _expect(iconn, "result")[1]
+        except Exception as e:  # noqa: BLE001 - reported as the finding
+            error = str(e)
+        finally:
+            for c in (tconn, iconn):
+                try:
+                    c.send(("exit",))
+                except OSError:
+                    pass
+            for p in (init, target):
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        transports = _transports(logs)
+    if error is not None or result is None:
+        lines.append(f"live transfer ({mem} memory, 2 processes): FAILED: {error}")
+        warnings.append(
+            f"the live {mem}-memory transfer failed ({error}); run with "
+            f"UCX_LOG_LEVEL=info to see why UCX could not connect"
+        )
+        return
+    mib = _LIVE_BYTES >> 20
+    n = _LIVE_BYTES // _LIVE_PIECE
+    lines.append(
+        f"live transfer ({mem} memory, 2 processes, verified): {mib} MiB READ in 1 "
+        f"descriptor {result['read1']:.2f} GB/s, WRITE {result['write1']:.2f} GB/s; "
+        f"{n} x {_LIVE_PIECE // 1024} KiB scattered READ {result['readn']:.2f} GB/s "
+        f"({1e6 * result['readn_s'] / n:.2f} us per descriptor)"
+    )
+    if transports:
+        lines.append(
+            "UCX transports: "
+            + "; ".join(f"{k} over {', '.join(sorted(v))}" for k, v in sorted(transports.items()))
+        )
+    rma = transports.get("READ", set()) | transports.get("WRITE", set())
+    if device == "cpu":
+        if any(t.startswith("tcp") for t in rma) or result["read1"] < _MIN_HOST_GBPS:
+            warnings.append(
+                f"host-memory transfers run at {result['read1']:.2f} GB/s over "
+                f"{', '.join(sorted(rma)) or 'an unknown transport'}, not shared memory "
+                f"(cma): allow ptrace between the engine processes (kernel.yama."
+                f"ptrace_scope <= 1, or CAP_SYS_PTRACE in containers) and do not exclude cma "
+                f"in UCX_TLS"
+            )
+    elif result["read1"] < _MIN_VRAM_GBPS:
+        warnings.append(
+            f"device-memory READ runs at {result['read1']:.2f} GB/s (WRITE "
+            f"{result['write1']:.2f} GB/s): UCX's cuda_ipc refuses GET without NVLink; set "
+            f"UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y before the engine starts, or use push mode"
+        )
+
+
+def _expect(conn, want: str) -> tuple:
+    if not conn.poll(_LIVE_TIMEOUT_S):
+        raise TimeoutError(
+            f"no {want!r} from the doctor's transfer process within {_LIVE_TIMEOUT_S:.0f} s"
+        )
+    msg = conn.recv()
+    if msg[0] == "error":
+        raise RuntimeError(msg[1])
+    if msg[0] != want:
+        raise RuntimeError(f"unexpected {msg[0]!r}")
+    return msg
+
+
+_TABLE_ROW = re.compile(r"\|\s*[\d.]+(?:\.\.(?:inf|\d+))?\s*\|[^|]*\|\s*([\w/:.\-]+)")
+
+
+def _transports(logs: list[str]) -> dict[str, set[str]]:
+    """Parse UCX_PROTO_INFO tables: transports used for READ (get), WRITE (put) and AM."""
+    out: dict[str, set[str]] = {}
+    for path in logs:
+        try:
+            with open(path, errors="replace") as f:
+                text = f.read().splitlines()
+        except OSError:
+            continue
+        kind = None
+        for line in text:
+            if "remote memory read" in line:
+                kind = "READ"
+            elif "remote memory write" in line:
+                kind = "WRITE"
+            elif "active message" in line:
+                kind = "notifications (active messages)"
+            elif kind is not None:
+                m = _TABLE_ROW.search(line)
+                if m:
+                    out.setdefault(kind, set()).add(m.group(1))
+    return out
+
+
+def _child(role: str, device: str, conn, log_path: str) -> None:
+    """One side of the live transfer; UCX's protocol tables go to ``log_path``."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    try:
+        _child_body(role, device, conn)
+    except BaseException as e:  # noqa: BLE001
+        try:
+            conn.send(("error", f"{role}: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        except OSError:
+            pass
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _child_body(role: str, device: str, conn) -> None:
+    import numpy as np
+    import torch
+
+    agent = nixl_compat.create_agent(f"layoutc-doctor-{role}-{os.getpid()}")
+    dev = "cuda:0" if device == "cuda" else "cpu"
+    mem = "VRAM" if device == "cuda" else "DRAM"
+    devid = 0
+    n = _LIVE_BYTES // _LIVE_PIECE
+    if role == "target":
+        g = torch.Generator().manual_seed(1234)
+        buf = torch.randint(0, 256, (_LIVE_BYTES,), dtype=torch.uint8, generator=g).to(dev)
+        reg = agent.register_memory(buf)
+        conn.send(("md", agent.get_agent_metadata(), buf.data_ptr()))
+        while not conn.poll(0.001):
+            agent.get_new_notifs()
+        conn.recv()
+        agent.deregister_memory(reg)
+        return
+    _, md, raddr = _expect(conn, "md")
+    g = torch.Generator().manual_seed(1234)
+    expect = torch.randint(0, 256, (_LIVE_BYTES,), dtype=torch.uint8, generator=g).to(dev)
+    buf = torch.zeros(_LIVE_BYTES, dtype=torch.uint8, device=dev)
+    reg = agent.register_memory(buf)
+    peer = agent.add_remote_agent(md)
+    peer = peer.decode() if isinstance(peer, bytes) else peer
+
+    def rows(base: int, count: int, size: int) -> np.ndarray:
+        a = np.empty((count, 3), dtype=np.uint64)
+        a[:, 0] = np.uint64(base) + np.arange(count, dtype=np.uint64) * np.uint64(size)
+        a[:, 1] = size
+        a[:, 2] = devid
+        return a
+
+    handles = []
+    lh1 = agent.prep_xfer_dlist("NIXL_INIT_AGENT", rows(buf.data_ptr(), 1, _LIVE_BYTES), mem)
+    rh1 = agent.prep_xfer_dlist(peer, rows(raddr, 1, _LIVE_BYTES), mem)
+    lhn = agent.prep_xfer_dlist("NIXL_INIT_AGENT", rows(buf.data_ptr(), n, _LIVE_PIECE), mem)
+    rhn = agent.prep_xfer_dlist(peer, rows(raddr, n, _LIVE_PIECE), mem)
+    handles += [lh1, rh1, lhn, rhn]
+    perm = np.random.default_rng(7).permutation(n).astype(np.int64)
+    ident = np.arange(n, dtype=np.int64)
+    expect_perm = expect.view(n, _LIVE_PIECE)[torch.from_numpy(perm).to(dev)].reshape(-1)
+
+    def timed(op, lh, li, rh, ri, check) -> float:
+        times = []
+        for _ in range(_LIVE_RUNS + 1):
+            if check is not None:
+                buf.zero_()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            h = agent.make_prepped_xfer(op, lh, li, rh, ri)
+            try:
+                t0 = time.perf_counter()
+                st = agent.transfer(h)
+                deadline = time.monotonic() + _LIVE_TIMEOUT_S
+                while st == "PROC":
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{op} still in progress after {_LIVE_TIMEOUT_S} s")
+                    st = agent.check_xfer_state(h)
+                t = time.perf_counter() - t0
+            finally:
+                h.release()
+            if st != "DONE":
+                raise RuntimeError(f"{op} ended in state {st}")
+            if check is not None and not torch.equal(buf, check):
+                raise RuntimeError(f"{op}: transferred bytes differ from the source")
+            times.append(t)
+        return statistics.median(times[1:])
+
+    r1 = timed("READ", lh1, [0], rh1, [0], expect)
+    rn = timed("READ", lhn, ident, rhn, perm, expect_perm)
+    w1 = timed("WRITE", lh1, [0], rh1, [0], None)
+    for h in handles:
+        h.release()
+    agent.remove_remote_agent(peer)
+    agent.deregister_memory(reg)
+    gb = _LIVE_BYTES / 1e9
+    conn.send(("result", {"read1": gb / r1, "readn": gb / rn, "readn_s": rn, "write1": gb / w1}))
+    conn.poll(_LIVE_TIMEOUT_S)

@@ -1,0 +1,219 @@
+"""The layoutc handshake: a layout header next to NIXL's agent metadata.
+
+Wire format of :meth:`Endpoint.handshake_bytes` (any byte channel can carry it)::
+
+    b"LAYOUTC-HS/1\\n" | u32 big-endian header length | header (UTF-8 JSON) | agent metadata
+
+The header (also sent alone, as a notification, after a metadata exchange over NIXL's
+listener) holds what the peer must agree with before any byte moves:
+
+``format``         handshake format (1)
+``agent``          the NIXL agent name (must match the metadata)
+``engine``         engine id (ranks of one engine share it; a restarted rank reuses it)
+``role``/``rank``  ``"prefill"``/``"decode"`` and the TP rank
+``spec``/``spec_sha256``/``plan_format``  what the plan was compiled from
+``layout``         the side's ``SideLayout.header()``: tp, kernel_blocks, params, pages
+                   (nbytes, kernel_stride, per)
+``mem_type``       ``"DRAM"`` or ``"VRAM"``
+``layers``         per layer: ``{"kind": k, "pages": {page: [addr, nbytes, devid, num_blocks]}}``
+
+:func:`validate_header` compares a peer's header with the local plan and raises a
+:class:`~layoutc.runtime.errors.HandshakeError` naming the field and both values.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from .errors import HandshakeError
+from .plan import PLAN_FORMAT, Plan, SideLayout
+
+MAGIC = b"LAYOUTC-HS/1\n"
+FORMAT = 1
+_LEN = struct.Struct(">I")
+
+
+def rank_label(role: str, rank: int) -> str:
+    return f"{role} rank {rank}"
+
+
+def other_role(role: str) -> str:
+    return "decode" if role == "prefill" else "prefill"
+
+
+def encode(header: dict[str, Any], agent_metadata: bytes) -> bytes:
+    body = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return MAGIC + _LEN.pack(len(body)) + body + bytes(agent_metadata)
+
+
+def decode(data: bytes, *, who: str) -> tuple[dict[str, Any], bytes]:
+    """Split handshake bytes into (header, agent metadata); garbage → HandshakeError."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise HandshakeError(
+            f"{who}: handshake must be bytes, got {type(data).__name__}", field="format"
+        )
+    data = bytes(data)
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + _LEN.size:
+        raise HandshakeError(
+            f"{who}: not a layoutc handshake (expected it to start with {MAGIC!r}, got "
+            f"{data[:16]!r}); pass the bytes of Endpoint.handshake_bytes()",
+            field="format",
+        )
+    (n,) = _LEN.unpack_from(data, len(MAGIC))
+    start = len(MAGIC) + _LEN.size
+    if len(data) < start + n:
+        raise HandshakeError(f"{who}: truncated layoutc handshake", field="format")
+    header = parse_header(data[start : start + n], who=who)
+    return header, data[start + n :]
+
+
+def parse_header(body: bytes, *, who: str) -> dict[str, Any]:
+    try:
+        header = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HandshakeError(f"{who}: unreadable layoutc handshake header ({e})") from None
+    if not isinstance(header, dict):
+        raise HandshakeError(f"{who}: layoutc handshake header is not an object")
+    return header
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
+        return v[:12] + "…"
+    return repr(v)
+
+
+def _param_map(side: SideLayout) -> dict[str, Any]:
+    return {k: v for k, v in side.params}
+
+
+def _jsonable(v: Any) -> Any:
+    """Values as they look after a JSON round trip (tuples become lists)."""
+    return json.loads(json.dumps(v))
+
+
+def validate_header(
+    header: dict[str, Any],
+    *,
+    plan: Plan,
+    local_role: str,
+    local_rank: int,
+    local_layers: list[dict[str, Any]],
+    kinds: dict[str, tuple[str, ...]],
+) -> str:
+    """Check a peer's header against the local plan; return the peer's label.
+
+    Checks, in order: format, role, spec sha256, TP, rank, plan format, kernel blocks, params,
+    pages (names, bytes, strides, per), layer count and kinds, buffer sizes.
+    """
+    me = rank_label(local_role, local_rank)
+    want_role = other_role(local_role)
+
+    def need(key: str) -> Any:
+        if key not in header:
+            raise HandshakeError(
+                f"{me}: peer handshake lacks {key!r} (is the peer an older layoutc?)",
+                field=key,
+            )
+        return header[key]
+
+    if need("format") != FORMAT:
+        raise HandshakeError(
+            f"{me}: peer speaks handshake format {header['format']!r} but this runtime "
+            f"speaks {FORMAT}; install the same layoutc on both sides",
+            field="format",
+            peer_value=header["format"],
+            local_value=FORMAT,
+        )
+    role, rank = need("role"), need("rank")
+    if role != want_role:
+        raise HandshakeError(
+            f"{me}: peer {header.get('agent')!r} is a {role} rank, but a {local_role} "
+            f"endpoint only talks to {want_role} ranks",
+            field="role",
+            peer_value=role,
+            local_value=want_role,
+        )
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise HandshakeError(f"{me}: peer rank {rank!r} is not an integer", field="rank")
+    peer = rank_label(role, rank)
+    side = plan.prefill if want_role == "prefill" else plan.decode
+
+    def mismatch(field: str, theirs: Any, ours: Any, what: str = "this plan expects") -> None:
+        raise HandshakeError(
+            f"{me}: {peer} has {field} {_short(theirs)} but {what} {_short(ours)}",
+            peer=peer,
+            field=field,
+            peer_value=theirs,
+            local_value=ours,
+        )
+
+    sha = need("spec_sha256")
+    if sha != plan.spec_sha256:
+        mismatch("spec sha256", sha, plan.spec_sha256, "this plan was compiled from")
+    layout = need("layout")
+    if not isinstance(layout, dict):
+        raise HandshakeError(f"{me}: {peer} sent a malformed layout header", field="layout")
+    if layout.get("tp") != side.tp:
+        mismatch(f"{want_role} TP", layout.get("tp"), side.tp, "this plan is for")
+    if not 0 <= rank < side.tp:
+        mismatch("rank", rank, f"a rank in [0, {side.tp})")
+    fmt = header.get("plan_format")
+    if fmt is not None and list(fmt)[:1] != [PLAN_FORMAT[0]]:
+        mismatch("plan format", list(fmt), list(PLAN_FORMAT))
+    if layout.get("kernel_blocks") != side.kernel_blocks:
+        mismatch(
+            "kernel_blocks (kernel blocks per logical block)",
+            layout.get("kernel_blocks"),
+            side.kernel_blocks,
+        )
+    theirs_p = layout.get("params") or {}
+    ours_p = _jsonable(_param_map(side))
+    for name in sorted(set(theirs_p) | set(ours_p)):
+        if name not in theirs_p:
+            mismatch(f"no parameter {name!r} (params.{name})", None, ours_p[name])
+        if name not in ours_p:
+            mismatch(f"params.{name}", theirs_p[name], "no such parameter")
+        if theirs_p[name] != ours_p[name]:
+            mismatch(f"params.{name}", theirs_p[name], ours_p[name])
+    ours_pages = _jsonable(side.header()["pages"])
+    theirs_pages = layout.get("pages") or {}
+    if sorted(theirs_pages) != sorted(ours_pages):
+        mismatch("pages", sorted(theirs_pages), sorted(ours_pages))
+    for pname in sorted(ours_pages):
+        for key in sorted(set(ours_pages[pname]) | set(theirs_pages[pname])):
+            t, o = theirs_pages[pname].get(key), ours_pages[pname].get(key)
+            if t != o:
+                mismatch(f"page {pname!r} {key}", t, o)
+    layers = need("layers")
+    if not isinstance(layers, list) or len(layers) != len(local_layers):
+        n = len(layers) if isinstance(layers, list) else layers
+        mismatch("layer count", n, len(local_layers), "this endpoint registered")
+    for i, (tl, ol) in enumerate(zip(layers, local_layers)):
+        if tl.get("kind") != ol["kind"]:
+            mismatch(f"layer {i} kind", tl.get("kind"), ol["kind"], "this endpoint has")
+        want_pages = sorted(kinds[ol["kind"]])
+        got = tl.get("pages") or {}
+        if sorted(got) != want_pages:
+            mismatch(f"layer {i} pages", sorted(got), want_pages)
+        for pname, entry in got.items():
+            try:
+                addr, nbytes, devid, nblocks = (int(x) for x in entry)
+            except (TypeError, ValueError):
+                raise HandshakeError(
+                    f"{me}: {peer} sent a malformed buffer entry for layer {i} page {pname!r}",
+                    peer=peer,
+                    field=f"layers[{i}].{pname}",
+                ) from None
+            stride = side.page(pname).logical_stride
+            if nblocks < 1 or nbytes < nblocks * stride:
+                mismatch(
+                    f"layer {i} page {pname!r} buffer of {nbytes} bytes for {nblocks} blocks",
+                    nbytes,
+                    f"at least {nblocks} x {stride} bytes",
+                )
+    if header.get("mem_type") not in ("DRAM", "VRAM"):
+        mismatch("mem_type", header.get("mem_type"), "DRAM or VRAM")
+    return peer

@@ -1,0 +1,178 @@
+"""Import shim and agent factory for NIXL (the ``nixl`` Python API, version 1.5.x).
+
+NIXL ships as per-CUDA-major variants (``nixl_cu13``, ``nixl_cu12``) plus an optional ``nixl``
+meta package that dispatches between them.  This module finds whichever is installed, in the
+order ``nixl`` → ``nixl_cu13`` → ``nixl_cu12``, and exposes:
+
+* :func:`load` – the loaded variant (:class:`NixlModule`: its ``_api`` module, bindings,
+  exception classes, name and version), or a :class:`NixlMissingError` telling the user what to
+  install;
+* :func:`create_agent` – a ``nixl_agent`` with the progress thread **off** (NIXL's default
+  thread busy-spins a whole core per agent; see ``docs/runtime.md``), optionally with the
+  metadata listener on a port;
+* :func:`nixl_errors` / :func:`is_disconnect` – the exception classes of the loaded variant (they
+  share no base class, and the cu12 and cu13 modules each define their own).
+
+``NIXL_LOG_LEVEL`` defaults to ``WARN`` here, before NIXL is imported: NIXL logs every agent and
+backend creation at INFO level to *stdout* otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+
+#: Import names tried, in order.  ``nixl`` is the meta package (a dispatcher).
+VARIANTS = ("nixl", "nixl_cu13", "nixl_cu12")
+
+INSTALL_HINT = (
+    "NIXL is not installed: install layoutc[cpu] (CPU-only torch plus nixl-cu13), or "
+    "`pip install torch nixl-cu13==1.5.1` in one command so pip keeps your torch build "
+    "(then optionally `pip install --no-deps nixl==1.5.1` for the `nixl` meta package)"
+)
+
+#: Exception class names the bindings define (all subclass plain ``Exception``).
+ERROR_NAMES = (
+    "nixlBackendError",
+    "nixlCancelledError",
+    "nixlInvalidParamError",
+    "nixlMismatchError",
+    "nixlNoTelemetryError",
+    "nixlNotAllowedError",
+    "nixlNotFoundError",
+    "nixlNotPostedError",
+    "nixlNotSupportedError",
+    "nixlRemoteDisconnectError",
+    "nixlRepostActiveError",
+    "nixlUnknownError",
+)
+
+
+class NixlMissingError(ImportError):
+    """No NIXL variant could be imported."""
+
+
+@dataclass(frozen=True)
+class NixlModule:
+    """The NIXL variant that was loaded."""
+
+    name: str  # import name that worked: "nixl", "nixl_cu13" or "nixl_cu12"
+    variant: str  # the real package behind it, e.g. "nixl_cu13"
+    version: str
+    api: ModuleType  # <variant>._api
+    bindings: ModuleType  # <variant>._bindings
+    errors: dict[str, type[BaseException]]
+
+    @property
+    def nixl_agent(self) -> Any:
+        return self.api.nixl_agent
+
+    @property
+    def nixl_agent_config(self) -> Any:
+        return self.api.nixl_agent_config
+
+
+_loaded: NixlModule | None = None
+
+
+def _version_of(dist_names: tuple[str, ...]) -> str:
+    from importlib import metadata
+
+    for dist in dist_names:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def load() -> NixlModule:
+    """Import NIXL (cached).  Raises :class:`NixlMissingError` with an install hint."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    failures: list[str] = []
+    for name in VARIANTS:
+        try:
+            api = importlib.import_module(f"{name}._api")
+        except ImportError as e:  # not installed, or a broken variant: try the next one
+            failures.append(f"{name}: {e}")
+            continue
+        bindings = getattr(api, "nixlBind", None)
+        if bindings is None:
+            try:
+                bindings = importlib.import_module(f"{name}._bindings")
+            except ImportError as e:
+                failures.append(f"{name}._bindings: {e}")
+                continue
+        variant = bindings.__name__.rsplit(".", 1)[0]
+        errors = {n: getattr(bindings, n) for n in ERROR_NAMES if hasattr(bindings, n)}
+        version = _version_of((variant.replace("_", "-"), name.replace("_", "-")))
+        _loaded = NixlModule(name, variant, version, api, bindings, errors)
+        return _loaded
+    raise NixlMissingError(INSTALL_HINT + "\n  tried: " + "; ".join(failures))
+
+
+def nixl_errors() -> tuple[type[BaseException], ...]:
+    """All NIXL exception classes of the loaded variant (for ``except`` clauses)."""
+    return tuple(load().errors.values())
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """True when ``exc`` is NIXL's "remote agent disconnected" error."""
+    cls = load().errors.get("nixlRemoteDisconnectError")
+    return cls is not None and isinstance(exc, cls)
+
+
+def error_name(exc: BaseException) -> str:
+    """A short description of a NIXL exception: its status name (the message) or class name."""
+    msg = str(exc).strip()
+    return msg or type(exc).__name__
+
+
+def create_agent(
+    name: str,
+    *,
+    listen_port: int | None = None,
+    backends: tuple[str, ...] = ("UCX",),
+    capture_telemetry: bool = False,
+) -> Any:
+    """Create a ``nixl_agent`` with the progress thread off.
+
+    With the progress thread off the UCX worker progresses only inside calls on this agent
+    (``check_xfer_state``, ``get_new_notifs``), so the owner must poll — on *both* sides while a
+    connection is being set up.  ``listen_port`` turns on NIXL's metadata listener (needed on
+    both agents for ``send_local_metadata``/``fetch_remote_metadata``).
+    """
+    mod = load()
+    kwargs: dict[str, Any] = {
+        "enable_prog_thread": False,
+        "backends": list(backends),
+        "capture_telemetry": capture_telemetry,
+    }
+    if listen_port is not None:
+        kwargs["enable_listen_thread"] = True
+        kwargs["listen_port"] = int(listen_port)
+    agent = mod.nixl_agent(name, mod.nixl_agent_config(**kwargs))
+    missing = [b for b in backends if b not in agent.backends]
+    if missing:
+        raise RuntimeError(
+            f"NIXL agent {name!r}: backend(s) {', '.join(missing)} could not be created "
+            f"(available plugins: {', '.join(agent.get_plugin_list())}); run `layoutc doctor`"
+        )
+    return agent
+
+
+def prepare_cuda_env() -> None:
+    """Environment UCX needs for fast GPU READs; must run before the first agent is created.
+
+    Without NVLink, UCX's cuda_ipc transport refuses GET (READ) unless
+    ``UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y``; READs then fall back to a ~0.4 GB/s software path.
+    An explicit setting by the user is kept.
+    """
+    os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")

@@ -1,0 +1,399 @@
+"""Endpoint processes for the runtime tests, driven over a pipe by the pytest process.
+
+A :class:`Pool` keeps worker processes (multiprocessing *spawn*) alive across tests, because
+starting one (Python + torch + NIXL) costs ~2 s of CPU on the 2-core box.  A test takes
+workers with :meth:`Pool.rank`, which creates a real :class:`Endpoint` in the worker with
+sentinel-filled, registered buffers; ``rank.call("pull", rid, local, remote)`` then runs the
+method there and returns its result or re-raises its exception here (runtime errors pickle).
+Between commands a worker keeps polling its endpoint and collecting completions, so
+connection set-up and notifications progress as in an engine loop.  At the end of the test
+the ``ranks`` fixture closes the endpoints (asserting no transfer handle was left open) and
+keeps the processes; killed ones are replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+import pytest
+
+SENTINEL = 0x5A  # decode bytes that nothing may write
+PREFILL_FILL = 0xC3  # prefill bytes outside tagged blocks
+
+
+class RemoteError(RuntimeError):
+    """An unexpected exception in a worker; the message carries its traceback."""
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side
+# --------------------------------------------------------------------------------------------
+class _Session:
+    """One endpoint with its buffers inside a worker."""
+
+    def __init__(self, plan, role, rank, num_blocks, kinds, ep_kwargs) -> None:
+        import torch  # noqa: F401
+        from layoutc.runtime.endpoint import Endpoint, allocate_buffers
+        from layoutc.runtime.tags import PageTagger
+
+        self.plan, self.role, self.rank, self.num_blocks = plan, role, rank, num_blocks
+        self.side = plan.prefill if role == "prefill" else plan.decode
+        self.ep = Endpoint(plan, role, rank, **ep_kwargs)
+        self.bufs = allocate_buffers(plan, role, kinds, num_blocks)
+        self.reset()
+        self.ep.register_layers(self.bufs, kinds)
+        self.taggers = {p: PageTagger(self.side, rank, p) for p in self.side.page_names}
+        self.results: dict[str, Any] = {}  # rid -> None (done) or its error
+
+    def reset(self) -> None:
+        fill = PREFILL_FILL if self.role == "prefill" else SENTINEL
+        for layer in self.bufs:
+            for t in layer.values():
+                t.fill_(fill)
+
+    def _views(self):
+        for li, layer in enumerate(self.bufs):
+            for page, t in layer.items():
+                stride = self.side.page(page).logical_stride
+                yield li, page, t.numpy().reshape(self.num_blocks, stride)
+
+    def tag(self, req: int, blocks: Any) -> None:
+        """Fill request ``req``'s blocks with its tags (on a prefill rank)."""
+        from layoutc.runtime.tags import block_keys
+
+        blocks = np.asarray(blocks, dtype=np.int64)
+        for li, page, view in self._views():
+            self.taggers[page].fill(view, blocks, block_keys(li, req, np.arange(blocks.size)))
+
+    def verify(self, reqs: list[tuple[int, Any]], layers: list[int] | None = None) -> int:
+        """Every byte of every buffer: the requests' tags in their blocks (in ``layers``, default
+        all), the sentinel everywhere else.  Returns the bytes checked."""
+        from layoutc.runtime.tags import block_keys
+
+        checked = 0
+        for li, page, got in self._views():
+            want = np.full_like(got, SENTINEL)
+            if layers is None or li in layers:
+                for req, blocks in reqs:
+                    blocks = np.asarray(blocks, dtype=np.int64)
+                    keys = block_keys(li, req, np.arange(blocks.size))
+                    self.taggers[page].fill(want, blocks, keys)
+            bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
+            if bad.size:
+                b, off = divmod(int(bad[0]), got.shape[1])
+                raise AssertionError(
+                    f"{self.ep.label}: layer {li} page {page!r}: {bad.size} "
+                    f"wrong bytes, first in block {b} at offset {off}"
+                )
+            checked += got.size
+        return checked
+
+    def check_blocks(self, req: int, blocks: Any) -> int:
+        """Only the state bytes of ``blocks``: do they hold request ``req``'s tags?"""
+        from layoutc.runtime.tags import block_keys
+
+        blocks = np.asarray(blocks, dtype=np.int64)
+        checked = 0
+        for li, page, got in self._views():
+            keys = block_keys(li, req, np.arange(blocks.size))
+            for off, want in self.taggers[page].tags(keys):
+                have = got[blocks, off : off + want.shape[1]]
+                if not np.array_equal(have, want):
+                    raise AssertionError(
+                        f"{self.ep.label}: layer {li} page {page!r}: request "
+                        f"{req} bytes wrong at offset {off}"
+                    )
+                checked += want.size
+        return checked
+
+    def collect(self) -> None:
+        prog = self.ep.poll()
+        for rid in prog.done:
+            self.results[rid] = None
+        self.results.update(prog.failed)
+
+    def wait(self, rid: str, within: float = 30.0) -> dict[str, Any]:
+        """Wait for a request collected by the polling loop; its completion info or error.
+        Raises TimeoutError (the test's, not the runtime's) after ``within`` seconds."""
+        deadline = time.monotonic() + within
+        while rid not in self.results:
+            self.collect()
+            if rid in self.results:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"test wait for {rid!r} timed out after {within} s")
+            time.sleep(0.0005)
+        err = self.results.pop(rid)
+        if err is not None:
+            raise err
+        return self.ep.completion_info(rid)
+
+    def loop(
+        self,
+        op: str,
+        prefix: str,
+        n: int,
+        sets: list[Any],
+        remote: Any,
+        seconds: float = 30.0,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Post ``op`` ("pull"/"push") requests back to back, alternating the local block sets
+        ``sets``, until the first failure, ``n`` requests or ``seconds``.
+
+        Returns {"done", "error", "failed_rid", "t_error" (monotonic), "last_set"}: the set
+        written by the last request that completed (pull), for checking afterwards.
+        """
+        start = getattr(self.ep, op)
+        done, last = 0, None
+        end = time.monotonic() + seconds
+        for i in range(n):
+            if time.monotonic() > end:
+                break
+            rid = f"{prefix}-{i}"
+            local = sets[i % len(sets)]
+            try:
+                start(rid, local, remote, **kwargs)
+                self.ep.wait(rid)
+            except Exception as e:  # noqa: BLE001 - the failure is the result
+                return {
+                    "done": done,
+                    "error": e,
+                    "failed_rid": rid,
+                    "t_error": time.monotonic(),
+                    "last_set": last,
+                }
+            done, last = done + 1, i % len(sets)
+        return {"done": done, "error": None, "failed_rid": None, "t_error": None, "last_set": last}
+
+    def close(self) -> dict[str, int]:
+        self.ep.close()
+        return self.ep.stats()
+
+
+def _serve(conn) -> None:
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    import torch
+
+    torch.set_num_threads(1)
+    session: _Session | None = None
+    conn.send(("ok", os.getpid()))
+    try:
+        while True:
+            if not conn.poll(0.001):
+                if session is not None:
+                    session.collect()
+                continue
+            cmd, args, kwargs = conn.recv()
+            try:
+                if cmd == "exit":
+                    out = session.close() if session else None
+                    conn.send(("ok", out))
+                    return
+                if cmd == "setup":
+                    if session is not None:
+                        session.close()
+                    session = None
+                    session = _Session(*args, **kwargs)
+                    out = session.ep.name
+                elif cmd == "teardown":
+                    out = session.close() if session else None
+                    session = None
+                elif cmd == "pid":
+                    out = os.getpid()
+                else:
+                    assert session is not None, f"{cmd}: no endpoint set up"
+                    fn = getattr(session, cmd, None) or getattr(session.ep, cmd)
+                    out = fn(*args, **kwargs)
+                conn.send(("ok", out))
+            except Exception as e:  # noqa: BLE001 - shipped to the test
+                try:
+                    conn.send(("err", e))
+                except Exception:  # noqa: BLE001 - unpicklable: send text
+                    conn.send(
+                        ("err", RemoteError(f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+                    )
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Test side
+# --------------------------------------------------------------------------------------------
+class Worker:
+    def __init__(self, ctx) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self.proc.start()
+        child.close()
+        self.started = False
+        self.label = "worker"
+        self.role, self.rank = "", -1
+
+    def ready(self, timeout: float = 60.0) -> None:
+        if not self.started:
+            self.pid = self._recv(timeout, "start")
+            self.started = True
+
+    def send(self, cmd: str, *args: Any, **kwargs: Any) -> None:
+        self.ready()
+        self.conn.send((cmd, args, kwargs))
+
+    def _recv(self, timeout: float, what: str) -> Any:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"{self.label}: no answer to {what!r} within {timeout} s")
+        status, value = self.conn.recv()
+        if status == "err":
+            raise value
+        return value
+
+    def call(self, cmd: str, *args: Any, timeout: float = 60.0, **kwargs: Any) -> Any:
+        self.send(cmd, *args, **kwargs)
+        return self._recv(timeout, cmd)
+
+    def result(self, timeout: float = 60.0, what: str = "command") -> Any:
+        return self._recv(timeout, what)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(5)
+
+    def stop(self) -> None:
+        if self.alive:
+            try:
+                self.call("exit", timeout=20)
+            except Exception:  # noqa: BLE001
+                pass
+            self.proc.join(5)
+        if self.alive:
+            self.kill()
+
+
+class Pool:
+    """Worker processes shared by the tests of a session."""
+
+    def __init__(self, ctx, size: int) -> None:
+        self.ctx = ctx
+        self.idle = [Worker(ctx) for _ in range(size)]
+        self.busy: list[Worker] = []
+
+    def _take(self) -> Worker:
+        while self.idle:
+            w = self.idle.pop(0)
+            if w.alive:
+                return w
+        return Worker(self.ctx)
+
+    def rank(
+        self,
+        plan,
+        role: str,
+        rank: int,
+        *,
+        num_blocks: int = 64,
+        kinds: list[str] | None = None,
+        layers: int = 2,
+        **ep_kwargs: Any,
+    ) -> Worker:
+        """A worker with an Endpoint for (role, rank) set up; waits until it is ready."""
+        return self.ranks(
+            [(plan, role, rank)], num_blocks=num_blocks, kinds=kinds, layers=layers, **ep_kwargs
+        )[0]
+
+    def ranks(
+        self,
+        specs: list[tuple],
+        *,
+        num_blocks: int = 64,
+        kinds: list[str] | None = None,
+        layers: int = 2,
+        **ep_kwargs: Any,
+    ) -> list[Worker]:
+        """Several endpoints set up in parallel; ``specs`` = [(plan, role, rank), ...]."""
+        from layoutc.runtime.endpoint import layer_kind_sequence
+
+        out = []
+        for plan, role, rank in specs:
+            w = self._take()
+            self.busy.append(w)
+            w.label = f"{role} rank {rank}"
+            w.role, w.rank = role, rank
+            k = kinds or layer_kind_sequence(plan, layers)
+            kw = dict(ep_kwargs)
+            kw.setdefault("timeout_s", 10.0)
+            w.send("setup", plan, role, rank, num_blocks, k, kw)
+            out.append(w)
+        for w in out:
+            w.result(120, "setup")
+        return out
+
+    def release(self, check_handles: bool = True) -> list[str]:
+        """Tear down every busy worker's endpoint; return problems found (open handles)."""
+        problems = []
+        for w in self.busy:
+            if not w.alive:
+                continue
+            try:
+                stats = w.call("teardown", timeout=30)
+            except Exception as e:  # noqa: BLE001
+                problems.append(f"{w.label}: teardown failed: {e}")
+                w.kill()
+                continue
+            if check_handles and stats and stats["xfer_handles_open"]:
+                problems.append(f"{w.label}: {stats['xfer_handles_open']} xfer handles open")
+            self.idle.append(w)
+        self.busy = []
+        return problems
+
+    def close(self) -> None:
+        for w in self.idle + self.busy:
+            w.stop()
+
+
+def connect_all(prefill: list[Worker], decode: list[Worker]) -> None:
+    """Exchange handshake bytes between every prefill and every decode rank."""
+    hp = [r.call("handshake_bytes") for r in prefill]
+    hd = [r.call("handshake_bytes") for r in decode]
+    for r in prefill:
+        for h in hd:
+            r.call("add_peer", h)
+    for r in decode:
+        for h in hp:
+            r.call("add_peer", h)
+
+
+# --------------------------------------------------------------------------------------------
+# pytest fixture (imported by the test modules; this folder has no conftest.py so that it
+# does not shadow another folder's ``from conftest import ...``)
+# --------------------------------------------------------------------------------------------
+_POOL: Pool | None = None
+
+
+def shared_pool() -> Pool:
+    """One pool for the whole test session (worker processes are daemons: they end with it)."""
+    global _POOL
+    if _POOL is None:
+        import atexit
+        import multiprocessing as mp
+
+        _POOL = Pool(mp.get_context("spawn"), int(os.environ.get("LAYOUTC_TEST_WORKERS", "6")))
+        atexit.register(_POOL.close)
+    return _POOL
+
+
+@pytest.fixture(name="ranks")
+def ranks_fixture():
+    """The shared worker pool; endpoints set up during a test are torn down after it, and a
+    transfer handle left open fails the test."""
+    pool = shared_pool()
+    yield pool
+    problems = pool.release()
+    assert not problems, problems
