@@ -84,6 +84,8 @@ def cmd_demo(args, compiler: Compiler) -> int:
     except LayoutcRuntimeError as e:
         print(f"layoutc demo: failed: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # arguments run_demo cannot honour (e.g. no CUDA device)
+        raise UsageError(str(e)) from None
     print(result.summary())
     if not result.ok:
         print(f"layoutc demo: failed: {result.error}", file=sys.stderr)

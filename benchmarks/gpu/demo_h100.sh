@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU demo runs recorded in benchmarks/results/ (run on the GPU box from the repo root,
+# with the NIXL wheel carried in .whl/; see README "Installing").
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+mkdir -p /tmp/site/layoutc
+for d in compiler runtime grammar specs; do ln -sfn "$PWD/$d" /tmp/site/layoutc/$d; done
+cp compiler/pkg/__init__.py compiler/pkg/__main__.py /tmp/site/layoutc/
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+out=${OUT:-/tmp}/h100-demo.txt
+{
+  echo "# $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
+  echo "# python $(python3 -V 2>&1), torch $(python3 -c 'import torch; print(torch.__version__)')"
+  for cmd in \
+    "layoutc doctor" \
+    "layoutc demo --device cuda --prefill-tp 1 --decode-tp 1 --mode pull --quiet" \
+    "layoutc demo --device cuda --prefill-tp 1 --decode-tp 1 --mode push --quiet" \
+    "layoutc demo --device cuda --mode pull --quiet" \
+    "layoutc demo --device cuda --mode push --quiet" \
+    "layoutc demo --device cuda --prefill-tp 1 --decode-tp 1 --inject kill-prefill --quiet"; do
+    echo
+    echo "\$ $cmd"
+    start=$(date +%s.%N)
+    python3 -m layoutc ${cmd#layoutc } 2>&1
+    echo "[exit $? after $(python3 -c "import time; print(round(time.time() - $start, 1))") s]"
+  done
+} | tee "$out"
