@@ -6,20 +6,19 @@ benchmarks/results/load-cpu.json.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "load_test.py"
 
 
 @pytest.mark.timeout(180)
 def test_concurrent_requests_all_verified_no_leaks():
-    spec = importlib.util.spec_from_file_location("load_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = mod.run(
+    from layoutc.compiler.api import compile_plan
+    from layoutc.compiler.cli_runtime import DEMO_SETS
+    from layoutc.compiler.pipeline import builtin_specs_dir
+    from layoutc.runtime.loadtest import run
+
+    spec = str(builtin_specs_dir().joinpath("vllm_hybrid_mamba2.layout"))
+    out = run(
+        compile_plan(spec, 2, 4, dict(DEMO_SETS)),
         dict(
             requests=60,
             window=8,
@@ -30,7 +29,7 @@ def test_concurrent_requests_all_verified_no_leaks():
             decode_tp=4,
             timeout_s=30.0,
             seed=3,
-        )
+        ),
     )
     assert out["failures"] == 0, out["failure_examples"]
     assert out["handle_leaks"] == []
