@@ -48,23 +48,14 @@ def _compile_for_demo(args, compiler: Compiler):
         sets[k.strip()] = v.strip()
     p, d = compiler.bind(unit, SideSets.parse(sets))
     plan = compiler.plan(unit, p, d, args.prefill_tp, args.decode_tp)
-    mismatch = None
-    if args.inject == "spec-mismatch":
-        # the decode side believes in different parameters: its plan differs from prefill's
-        other = dict(sets)
-        other["decode.block_size"] = (
-            str(int(dict(d.params)["block_size"]) * 2) if "block_size" in dict(d.params) else "2"
-        )
-        pd, dd = compiler.bind(unit, SideSets.parse(other))
-        mismatch = compiler.plan(unit, pd, dd, args.prefill_tp, args.decode_tp)
-    return plan, mismatch
+    return plan
 
 
 def cmd_demo(args, compiler: Compiler) -> int:
     for name in ("requests", "layers", "blocks", "prefill_tp", "decode_tp"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
-    plan, mismatch = _compile_for_demo(args, compiler)
+    plan = _compile_for_demo(args, compiler)
     from ..runtime.demo import run_demo
     from ..runtime.errors import LayoutcRuntimeError
 
@@ -77,7 +68,6 @@ def cmd_demo(args, compiler: Compiler) -> int:
             blocks=args.blocks,
             device=args.device,
             inject=args.inject,
-            decode_plan=mismatch,
             timeout_s=args.timeout,
             progress=not args.quiet,
         )

@@ -121,3 +121,28 @@ def test_doctor_live_transfer():
     assert "READ over cma" in text, text  # UCX's shared-memory path on this box
     assert code == (1 if warnings else 0)
     assert code == 0, warnings
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize(
+    "inject,says",
+    [
+        ("kill-prefill", "prefill rank 0"),
+        ("kill-decode", "decode rank 1"),
+        ("spec-mismatch", "params.block_size"),
+    ],
+)
+def test_cli_demo_injected_faults_exit_nonzero_within_bounds(inject, says):
+    import time
+
+    t0 = time.monotonic()
+    run = _cli(
+        "--prefill-tp", "1", "--decode-tp", "2", "--requests", "4", "--layers", "2",
+        "--blocks", "4", "--quiet", "--timeout", "5", "--inject", inject,
+    )  # fmt: skip
+    took = time.monotonic() - t0
+    assert run.returncode not in (0, 2), run.stderr
+    assert not any(line.startswith("verified:") for line in run.stdout.splitlines())
+    assert says in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+    assert took < 60, took
