@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from .bind import UsageError
+from .fsutil import write_atomically
 from .hf_init import ATTENTION_BACKENDS, ENGINES, InitError, init_from_hf, read_config
 
 #: First-lines marker of a spec written by `init`; `-o` overwrites only such files.
@@ -52,19 +52,7 @@ def _write(path: str, text: str, force: bool) -> bool:
                 f"{path} exists and was not written by `layoutc init`; not overwriting it "
                 "(pass --force to replace it)"
             )
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(p, text)
     return True
 
 
