@@ -1,4 +1,4 @@
-"""The CLI commands that execute plans: `demo`, `doctor` (and their defaults)."""
+"""The CLI commands that execute plans: `demo`, `doctor`, `bench` (and their defaults)."""
 
 from __future__ import annotations
 
@@ -70,6 +70,7 @@ def cmd_demo(args, compiler: Compiler) -> int:
             inject=args.inject,
             timeout_s=args.timeout,
             progress=not args.quiet,
+            strategy=args.strategy,
         )
     except LayoutcRuntimeError as e:
         print(f"layoutc demo: failed: {e}", file=sys.stderr)
@@ -82,6 +83,64 @@ def cmd_demo(args, compiler: Compiler) -> int:
         return 1
     print(f"verified: {result.verified_line()}")
     return 0
+
+
+def _builtin_compile(spec: str, prefill_tp: int, decode_tp: int, params: dict):
+    """Compile a built-in family spec for the bench (the runtime never imports the compiler)."""
+    from .api import compile_plan
+
+    path = builtin_specs_dir().joinpath(spec + ".layout")
+    return compile_plan(str(path), prefill_tp, decode_tp, dict(params))
+
+
+def cmd_bench(args, compiler: Compiler) -> int:
+    from ..runtime.bench import BenchConfig, format_table, run_bench
+
+    if args.device == "cuda":
+        try:
+            import torch
+        except ImportError:
+            raise UsageError("--device cuda needs torch with CUDA") from None
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda requested but torch sees no CUDA device")
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise UsageError("--time-limit must be positive")
+    if args.runs is not None and args.runs < 1:
+        raise UsageError("--runs must be at least 1")
+    for path in (args.json, args.write_cost_model):
+        if path is not None:
+            d = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(d):
+                raise UsageError(f"{path}: no such directory {d}")
+    limit = args.time_limit
+    if limit is None:
+        limit = 280.0 if args.device == "cpu" else 330.0
+    cfg = BenchConfig(
+        quick=args.quick,
+        device=args.device,
+        strategy=args.strategy,
+        json_path=args.json,
+        write_cost_model=args.write_cost_model,
+        time_limit_s=limit,
+        command=" ".join(["layoutc", *sys.argv[1:]]) if sys.argv else "layoutc bench",
+        progress=not args.quiet,
+        runs=args.runs or 0,
+    )
+    import signal
+
+    def _term(signum, frame):  # SIGTERM: stop like Ctrl-C (workers stopped, JSON kept)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, _term)
+    try:
+        out = run_bench(cfg, _builtin_compile)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    sys.stderr.flush()
+    print(format_table(out), flush=True)
+    if args.json:
+        print(f"wrote {args.json}")
+    return 1 if out.get("errors") else 0
 
 
 def cmd_doctor(args, compiler: Compiler) -> int:
@@ -115,8 +174,36 @@ def add_commands(sub, add_spec_options) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--inject", choices=INJECT, help="inject a fault (the run must fail cleanly)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds any single wait may take")
+    p.add_argument(
+        "--strategy",
+        choices=["zero-copy", "staged", "auto"],
+        default="auto",
+        help="how requests move bytes: one descriptor per run (zero-copy), packed into a "
+        "staging buffer (staged), or chosen per request by the cost model (auto)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "bench",
+        help="measure planning, descriptor counts and transfer rates against the targets",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (CPU: < 5 minutes)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--strategy",
+        choices=["zero-copy", "staged", "auto"],
+        default="auto",
+        help="strategy of the measured requests (default auto)",
+    )
+    p.add_argument(
+        "--write-cost-model", metavar="FILE", help="save the measured cost-model constants"
+    )
+    p.add_argument("--runs", type=int, help="repetitions per measurement")
+    p.add_argument("--time-limit", type=float, help="seconds before remaining sections are skipped")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("doctor", help="check NIXL, UCX transports and settings; a live transfer")
     p.add_argument("--no-transfer", action="store_true", help="skip the live transfer")

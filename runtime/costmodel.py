@@ -197,7 +197,12 @@ class CostModel:
 DEFAULTS: dict[str, CostModel] = {
     # Host memory, UCX/cma (NIXL.md §5): ~1.4 µs per scattered descriptor, ~8.5 GB/s one big one.
     # pack/unpack/op_s: benchmarks/expand_probe.py on the 2-core dev box (one torch thread,
-    # DRAM-resident pages; ~4.2 µs of host time per gather call).
+    # DRAM-resident pages; ~4.2 µs of host time per gather call).  overlap: the endpoint
+    # pipelines chunks through its staging slots and, on host memory, splits the copies
+    # between the two processes (``staged`` module); ``layoutc bench`` fitted 0.56-0.77 on the
+    # 2-core box.  staged_request_s: the protocol's steps (SREQ, pack, the first chunk's data,
+    # unpack, DONE), each a turn of both engines' poll loops in Python; a one-block staged
+    # request took 0.9-1.4 ms there with both processes polling (zero-copy: 0.35 ms).
     "cpu": CostModel(
         kind="cpu",
         descriptor_s=1.4e-6,
@@ -205,9 +210,10 @@ DEFAULTS: dict[str, CostModel] = {
         pack_Bps=8e9,
         unpack_Bps=7e9,
         chunk_s=30e-6,
-        staged_request_s=100e-6,
+        staged_request_s=1e-3,
         zero_copy_request_s=0.0,
         op_s=5e-6,
+        overlap=0.7,
     ),
     # One H100, cuda_ipc between processes (NIXL.md §8): ~11 µs per scattered descriptor,
     # ~1.42 TB/s one big one.  pack/unpack: staging's fused triton kernel on the H100

@@ -42,6 +42,7 @@ from .plan import Plan
 
 INJECTIONS = ("kill-prefill", "kill-decode", "bad-blocks", "spec-mismatch")
 MODES = ("pull", "push")
+STRATEGIES = ("zero-copy", "staged", "auto")
 _PREFILL_FILL = 0xC3  # bytes of prefill buffers outside any request's state bytes
 _DECODE_FILL = 0x5A  # decode sentinel: what every byte nothing may write must still hold
 _WINDOW = 4  # requests in flight per initiator
@@ -67,7 +68,7 @@ class DemoResult:
     layers: int
     blocks: int
     bytes: int  # bytes moved, all decode ranks together
-    descriptors: int  # NIXL descriptor indices posted, all initiators together
+    descriptors: int  # NIXL descriptor indices and staged chunk transfers posted, all ranks
     seconds: float  # wall time of the transfer phase (go -> last request complete)
     verified_bytes: int  # decode buffer bytes compared (every byte of every buffer)
     prefill_completions: dict[int, int] = field(default_factory=dict)  # rank -> requests
@@ -75,6 +76,11 @@ class DemoResult:
     setup_seconds: float = 0.0
     ok: bool = True
     error: str | None = None
+    strategy: str = "auto"
+    #: (request, initiator rank) pairs by the strategy they used: "zero-copy", "staged",
+    #: "mixed" (different peers, different strategies), "none" (no byte to move)
+    strategies: dict[str, int] = field(default_factory=dict)
+    chunks: int = 0  # staged chunks, all initiators together
 
     @property
     def gbps(self) -> float:
@@ -90,9 +96,12 @@ class DemoResult:
 
     def summary(self) -> str:
         done = ", ".join(f"rank {p}: {n}" for p, n in sorted(self.prefill_completions.items()))
+        used = ", ".join(f"{k} {v}" for k, v in sorted(self.strategies.items())) or "none"
         return (
             f"moved {self.bytes / 2**20:.2f} MiB in {self.descriptors} descriptors in "
             f"{self.seconds:.3f} s ({self.gbps:.2f} GB/s; set-up {self.setup_seconds:.1f} s)\n"
+            f"strategy {self.strategy}: requests x {'decode' if self.mode == 'pull' else 'prefill'}"
+            f" ranks by strategy: {used} ({self.chunks} staged chunks)\n"
             f"prefill requests completed: {done}"
         )
 
@@ -222,6 +231,7 @@ def _worker_body(cfg: dict[str, Any], conn: Connection) -> int:
         engine=role,
         device=cfg["device"],
         timeout_s=cfg["timeout_s"],
+        strategy=cfg["strategy"],
     )
     try:
         bufs = allocate_buffers(plan, role, kinds, nb, cfg["device"])
@@ -249,11 +259,16 @@ def _worker_body(cfg: dict[str, Any], conn: Connection) -> int:
         conn.send(("ready",))
         _recv(conn, "go")
 
+        used: dict[str, int] = {}
         if (role == "decode") == (cfg["mode"] == "pull"):
-            completions = _run_initiator(ep, cfg, conn, my_ids, peer_ids)
+            completions = _run_initiator(ep, cfg, conn, my_ids, peer_ids, used)
         else:
             completions = _run_passive(ep, cfg, conn)
-        result: dict[str, Any] = {"stats": ep.stats(), "completions": completions}
+        result: dict[str, Any] = {
+            "stats": ep.stats(),
+            "completions": completions,
+            "strategies": used,
+        }
         if role == "decode":
             result["verified_bytes"] = _verify(plan, rank, bufs, taggers, my_ids, nb, ep.label)
         conn.send(("finished", result))
@@ -276,7 +291,7 @@ def _gate(cfg: dict[str, Any], conn: Connection, i: int) -> None:
         _recv(conn, "continue")
 
 
-def _run_initiator(ep, cfg, conn, my_ids, peer_ids) -> int:
+def _run_initiator(ep, cfg, conn, my_ids, peer_ids, used: dict[str, int]) -> int:
     """Start requests (up to _WINDOW in flight) and wait for them; raise the first failure."""
     from .errors import TransferError
 
@@ -307,6 +322,8 @@ def _run_initiator(ep, cfg, conn, my_ids, peer_ids) -> int:
         for rid in progress.done:
             in_flight.discard(rid)
             completions += 1
+            s = ep.completion_info(rid)["strategy"] or "none"
+            used[s] = used.get(s, 0) + 1
             if ep.role == "decode":
                 conn.send(("done", rid))
         waiter.after(progress)
@@ -473,15 +490,19 @@ def run_demo(
     progress: bool = True,
     decode_plan: Plan | None = None,
     seed: int = 0,
+    strategy: str = "auto",
 ) -> DemoResult:
     """Run the demo; raise :class:`DemoError` on any failure (never a silent success).
 
     ``timeout_s`` bounds every request (and so every wait for a dead peer).
+    ``strategy``: the endpoints' strategy (``"zero-copy"``, ``"staged"``, ``"auto"``).
     ``decode_plan``: the plan the decode processes use for ``inject="spec-mismatch"``
     (default: :func:`mismatched_plan`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if inject is not None and inject not in INJECTIONS:
         raise ValueError(f"inject must be one of {', '.join(INJECTIONS)}, got {inject!r}")
     for name, v in (("requests", requests), ("layers", layers), ("blocks", blocks)):
@@ -515,6 +536,7 @@ def run_demo(
         "timeout_s": timeout_s,
         "inject": inject,
         "run_id": run_id,
+        "strategy": strategy,
     }
     dplan = plan
     if inject == "spec-mismatch":
@@ -624,6 +646,10 @@ def run_demo(
         dec = [c.result for c in children if c.role == "decode"]
         pre = [c.result for c in children if c.role == "prefill"]
         inits = dec if mode == "pull" else pre
+        used: dict[str, int] = {}
+        for f in inits:
+            for k, v in f["strategies"].items():
+                used[k] = used.get(k, 0) + v
         return DemoResult(
             mode=mode,
             prefill_tp=plan.prefill_tp,
@@ -631,13 +657,16 @@ def run_demo(
             requests=requests,
             layers=layers,
             blocks=blocks,
-            bytes=sum(f["stats"]["bytes_posted"] for f in inits),
-            descriptors=sum(f["stats"]["descriptors_posted"] for f in inits),
+            bytes=sum(f["stats"]["bytes_completed"] for f in inits),
+            descriptors=sum(f["stats"]["descriptors_posted"] for f in dec + pre),
             seconds=seconds,
             verified_bytes=sum(f["verified_bytes"] for f in dec),
             prefill_completions={r: f["completions"] for r, f in enumerate(pre)},
             notifications={r: f["stats"]["notifs_received"] for r, f in enumerate(pre)},
             setup_seconds=setup_s,
+            strategy=strategy,
+            strategies=used,
+            chunks=sum(f["stats"]["chunk_transfers"] for f in dec + pre),
         )
     finally:
         if prog is not None:

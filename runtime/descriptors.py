@@ -91,6 +91,89 @@ class PairTable:
         return li, ri, nbytes
 
 
+def dense_rows(table: PairTable) -> np.ndarray:
+    """Rows whose runs NIXL merges across consecutive blocks (bool, per row).
+
+    ``nixlAgent::makeXferReq`` merges neighbouring indices of one strided row when the row is
+    dense -- its run fills the whole stride (``len == stride``) -- and both sides have the same
+    stride; indices of different rows never merge (checked against NIXL's telemetry in the
+    tests).
+    """
+    d = getattr(table, "_dense", None)
+    if d is None:
+        lr, rr = table.local_rows, table.remote_rows
+        d = (lr[:, 1] == lr[:, 3]) & (lr[:, 3] == rr[:, 3])
+        object.__setattr__(table, "_dense", d)
+    return d
+
+
+def posted_count(
+    table: PairTable,
+    local_blocks: np.ndarray,
+    remote_blocks: np.ndarray,
+    rows: np.ndarray | slice = slice(None),
+) -> int:
+    """Descriptors NIXL posts for one request's indices (after its merges)."""
+    nblk = int(local_blocks.shape[0])
+    dense = dense_rows(table)[rows]
+    n = int(dense.shape[0]) * nblk
+    if nblk > 1:
+        adj = int(np.count_nonzero((np.diff(local_blocks) == 1) & (np.diff(remote_blocks) == 1)))
+        n -= int(np.count_nonzero(dense)) * adj
+    return n
+
+
+def merged_descriptors(
+    table: PairTable,
+    local_blocks: np.ndarray,
+    remote_blocks: np.ndarray,
+    rows: np.ndarray | slice = slice(None),
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One request's descriptors merged as NIXL would merge its indices: ``Nx3`` rows
+    ``(addr, len, devid)`` for each side, and the bytes.
+
+    For a request that NIXL would merge heavily (whole pages, runs of consecutive blocks),
+    posting these rows with ``initialize_xfer`` costs ~25 ns per descriptor instead of ~32 ns
+    per *index* for ``make_prepped_xfer`` (1 ms for 32,768 indices of a 1 GiB request).
+    Rows are in the same order as :meth:`PairTable.indices` (row outer, blocks inner).
+    """
+    lr = table.local_rows[rows]
+    rr = table.remote_rows[rows]
+    dense = dense_rows(table)[rows]
+    nblk = int(local_blocks.shape[0])
+    lb = local_blocks.astype(np.uint64)
+    rb = remote_blocks.astype(np.uint64)
+    # segments of consecutive blocks (on both sides) in request order
+    if nblk > 1:
+        brk = np.flatnonzero((np.diff(local_blocks) != 1) | (np.diff(remote_blocks) != 1)) + 1
+    else:
+        brk = np.zeros(0, dtype=np.int64)
+    seg_start = np.concatenate(([0], brk)).astype(np.int64)
+    seg_len = np.diff(np.concatenate((seg_start, [nblk]))).astype(np.uint64)
+    keys, locs, rems = [], [], []
+    # dense rows: one descriptor per segment; the others: one per block
+    for sel, starts, lens in (
+        (dense, seg_start, seg_len),
+        (~dense, np.arange(nblk, dtype=np.int64), np.ones(nblk, dtype=np.uint64)),
+    ):
+        idx = np.flatnonzero(sel)
+        if idx.size == 0 or starts.size == 0:
+            continue
+        keys.append(np.repeat(idx, starts.size))
+        for side_rows, blocks, out in ((lr[idx], lb, locs), (rr[idx], rb, rems)):
+            m = np.empty((idx.size, starts.size, 3), dtype=np.uint64)
+            m[:, :, 0] = side_rows[:, 0:1] + blocks[starts][None, :] * side_rows[:, 3:4]
+            m[:, :, 1] = side_rows[:, 1:2] * lens[None, :]
+            m[:, :, 2] = side_rows[:, 2:3]
+            out.append(m.reshape(-1, 3))
+    nbytes = int(table.row_nbytes[rows].sum()) * nblk
+    if not keys:
+        z = np.zeros((0, 3), dtype=np.uint64)
+        return z, z.copy(), nbytes
+    order = np.argsort(np.concatenate(keys), kind="stable")  # back into row order
+    return np.concatenate(locs)[order], np.concatenate(rems)[order], nbytes
+
+
 def build_pair_table(
     plan: Plan,
     *,
@@ -207,7 +290,7 @@ def check_block_ids(
             peer=peer,
             request_id=request_id,
         )
-    if unique and arr.size > 1:
+    if unique and arr.size > 1 and not bool(np.all(arr[1:] > arr[:-1])):  # (sorted: unique)
         order = np.argsort(arr, kind="stable")
         srt = arr[order]
         dup = np.flatnonzero(srt[1:] == srt[:-1]) + 1

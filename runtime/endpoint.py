@@ -40,12 +40,15 @@ import numpy as np
 
 from . import handshake as hs
 from . import nixl_compat
+from .costmodel import CostModel
 from .descriptors import (
     PairTable,
     Segment,
     build_pair_table,
     check_block_ids,
     check_same_count,
+    merged_descriptors,
+    posted_count,
     segments_by_key,
 )
 from .errors import (
@@ -58,10 +61,20 @@ from .errors import (
     TransferTimeoutError,
 )
 from .plan import PLAN_FORMAT, Plan, PlanError
+from .staged import (
+    DEFAULT_STAGING_BYTES,
+    DEFAULT_STAGING_SLOTS,
+    MOVERS,
+    STRATEGIES,
+    StagedEngine,
+    is_staged_msg,
+)
+from .staging import _count_ops
 
 __all__ = [
     "Endpoint",
     "Progress",
+    "STRATEGIES",
     "allocate_buffers",
     "kind_pages",
     "layer_kind_sequence",
@@ -121,6 +134,54 @@ def allocate_buffers(
     return out
 
 
+def _host_staging(nbytes: int) -> Any:
+    """A host staging buffer backed by transparent huge pages where the OS offers them.
+
+    UCX moves host memory between processes with ``process_vm_readv``/``writev`` (CMA), which
+    pins the pages of both sides per call: on 2 MiB pages a 64 MiB copy ran at 11-13 GB/s
+    against 5-6 GB/s on 4 KiB pages (this 2-core box, ``THP enabled=madvise``).  The buffer
+    is ours, so it asks for huge pages (``madvise(MADV_HUGEPAGE)``); the pages are touched
+    here so that they are resident before the first transfer.  Falls back to a plain tensor.
+    """
+    import mmap
+
+    import torch
+
+    adv = getattr(mmap, "MADV_HUGEPAGE", None)
+    if adv is not None and nbytes >= (2 << 20):
+        try:
+            m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            m.madvise(adv)
+            t = torch.frombuffer(m, dtype=torch.uint8)
+            t.zero_()
+            t._layoutc_mmap = m  # keep the mapping alive as long as the tensor
+            return t
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass
+    return torch.zeros(nbytes, dtype=torch.uint8)
+
+
+def _summary(strategies: dict[str, str]) -> str | None:
+    kinds = set(strategies.values())
+    if not kinds:
+        return None
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def _staging_of(header: dict[str, Any]) -> dict[str, int] | None:
+    """A peer's staging buffer from its handshake header (None: it has none, or malformed)."""
+    st = header.get("staging")
+    if not isinstance(st, dict):
+        return None
+    try:
+        out = {k: int(st[k]) for k in ("addr", "nbytes", "devid", "slots", "slot_bytes")}
+    except (KeyError, TypeError, ValueError):
+        return None
+    if out["slot_bytes"] <= 0 or out["slots"] <= 0:
+        return None
+    return out
+
+
 def _side(plan: Plan, role: str):
     if role == "prefill":
         return plan.prefill
@@ -148,6 +209,7 @@ class _Peer:
     table: PairTable | None = None
     table_built: bool = False
     prepped: tuple[Any, Any] | None = None
+    staging: dict[str, int] | None = None  # the peer's staging buffer (from its header)
 
 
 @dataclass
@@ -173,6 +235,17 @@ class _Request:
     got: set[int] = field(default_factory=set)
     nbytes: int = 0
     descriptors: int = 0
+    staged: dict[str, Any] = field(default_factory=dict)  # peer name -> staged.StagedCtx
+    staged_ended: bool = False
+    strategies: dict[str, str] = field(default_factory=dict)  # peer label -> strategy
+    chunks: int = 0
+
+    def staged_complete(self) -> bool:
+        """Every staged chunk has crossed (and, on a destination, been unpacked).  A passive
+        source (prefill ``expect``) needs only its readers' ``DONE``: they unpack first."""
+        return all(
+            c.complete for c in self.staged.values() if self.kind != "expect" or c.role == "dst"
+        )
 
 
 class Progress(NamedTuple):
@@ -200,6 +273,18 @@ class Endpoint:
     device:     ``"cpu"`` (buffers in DRAM) or ``"cuda"`` (VRAM).
     listen_port: start NIXL's metadata listener on this port (for :meth:`connect`).
     timeout_s:  default deadline of every request and wait.
+    strategy:   how requests this endpoint initiates move bytes, per peer: ``"zero-copy"``
+                (one descriptor per run, page to page), ``"staged"`` (pack into the staging
+                buffer, one transfer per chunk, unpack), or ``"auto"`` (the cost model picks
+                per request and peer; the default).  ``pull``/``push`` can override it.
+    staging_bytes: size of the staging buffer allocated and registered with the layers
+                (default 64 MiB, on the endpoint's device); 0 turns staging off (every
+                request then goes zero-copy, and peers cannot stage with this endpoint).
+    staging_slots: slots the staging buffer is cut into (default 4); a chunk is one slot.
+    cost_model: a :class:`~layoutc.runtime.costmodel.CostModel`, a dict of constants, or
+                None for the device kind's defaults (updated from ``$LAYOUTC_COST_MODEL``).
+    staged_mover: who copies staged chunks, ``"reader"``, ``"writer"`` or ``"alternate"``
+                (default: alternate on host memory, writer on GPUs).
     """
 
     def __init__(
@@ -213,6 +298,11 @@ class Endpoint:
         device: str = "cpu",
         listen_port: int | None = None,
         timeout_s: float = 30.0,
+        strategy: str = "auto",
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+        staging_slots: int = DEFAULT_STAGING_SLOTS,
+        cost_model: CostModel | dict[str, Any] | None = None,
+        staged_mover: str | None = None,
     ) -> None:
         self.plan = plan
         self.side = _side(plan, role)
@@ -226,6 +316,31 @@ class Endpoint:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        if not isinstance(staging_bytes, int) or staging_bytes < 0:
+            raise ValueError(f"staging_bytes must be an int >= 0, got {staging_bytes!r}")
+        if not isinstance(staging_slots, int) or staging_slots < 1:
+            raise ValueError(f"staging_slots must be an int >= 1, got {staging_slots!r}")
+        if staged_mover is not None and staged_mover not in MOVERS:
+            raise ValueError(
+                f"staged_mover must be one of {', '.join(MOVERS)}, got {staged_mover!r}"
+            )
+        kind = "cpu" if str(device) == "cpu" else "cuda"
+        if cost_model is None:
+            cost_model = CostModel.load(kind)
+        elif isinstance(cost_model, dict):
+            cost_model = CostModel.load(kind, overrides=cost_model)
+        elif not isinstance(cost_model, CostModel):
+            raise TypeError(f"cost_model must be a CostModel or a dict, got {type(cost_model)}")
+        if strategy == "staged" and staging_bytes == 0:
+            raise ValueError("strategy 'staged' needs a staging buffer (staging_bytes > 0)")
+        self.strategy = strategy
+        self.cost_model = cost_model
+        self.staging_bytes = staging_bytes
+        self.staging_slots = staging_slots
+        self._mover = staged_mover
+        self._staged: StagedEngine | None = None
         self.rank = rank
         self.engine = engine or role
         self.name = name or f"{self.engine}-{rank}"
@@ -270,6 +385,15 @@ class Endpoint:
             "notifs_sent": 0,
             "notifs_received": 0,
             "notify_errors": 0,
+            "staging_bytes": 0,
+            "bytes_completed": 0,
+            "staged_peer_requests": 0,
+            "zero_copy_peer_requests": 0,
+            "chunk_transfers": 0,
+            "chunks_packed": 0,
+            "chunks_unpacked": 0,
+            "bytes_packed": 0,
+            "bytes_unpacked": 0,
         }
 
     # ---------------------------------------------------------------- context management
@@ -317,6 +441,9 @@ class Endpoint:
             self._reg = None
             self._stats["registrations"] = 0
             self._stats["registered_bytes"] = 0
+        if self._staged is not None:
+            self._staged.deregister()
+            self._stats["staging_bytes"] = 0
         self._closed = True
 
     def _check_open(self) -> None:
@@ -360,13 +487,37 @@ class Endpoint:
                 segments.append(Segment(i, page, addr, nbytes, devid, stride, nbytes // stride))
                 regions[(addr, nbytes, devid)] = None
         arr = np.array(list(regions), dtype=np.uint64).reshape(-1, 3)
+        staged = None
+        if self.staging_bytes:
+            staged = self._make_staging(buffers)
         self._reg = self.agent.register_memory(arr, self.mem_type)
+        if staged is not None:
+            try:
+                staged.register()
+            except BaseException:
+                self.agent.deregister_memory(self._reg)
+                self._reg = None
+                raise
+            self._staged = staged
+            self._stats["staging_bytes"] = staged.pool.slots * staged.pool.slot_bytes
         self._buffers = [dict(b) for b in buffers]
         self._layer_kinds = layer_kinds
         self._segments = segments_by_key(segments)
         self._num_blocks = min(s.num_blocks for s in segments)
         self._stats["registrations"] = int(arr.shape[0])
         self._stats["registered_bytes"] = int(arr[:, 1].sum())
+
+    def _make_staging(self, buffers: Sequence[dict[str, Any]]) -> StagedEngine:
+        """Allocate the staging buffer (once per endpoint) on the device of the pages."""
+        import torch
+
+        first = next(iter(buffers[0].values()))
+        dev = first.device
+        if dev.type == "cpu":
+            t = _host_staging(self.staging_bytes)
+        else:
+            t = torch.zeros(self.staging_bytes, dtype=torch.uint8, device=dev)
+        return StagedEngine(self, t, self.staging_slots, self._mover)
 
     def _kind_of(self, i: int, pages: dict[str, Any], kind: str | None) -> str:
         names = set(pages)
@@ -443,6 +594,7 @@ class Endpoint:
             "mem_type": self.mem_type,
             "layers": layers,
             "listener": self.listen_port,
+            "staging": None if self._staged is None else self._staged.pool.info(),
         }
 
     def handshake_bytes(self) -> bytes:
@@ -526,6 +678,7 @@ class Endpoint:
             mem_type=header["mem_type"],
             segments=segments_by_key(segs),
             num_blocks=min(s.num_blocks for s in segs),
+            staging=_staging_of(header),
         )
         self._peers[name] = peer
         return peer
@@ -535,6 +688,8 @@ class Endpoint:
         if reason:
             self._peer_dead(peer, reason, error_cls=PeerDisconnectedError)
         self._release_prepped(peer)
+        if self._staged is not None:
+            self._staged.forget_peer(peer.name)
         try:
             self.agent.remove_remote_agent(peer.name)
         except nixl_compat.nixl_errors():
@@ -702,6 +857,8 @@ class Endpoint:
                     peer, f"{peer.label} re-handshaked (restarted)", error_cls=PeerDisconnectedError
                 )
                 self._release_prepped(peer)
+                if self._staged is not None:
+                    self._staged.forget_peer(peer.name)
                 if peer.name != sender:
                     try:
                         self.agent.remove_remote_agent(peer.name)
@@ -726,6 +883,7 @@ class Endpoint:
         layers: Sequence[int] | None = None,
         engine: str | None = None,
         timeout_s: float | None = None,
+        strategy: str | None = None,
     ) -> None:
         """Decode side: READ a request's pages from every source prefill rank (pull mode).
 
@@ -733,7 +891,9 @@ class Endpoint:
         (the prefill engine's).  ``layers`` selects layers (default all).  Block ids are
         validated before anything is posted (:class:`BlockIdError`).  Completion is reported
         by :meth:`poll`/:meth:`wait`; once complete, every prefill rank in
-        ``plan.rank(d).notified`` has been sent ``DONE``.
+        ``plan.rank(d).notified`` has been sent ``DONE``.  ``strategy`` overrides the
+        endpoint's for this request (``"zero-copy"``, ``"staged"``, ``"auto"``); a staged
+        source packs once its :meth:`expect` marked the request ready.
         """
         if self.role != "decode":
             raise RuntimeError(f"{self.label}: pull() is for decode ranks; prefill uses push()")
@@ -749,6 +909,7 @@ class Endpoint:
             timeout_s,
             targets=rp.sources,
             notify=rp.notified,
+            strategy=strategy,
         )
 
     def push(
@@ -760,11 +921,13 @@ class Endpoint:
         layers: Sequence[int] | None = None,
         engine: str | None = None,
         timeout_s: float | None = None,
+        strategy: str | None = None,
     ) -> None:
         """Prefill side: WRITE a request's pages into every decode rank that reads from this
         rank (``plan.targets(p)``; push mode).  ``remote_blocks`` are the decode engine's
         logical block ids.  When every WRITE completed ``DONE`` the request completes and each
-        target is sent ``DONE``.
+        target is sent ``DONE``.  ``strategy`` as for :meth:`pull` (a staged target
+        grants staging slots once its :meth:`expect` marked the request ready).
         """
         if self.role != "prefill":
             raise RuntimeError(f"{self.label}: push() is for prefill ranks; decode uses pull()")
@@ -780,6 +943,7 @@ class Endpoint:
             timeout_s,
             targets=targets,
             notify=targets,
+            strategy=strategy,
         )
 
     def expect(
@@ -888,11 +1052,18 @@ class Endpoint:
         *,
         targets: Sequence[int],
         notify: Sequence[int],
+        strategy: str | None = None,
     ) -> None:
         self._check_open()
         if self._reg is None:
             raise RuntimeError(f"{self.label}: call register_layers() first")
         rid = self._new_rid(request_id)
+        strategy = self.strategy if strategy is None else strategy
+        if strategy not in STRATEGIES:
+            raise ValueError(
+                f"{self.label}: request {rid!r}: strategy must be one of "
+                f"{', '.join(STRATEGIES)}, got {strategy!r}"
+            )
         peer_kind = f"{self.peer_role}"
         local = check_block_ids(
             local_blocks,
@@ -932,6 +1103,16 @@ class Endpoint:
             request_id=rid,
         )
         sel = self._layers_arg(layers, rid)
+        if strategy == "staged":
+            for r in sorted(set(targets)):
+                if self._staged is None or peers[r].staging is None:
+                    who = self.label if self._staged is None else peers[r].label
+                    raise TransferFailedError(
+                        f"{self.label}: request {rid!r}: strategy 'staged' but {who} has no "
+                        f"staging buffer (staging_bytes=0)",
+                        peer=None if self._staged is None else peers[r].label,
+                        request_id=rid,
+                    )
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)
         now = _now()
         req = _Request(
@@ -951,22 +1132,59 @@ class Endpoint:
             return
         if local.shape[0] == 0:
             return  # nothing to move; completes (and notifies) on the next poll
+        staged: list[tuple[Any, np.ndarray]] = []
         for r in sorted(set(targets)):
             peer = peers[r]
+            table = self._pair_table(peer)
+            if table is None:
+                continue
+            rows = table.rows_for_layers(sel)
+            n_posted = posted_count(table, local, remote, rows)
+            choice = self._choose(peer, table, rows, local, remote, sel, strategy, n_posted)
+            if choice is None:
+                continue  # no bytes from this peer in these layers
+            req.strategies[peer.label] = choice
+            if choice == "staged":
+                self._stats["staged_peer_requests"] += 1
+                assert self._staged is not None
+                ctx = self._staged.new_ctx(
+                    req,
+                    peer,
+                    blocks=local,
+                    layers=sel,
+                    chunk=self._staged.chunk_bytes(peer) or 1,
+                    mover=self._staged.default_mover(op),
+                )
+                req.nbytes += ctx.total
+                req.chunks += ctx.n
+                staged.append((ctx, remote))
+                continue
+            self._stats["zero_copy_peer_requests"] += 1
             try:
-                table = self._table(peer)
-                if table is None:
-                    continue
-                li, ri, nbytes = table.indices(local, remote, table.rows_for_layers(sel))
-                if li.size == 0:
-                    continue
-                lh, rh = peer.prepped
-                handle = self.agent.make_prepped_xfer(op, lh, li, rh, ri)
+                n_idx = int(table.row_nbytes[rows].shape[0]) * int(local.shape[0])
+                if n_posted * 4 <= n_idx:
+                    # NIXL would merge >= 3 of 4 indices (whole pages, consecutive blocks):
+                    # post the merged descriptors themselves (~25 ns each) instead of every
+                    # index (~32 ns each; 1 ms for a 1 GiB request of 32k blocks)
+                    loc, rem, nbytes = merged_descriptors(table, local, remote, rows)
+                    handle = self.agent.initialize_xfer(
+                        op,
+                        self.agent.get_xfer_descs(loc, self.mem_type),
+                        self.agent.get_xfer_descs(rem, peer.mem_type),
+                        peer.name,
+                    )
+                    n_desc = int(loc.shape[0])
+                else:
+                    self._prep(peer, table)
+                    li, ri, nbytes = table.indices(local, remote, rows)
+                    lh, rh = peer.prepped
+                    handle = self.agent.make_prepped_xfer(op, lh, li, rh, ri)
+                    n_desc = int(li.size)
             except nixl_compat.nixl_errors() as e:
                 self._xfer_exception(req, peer, e, "preparing")
                 return
             self._stats["xfer_handles_created"] += 1
-            x = _Xfer(peer, handle, "PROC", int(li.size), nbytes)
+            x = _Xfer(peer, handle, "PROC", n_desc, nbytes)
             req.xfers.append(x)
             try:
                 x.state = self.agent.transfer(handle)
@@ -989,9 +1207,59 @@ class Endpoint:
                     ),
                 )
                 return
+        if staged and rid in self._requests:
+            assert self._staged is not None
+            ctxs = [c for c, _ in staged]
+            grants = self._staged.grant_initial(ctxs) if self.role == "decode" else {}
+            for ctx, peer_blocks in staged:
+                msg = self._staged.sreq(ctx, peer_blocks, sel, grants.get(ctx.peer.name, []))
+                try:
+                    self._send(ctx.peer.name, msg)
+                except nixl_compat.nixl_errors() as e:
+                    self._xfer_exception(req, ctx.peer, e, "requesting")
+                    return
 
-    def _table(self, peer: _Peer) -> PairTable | None:
-        """The pair's descriptor table and prepped lists (built once per peer)."""
+    def _choose(
+        self,
+        peer: _Peer,
+        table: PairTable,
+        rows: np.ndarray | slice,
+        local: np.ndarray,
+        remote: np.ndarray,
+        sel: np.ndarray | None,
+        strategy: str,
+        n_posted: int,
+    ) -> str | None:
+        """The strategy of one (request, peer): ``None`` when no byte moves.  ``n_posted``:
+        the descriptors zero-copy would post (after NIXL's merges)."""
+        row_nbytes = table.row_nbytes[rows]
+        nblk = int(local.shape[0])
+        nbytes = int(row_nbytes.sum()) * nblk
+        if nbytes == 0:
+            return None
+        chunk = None if self._staged is None else self._staged.chunk_bytes(peer)
+        if strategy == "zero-copy" or chunk is None:
+            return "zero-copy"
+        if strategy == "staged":
+            return "staged"
+        n_rows = int(row_nbytes.shape[0])
+        n_chunks = -(-nbytes // chunk)
+        lay, _ = self._staged.layout_for(peer)
+        g = lay.groups_for_layers(sel)
+        n_groups = lay.num_groups if g is None else int(g.shape[0])
+        n_ops = _count_ops(self._kernel(), n_rows, n_groups, n_chunks)
+        return self.cost_model.choose(n_posted, nbytes, n_chunks, n_ops)
+
+    def _kernel(self) -> str:
+        """How pack/unpack run here (for the cost model's count of kernel calls)."""
+        if self.mem_type == "DRAM":
+            return "per-row"
+        from .staging import _triton_kernel
+
+        return "fused" if _triton_kernel() is not None else "grouped"
+
+    def _pair_table(self, peer: _Peer) -> PairTable | None:
+        """The pair's descriptor table (built once per peer; no NIXL calls)."""
         if not peer.table_built:
             d, p = (self.rank, peer.rank) if self.role == "decode" else (peer.rank, self.rank)
             peer.table = build_pair_table(
@@ -1004,19 +1272,29 @@ class Endpoint:
                 remote_segments=peer.segments,
             )
             peer.table_built = True
-        t = peer.table
-        if t is not None and peer.prepped is None:
-            lh = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", t.local_rows, self.mem_type)
-            self._stats["dlist_handles_open"] += 1
-            try:
-                rh = self.agent.prep_xfer_dlist(peer.name, t.remote_rows, peer.mem_type)
-            except BaseException:
-                lh.release()
-                self._stats["dlist_handles_open"] -= 1
-                raise
-            self._stats["dlist_handles_open"] += 1
-            self._stats["descriptors_prepped"] += int(t.local_rows[:, 4].sum()) * 2
-            peer.prepped = (lh, rh)
+        return peer.table
+
+    def _prep(self, peer: _Peer, t: PairTable) -> None:
+        """Prepare the pair's descriptor lists once (zero-copy only)."""
+        if peer.prepped is not None:
+            return
+        lh = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", t.local_rows, self.mem_type)
+        self._stats["dlist_handles_open"] += 1
+        try:
+            rh = self.agent.prep_xfer_dlist(peer.name, t.remote_rows, peer.mem_type)
+        except BaseException:
+            lh.release()
+            self._stats["dlist_handles_open"] -= 1
+            raise
+        self._stats["dlist_handles_open"] += 1
+        self._stats["descriptors_prepped"] += int(t.local_rows[:, 4].sum()) * 2
+        peer.prepped = (lh, rh)
+
+    def _table(self, peer: _Peer) -> PairTable | None:
+        """The pair's descriptor table and prepped lists (built once per peer)."""
+        t = self._pair_table(peer)
+        if t is not None:
+            self._prep(peer, t)
         return t
 
     # ---------------------------------------------------------------- progress
@@ -1091,11 +1369,15 @@ class Endpoint:
                 if _now() - t < self.timeout_s:
                     self._on_hdr(sender, msg, first_seen=t)
         now = _now()
+        if self._staged is not None and (self._staged.active or self._staged.pool.held):
+            self._staged.pump(now)
         for req in list(self._requests.values()):
             if req.rid not in self._requests:
                 continue  # failed meanwhile (e.g. its peer died while checking another)
             if req.kind != "expect":
                 self._check_xfers(req)
+            elif req.staged:
+                self._maybe_complete_expect(req)
             if req.rid in self._requests and now > req.deadline:
                 self._timeout(req)
         if self._early:
@@ -1121,7 +1403,7 @@ class Endpoint:
                         ),
                     )
                     return
-        if all(x.state == "DONE" for x in req.xfers):
+        if all(x.state == "DONE" for x in req.xfers) and req.staged_complete():
             self._complete_initiator(req)
 
     def _complete_initiator(self, req: _Request) -> None:
@@ -1176,14 +1458,22 @@ class Endpoint:
             peer.alive = False
             peer.dead_reason = reason
             self._peer_dead(peer, reason, error_cls=PeerDisconnectedError)
+            if self._staged is not None:
+                self._staged.peer_gone(peer.name)
 
     def _peer_dead(self, peer: _Peer, reason: str, *, error_cls: type[TransferError]) -> None:
         for req in list(self._requests.values()):
             involved = any(x.peer is peer and x.state != "DONE" for x in req.xfers)
+            involved = involved or any(
+                c.peer is peer and not c.complete for c in req.staged.values()
+            )
             if req.kind == "expect":
                 involved = (
                     peer.rank in req.expected
-                    and peer.rank not in req.got
+                    and (
+                        peer.rank not in req.got
+                        or (peer.name in req.staged and not req.staged_complete())
+                    )
                     and self._engine_ok(req, peer)
                 )
             elif req.kind == "push" and any(p is peer for p in req.notify):
@@ -1211,9 +1501,15 @@ class Endpoint:
             )
         else:
             slow = [x.peer.label for x in req.xfers if x.state != "DONE"]
+            what = list(slow)
+            for c in req.staged.values():
+                if not c.complete:
+                    slow.append(c.peer.label)
+                    done = c.unpacked if c.role == "dst" else c.moved
+                    what.append(f"{c.peer.label} (staged, {done} of {c.n} chunks done)")
             err = TransferTimeoutError(
                 f"{self.label}: request {req.rid!r} timed out after {req.timeout_s:.1f} s; "
-                f"transfers with {', '.join(slow) or 'no peer'} still in progress",
+                f"transfers with {', '.join(what) or 'no peer'} still in progress",
                 peer=slow[0] if slow else None,
                 request_id=req.rid,
             )
@@ -1231,12 +1527,15 @@ class Endpoint:
             x.handle = None
 
     def _fail(self, req: _Request, err: TransferError, *, notify_peers: bool = True) -> None:
+        rel = True
         try:
             self._release_xfers(req)
+            rel = self._end_staged(req, failed=True)
         finally:
             if notify_peers:
                 peers = {x.peer.name: x.peer for x in req.xfers}
                 peers.update({p.name: p for p in req.notify})
+                peers.update({c.peer.name: c.peer for c in req.staged.values()})
                 if req.kind == "expect":
                     peers.update(
                         {
@@ -1247,14 +1546,26 @@ class Endpoint:
                     )
                 for peer in peers.values():
                     if peer.alive and peer.label != err.peer:
-                        self._send_quiet(peer.name, {"t": "FAIL", "r": req.rid, "e": str(err)})
+                        self._send_quiet(
+                            peer.name, {"t": "FAIL", "r": req.rid, "e": str(err), "rel": rel}
+                        )
             self._finish(req, err)
+
+    def _end_staged(self, req: _Request, *, failed: bool) -> bool:
+        """Release the request's staging slots (once); see ``StagedEngine.finish``."""
+        if not req.staged or self._staged is None or req.staged_ended:
+            return True
+        req.staged_ended = True
+        return self._staged.finish(req, failed, _now())
 
     def _finish(self, req: _Request, err: TransferError | None) -> None:
         if self._requests.pop(req.rid, None) is None:
             return
+        self._end_staged(req, failed=err is not None)
         self._finished[req.rid] = err
         self._stats["requests_failed" if err else "requests_done"] += 1
+        if err is None and req.kind != "expect":
+            self._stats["bytes_completed"] += req.nbytes
         if req.kind == "expect":
             peers = [hs.rank_label(self.peer_role, r) for r in sorted(req.got)]
         else:
@@ -1269,6 +1580,9 @@ class Endpoint:
             "bytes": req.nbytes,
             "descriptors": req.descriptors,
             "seconds": _now() - req.started,
+            "strategy": _summary(req.strategies),
+            "strategies": dict(req.strategies),
+            "chunks": req.chunks,
         }
         while len(self._info) > _MAX_INFO:
             self._info.pop(next(iter(self._info)))
@@ -1278,7 +1592,11 @@ class Endpoint:
 
         ``kind`` (pull/push/expect), ``ok``, ``error``, ``peers`` (for ``expect``: the ranks
         whose ``DONE`` was counted; otherwise the ranks transferred with), ``expected``,
-        ``notified`` (ranks sent ``DONE``), ``bytes``, ``descriptors``, ``seconds``.
+        ``notified`` (ranks sent ``DONE``), ``bytes``, ``descriptors`` (NIXL descriptor
+        indices and chunk transfers this side posted), ``seconds``, ``strategy``
+        (``"zero-copy"``, ``"staged"``, ``"mixed"`` or ``None`` when no byte moved with any
+        peer), ``strategies`` (peer label -> strategy of the peers that moved bytes) and
+        ``chunks`` (staged chunks of the request on this side).
         """
         return dict(self._info[request_id])
 
@@ -1314,6 +1632,10 @@ class Endpoint:
             return
         req = self._requests.get(rid)
         if req is None:
+            if self._staged is not None and (t == "FAIL" or (is_staged_msg(t) and t != "SREQ")):
+                self._staged.on_stale(sender, msg)  # a late message of an ended request
+                if t != "FAIL":
+                    return
             if rid not in self._finished:
                 self._early.setdefault(rid, []).append((_now(), sender, msg))
             return
@@ -1353,6 +1675,27 @@ class Endpoint:
                     ),
                     notify_peers=False,
                 )
+                if msg.get("rel") and self._staged is not None:
+                    self._staged.pool.release_held(peer=sender, rid=req.rid)
+            return
+        if is_staged_msg(t):
+            if peer is None or self._staged is None:
+                return
+            if t == "SREQ":
+                if req.kind != "expect" or peer.rank not in req.expected:
+                    return
+                if not self._engine_ok(req, peer):
+                    return
+                if req.engine is None:
+                    req.engine = peer.engine
+                if peer.name not in req.staged:
+                    req.strategies[peer.label] = "staged"
+                    self._stats["staged_peer_requests"] += 1
+            self._staged.on_msg(req, peer, msg)
+            if t == "SREQ" and peer.name in req.staged:
+                req.chunks += req.staged[peer.name].n
+            if req.rid in self._requests and req.kind == "expect":
+                self._maybe_complete_expect(req)
             return
         if t != "DONE" or req.kind != "expect" or peer is None:
             return
@@ -1360,11 +1703,19 @@ class Endpoint:
             return
         if req.engine is None:
             req.engine = peer.engine  # the first notifier fixes the engine of the request
+        if peer.label not in req.strategies and self._moves_bytes_with(peer):
+            req.strategies[peer.label] = "zero-copy"
+            self._stats["zero_copy_peer_requests"] += 1
         req.got.add(peer.rank)
         self._maybe_complete_expect(req)
 
+    def _moves_bytes_with(self, peer: _Peer) -> bool:
+        if self.role == "prefill":
+            return self.rank in self.plan.rank(peer.rank).sources
+        return peer.rank in self.plan.rank(self.rank).sources
+
     def _maybe_complete_expect(self, req: _Request) -> None:
-        if req.got >= req.expected:
+        if req.got >= req.expected and req.staged_complete():
             self._finish(req, None)
 
     # ---------------------------------------------------------------- statistics
@@ -1374,6 +1725,8 @@ class Endpoint:
         s["xfer_handles_open"] = s["xfer_handles_created"] - s["xfer_handles_released"]
         s["requests_active"] = len(self._requests)
         s["peers"] = len(self._peers)
+        if self._staged is not None:
+            s.update(self._staged.stats())
         return s
 
 

@@ -39,6 +39,7 @@ def test_formula():
             staged_request_s=1e-4,
             zero_copy_request_s=2e-5,
             op_s=1e-6,
+            overlap=0,  # in sequence (the cpu defaults pipeline: overlap 0.7)
         ),
         kind="x",
     )

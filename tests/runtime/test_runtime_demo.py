@@ -146,3 +146,22 @@ def test_cli_demo_injected_faults_exit_nonzero_within_bounds(inject, says):
     assert says in run.stderr, run.stderr
     assert "Traceback" not in run.stderr
     assert took < 60, took
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_demo_staged_strategy_verifies_every_byte(mode):
+    plan = compiled("vllm_hybrid_mamba2", 1, 2, HYBRID)
+    res = run_demo(plan, mode=mode, strategy="staged", **SMALL)
+    assert res.ok and res.strategy == "staged"
+    # every (request, initiator rank) pair went staged; one chunk per peer at least
+    initiators = plan.decode_tp if mode == "pull" else plan.prefill_tp
+    assert res.strategies == {"staged": 4 * initiators}
+    assert res.chunks >= 4 * plan.decode_tp
+    assert "strategy staged" in res.summary()
+    assert f"by strategy: staged {4 * initiators}" in res.summary()
+    assert res.prefill_completions == {0: 4}
+
+
+def test_cli_demo_strategy_choice_is_validated():
+    bad = _cli("--strategy", "fastest", "--quiet")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr

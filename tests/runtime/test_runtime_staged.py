@@ -1,0 +1,362 @@
+"""The staged strategy and the strategy choice, between real NIXL agents in separate processes.
+
+Every transfer is verified byte for byte on the decode ranks (tags from each rank's own logical
+identity, sentinel everywhere nothing may land), as in ``test_runtime_transfer``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from layoutc.runtime.errors import (
+    PeerDisconnectedError,
+    TransferError,
+    TransferFailedError,
+    TransferTimeoutError,
+)
+from rt_plans import GQA4, HYBRID, compiled
+from rt_workers import connect_all, ranks_fixture  # noqa: F401 (the `ranks` fixture)
+
+pytestmark = pytest.mark.timeout(120)
+
+#: 64 KiB of staging in 4 slots: 16 KiB chunks, so every request below takes several chunks
+#: and chunk edges cut runs (hybrid conv rows are 6-48 bytes).
+SMALL_STAGING = dict(staging_bytes=64 << 10, staging_slots=4)
+HET = {
+    "hybrid 4->2": ("vllm_hybrid_mamba2", 4, 2, dict(HYBRID, n_groups=4)),
+    "hybrid 2->4": ("vllm_hybrid_mamba2", 2, 4, HYBRID),
+    "flashinfer 2->4 head slices": ("vllm_flashinfer", 2, 4, GQA4),
+}
+NB_P, NB_D = 40, 36
+REQS, BLOCKS = 2, 6
+
+
+def _ids(seed, nreq=REQS, blocks=BLOCKS, nb_p=NB_P, nb_d=NB_D):
+    rng = np.random.default_rng(seed)
+    p = rng.permutation(nb_p)[: nreq * blocks].reshape(nreq, blocks)
+    d = rng.permutation(nb_d)[: nreq * blocks].reshape(nreq, blocks)
+    return p, d
+
+
+def _setup(ranks, plan, *, layers=3, nb_p=NB_P, nb_d=NB_D, **kw):
+    pre = ranks.ranks(
+        [(plan, "prefill", r) for r in range(plan.prefill_tp)],
+        num_blocks=nb_p,
+        layers=layers,
+        **kw,
+    )
+    dec = ranks.ranks(
+        [(plan, "decode", r) for r in range(plan.decode_tp)],
+        num_blocks=nb_d,
+        layers=layers,
+        **kw,
+    )
+    connect_all(pre, dec)
+    return pre, dec
+
+
+def _transfer(pre, dec, mode, pb, db, *, strategy=None, prefix="r"):
+    """Tag, expect, start and wait for every request; return the infos per rank label."""
+    nreq = pb.shape[0]
+    for r in pre:
+        for i in range(nreq):
+            r.call("tag", i, pb[i])
+    initiators, passive = (dec, pre) if mode == "pull" else (pre, dec)
+    local, remote = (db, pb) if mode == "pull" else (pb, db)
+    for r in passive:
+        for i in range(nreq):
+            r.call("expect", f"{prefix}{i}")
+    kw = {} if strategy is None else {"strategy": strategy}
+    for r in initiators:
+        for i in range(nreq):
+            r.call(mode, f"{prefix}{i}", local[i], remote[i], **kw)
+    infos: dict[str, list[dict]] = {}
+    for r in initiators + passive:
+        infos[r.label] = [r.call("wait", f"{prefix}{i}") for i in range(nreq)]
+    for r in dec:
+        assert r.call("verify", [(i, db[i]) for i in range(nreq)]) > 0
+    return infos
+
+
+@pytest.mark.parametrize("strategy", ["staged", "zero-copy"])
+@pytest.mark.parametrize("mode", ["pull", "push"])
+@pytest.mark.parametrize("case", list(HET))
+def test_both_strategies_move_every_byte(ranks, case, mode, strategy):
+    spec, p, d, sets = HET[case]
+    plan = compiled(spec, p, d, sets)
+    pre, dec = _setup(ranks, plan, **SMALL_STAGING)
+    pb, db = _ids(hash((case, mode)) % 1000)
+    infos = _transfer(pre, dec, mode, pb, db, strategy=strategy)
+    initiators = dec if mode == "pull" else pre
+    most_chunks = 0
+    for r in initiators:
+        for info in infos[r.label]:
+            moved = set(info["strategies"].values())
+            assert moved <= {strategy}, info
+            if r.role == "decode":  # a decode rank always moves bytes from its sources
+                assert info["strategy"] == strategy
+            if strategy == "staged" and moved:
+                assert info["chunks"] >= len(moved)
+            most_chunks = max(most_chunks, info["chunks"])
+    assert most_chunks > 1 if strategy == "staged" else most_chunks == 0
+    # completion accounting is unchanged: prefill (pull) counted exactly its readers
+    if mode == "pull":
+        for r in pre:
+            for info in infos[r.label]:
+                assert info["peers"] == [f"decode rank {x}" for x in plan.readers(r.rank)]
+                if strategy == "staged":
+                    staged_with = {k for k, v in info["strategies"].items() if v == "staged"}
+                    assert staged_with == {f"decode rank {x}" for x in plan.targets(r.rank)}
+    else:
+        for r in dec:
+            for info in infos[r.label]:
+                assert info["peers"] == [f"prefill rank {x}" for x in plan.rank(r.rank).sources]
+    for r in pre + dec:
+        st = r.call("stats")
+        assert st["xfer_handles_open"] == 0
+        assert st["staging_slots_free"] == 4 and st["staging_slots_held"] == 0
+        if strategy == "zero-copy":
+            assert st["chunk_transfers"] == 0
+        elif r.role == "decode" or plan.targets(r.rank):
+            assert st["staged_peer_requests"] > 0
+
+
+def test_staged_layer_subset_and_several_requests_in_flight(ranks):
+    """Staged requests interleave on shared slots (several peers, several requests at once);
+    a layer subset moves only those layers."""
+    plan = compiled("vllm_hybrid_mamba2", 2, 4, HYBRID)
+    pre, dec = _setup(ranks, plan, layers=4, staging_bytes=32 << 10, staging_slots=2)
+    pb, db = _ids(9, nreq=3)
+    for r in pre:
+        for i in range(3):
+            r.call("tag", i, pb[i])
+            r.call("expect", f"s{i}")
+    for r in dec:
+        for i in range(3):
+            r.call("pull", f"s{i}", db[i], pb[i], layers=[1, 2], strategy="staged")
+    for r in dec + pre:
+        for i in range(3):
+            assert r.call("wait", f"s{i}")["ok"]
+    for r in dec:
+        r.call("verify", [(i, db[i]) for i in range(3)], layers=[1, 2])
+
+
+def test_auto_picks_zero_copy_for_contiguous_runs(ranks):
+    """Homogeneous TP, whole pages, consecutive blocks: NIXL merges each layer into one
+    descriptor, so the cost model keeps zero-copy."""
+    plan = compiled("vllm_flashinfer", 1, 1, dict(GQA4, head_dim=128))
+    pre, dec = _setup(ranks, plan, layers=4, nb_p=80, nb_d=80)
+    pb = np.arange(10, 74).reshape(1, 64)
+    db = np.arange(3, 67).reshape(1, 64)
+    infos = _transfer(pre, dec, "pull", pb, db, prefix="c")
+    info = infos["decode rank 0"][0]
+    assert info["strategy"] == "zero-copy"
+    assert info["strategies"] == {"prefill rank 0": "zero-copy"}
+    assert info["descriptors"] == 4  # 4 x 64 indices that NIXL would merge into 4: posted merged
+    assert dec[0].call("stats")["chunk_transfers"] == 0
+    assert infos["prefill rank 0"][0]["strategies"] == {"decode rank 0": "zero-copy"}
+
+
+def test_auto_picks_staged_for_scattered_small_head_slices(ranks):
+    """1 KiB head slices (4 heads x 32 dims, one head per decode rank) of scattered blocks:
+    thousands of tiny descriptors per peer, so the cost model stages them."""
+    plan = compiled("vllm_flashinfer", 1, 4, GQA4)
+    nb = 300
+    pre, dec = _setup(ranks, plan, layers=8, nb_p=nb, nb_d=nb)
+    pb, db = _ids(4, nreq=1, blocks=256, nb_p=nb, nb_d=nb)
+    infos = _transfer(pre, dec, "pull", pb, db, prefix="a")
+    for d in range(4):
+        info = infos[f"decode rank {d}"][0]
+        assert info["strategy"] == "staged", info
+        assert info["chunks"] >= 1 and info["descriptors"] < 20  # vs 4,096 zero-copy
+    pinfo = infos["prefill rank 0"][0]
+    assert pinfo["strategies"] == {f"decode rank {d}": "staged" for d in range(4)}
+    assert pinfo["peers"] == [f"decode rank {d}" for d in range(4)]
+
+
+def test_chunked_request_larger_than_the_staging_buffer(ranks):
+    """A request of ~1.5 MiB per peer through 8 KiB slots: hundreds of chunks, two slots
+    pipelined per side, every byte in place."""
+    plan = compiled("vllm_flashinfer", 2, 4, dict(GQA4, head_dim=64))
+    pre, dec = _setup(
+        ranks, plan, layers=4, nb_p=64, nb_d=64, staging_bytes=16 << 10, staging_slots=2
+    )
+    pb, db = _ids(5, nreq=1, blocks=48, nb_p=64, nb_d=64)
+    infos = _transfer(pre, dec, "push", pb, db, strategy="staged", prefix="k")
+    for p in range(2):
+        info = infos[f"prefill rank {p}"][0]
+        per_peer = info["bytes"] // len(plan.targets(p))
+        assert info["chunks"] == len(plan.targets(p)) * -(-per_peer // (8 << 10))
+        assert info["chunks"] >= 2 * 24
+
+
+def test_staged_needs_staging_on_both_sides(ranks):
+    plan = compiled("vllm_flashinfer", 1, 1, GQA4)
+    pre = ranks.rank(plan, "prefill", 0, staging_bytes=0)
+    dec = ranks.rank(plan, "decode", 0)
+    connect_all([pre], [dec])
+    with pytest.raises(TransferFailedError, match="prefill rank 0 has no staging buffer"):
+        dec.call("pull", "x", [1], [2], strategy="staged")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        dec.call("pull", "y", [1], [2], strategy="fastest")
+    # auto falls back to zero-copy with a peer that cannot stage
+    pre.call("tag", 0, [2])
+    pre.call("expect", "z")
+    dec.call("pull", "z", [1], [2])
+    assert dec.call("wait", "z")["strategy"] == "zero-copy"
+    pre.call("wait", "z")
+    dec.call("verify", [(0, [1])])
+
+
+# ----------------------------------------------------------------------------- faults
+#: 32 KiB pages (4 heads x 16 tokens x 128 dims x bf16 x K|V): a request is several MiB.
+BIG = dict(GQA4, head_dim=128)
+NB = 768
+
+
+def test_prefill_killed_mid_staged_pull(ranks):
+    plan = compiled("vllm_flashinfer", 1, 1, BIG)
+    kw = dict(num_blocks=NB, staging_bytes=1 << 20, staging_slots=4)
+    pre = ranks.rank(plan, "prefill", 0, **kw)
+    dec = ranks.rank(plan, "decode", 0, **kw)
+    connect_all([pre], [dec])
+    rng = np.random.default_rng(3)
+    d = rng.permutation(NB)
+    sets, pb = [d[:256], d[256:512]], rng.permutation(NB)[:256]
+    pre.call("tag", 0, pb)
+    # the passive prefill serves staged requests only once expected: expect many up front
+    for i in range(400):
+        pre.call("expect", f"a-{i}", timeout_s=60)
+    dec.send("loop", "pull", "a", 400, sets, pb, seconds=30, strategy="staged")
+    time.sleep(1.0)
+    t_kill = time.monotonic()
+    pre.kill()
+    res = dec.result(60, "loop")
+    err = res["error"]
+    assert isinstance(err, (PeerDisconnectedError, TransferTimeoutError)), err
+    assert err.peer == "prefill rank 0" and err.request_id == res["failed_rid"]
+    assert res["done"] > 0
+    assert res["t_error"] - t_kill < 15.0
+    # no false completion: the last request reported complete holds every byte
+    dec.call("check_blocks", 0, sets[res["last_set"]])
+    st = dec.call("stats")
+    assert st["xfer_handles_open"] == 0 and st["requests_failed"] == 1
+    assert st["staged_peer_requests"] == res["done"] + 1
+    # a restarted prefill is served, staged, through the same (released) slots
+    pre2 = ranks.rank(plan, "prefill", 0, **kw)
+    pre2.call("tag", 5, pb)
+    connect_all([pre2], [dec])
+    dec.call("reset")
+    pre2.call("expect", "new")
+    dec.call("pull", "new", sets[1], pb, strategy="staged")
+    assert dec.call("wait", "new")["strategy"] == "staged"
+    assert pre2.call("wait", "new")["peers"] == ["decode rank 0"]
+    dec.call("verify", [(5, sets[1])])
+    st = dec.call("stats")
+    assert st["staging_slots_free"] == 4 and st["staging_slots_held"] == 0
+
+
+def test_decode_killed_mid_staged_push(ranks):
+    plan = compiled("vllm_flashinfer", 1, 1, BIG)
+    kw = dict(num_blocks=NB, staging_bytes=1 << 20, staging_slots=4)
+    pre = ranks.rank(plan, "prefill", 0, **kw)
+    dec = ranks.rank(plan, "decode", 0, **kw)
+    connect_all([pre], [dec])
+    rng = np.random.default_rng(4)
+    p = rng.permutation(NB)
+    sets, db = [p[:256], p[256:512]], rng.permutation(NB)[:256]
+    for i in range(2):
+        pre.call("tag", i, sets[i])
+    for i in range(400):
+        dec.call("expect", f"w-{i}", timeout_s=60)
+    pre.send("loop", "push", "w", 400, sets, db, seconds=30, strategy="staged")
+    time.sleep(1.0)
+    t_kill = time.monotonic()
+    dec.kill()
+    res = pre.result(60, "loop")
+    err = res["error"]
+    assert isinstance(err, TransferError), err
+    assert err.peer == "decode rank 0" and err.request_id == res["failed_rid"]
+    assert res["done"] > 0 and res["t_error"] - t_kill < 15.0
+    st = pre.call("stats")
+    assert st["xfer_handles_open"] == 0 and st["requests_failed"] == 1
+
+
+# ----------------------------------------------------------------------------- NIXL's merge rule
+def test_posted_count_matches_nixl_telemetry():
+    """``bench.nixl_posted`` (and the endpoint's cost input) count what NIXL really posts."""
+    import torch
+    from layoutc.runtime import nixl_compat
+    from layoutc.runtime.bench import nixl_posted
+    from layoutc.runtime.descriptors import Segment, build_pair_table, segments_by_key
+
+    mod = nixl_compat.load()
+    cfg = mod.nixl_agent_config(enable_prog_thread=False, backends=["UCX"], capture_telemetry=True)
+    a = mod.nixl_agent("merge-a", cfg)
+    b = mod.nixl_agent("merge-b", cfg)
+    for spec, p, d, dr, pr, sets in (
+        ("vllm_flashinfer", 1, 1, 0, 0, GQA4),  # whole pages: merge
+        ("vllm_flashinfer", 2, 4, 1, 0, GQA4),  # head slices: never merge
+        ("vllm_hybrid_mamba2", 2, 4, 2, 1, HYBRID),
+    ):
+        plan = compiled(spec, p, d, sets)
+        kinds = [k for k, _ in plan.layer_kinds] or ["default"]
+        from layoutc.runtime.endpoint import kind_pages
+
+        kp = kind_pages(plan)
+        lp = [tuple(kp[kinds[i % len(kinds)]]) for i in range(3)]
+        nb = 24
+        tensors = []
+
+        def segs(side, nb=nb, lp=lp, tensors=tensors):
+            out = []
+            for layer, pages in enumerate(lp):
+                for page in pages:
+                    pl = side.page(page)
+                    t = torch.zeros(pl.buffer_bytes(nb), dtype=torch.uint8)
+                    tensors.append(t)
+                    out.append(
+                        Segment(layer, page, t.data_ptr(), t.numel(), 0, pl.logical_stride, nb)
+                    )
+            return segments_by_key(out), out
+
+        dseg, dl = segs(plan.decode)
+        pseg, pl_ = segs(plan.prefill)
+        regs = [
+            a.register_memory([t for t in tensors[: len(dl)]]),
+            b.register_memory([t for t in tensors[len(dl) :]]),
+        ]
+        a.add_remote_agent(b.get_agent_metadata())
+        table = build_pair_table(
+            plan,
+            decode_rank=dr,
+            prefill_rank=pr,
+            local_is_decode=True,
+            layer_pages=lp,
+            local_segments=dseg,
+            remote_segments=pseg,
+        )
+        lh = a.prep_xfer_dlist("NIXL_INIT_AGENT", table.local_rows, "DRAM")
+        rh = a.prep_xfer_dlist("merge-b", table.remote_rows, "DRAM")
+        for local, remote in (
+            (np.arange(2, 10), np.arange(11, 19)),  # consecutive on both sides
+            (np.array([3, 4, 5, 9, 10, 1]), np.array([7, 8, 9, 2, 3, 4])),  # partly
+            (np.array([5, 1, 9, 3]), np.array([2, 8, 4, 6])),  # scattered
+        ):
+            li, ri, _ = table.indices(local, remote)
+            h = a.make_prepped_xfer("READ", lh, li, rh, ri)
+            state = a.transfer(h)
+            end = time.monotonic() + 10
+            while state != "DONE" and time.monotonic() < end:
+                b.get_new_notifs()
+                state = a.check_xfer_state(h)
+            assert state == "DONE"
+            assert a.get_xfer_telemetry(h).descCount == nixl_posted(table, local, remote), spec
+            h.release()
+        lh.release()
+        rh.release()
+        a.remove_remote_agent("merge-b")
+        a.deregister_memory(regs[0])
+        b.deregister_memory(regs[1])
