@@ -614,22 +614,37 @@ class StagedEngine:
         x = ctx.writes[c] = _ChunkXfer(None, c, s, 0, "INIT")
         self._post(ctx, "WRITE", x, remote_slot)
 
+    def _kernel_failed(self, ctx: StagedCtx, what: str, e: BaseException) -> None:
+        self.ep._fail(
+            ctx.req,
+            TransferFailedError(
+                f"{self.ep.label}: request {ctx.req.rid!r}: {what} for {ctx.peer.label} "
+                f"failed: {type(e).__name__}: {e}",
+                peer=None,
+                request_id=ctx.req.rid,
+            ),
+        )
+
     def _unpack(self, ctx: StagedCtx, c: int) -> None:
         ctx.landed.discard(c)
-        s = ctx.grants[c]
+        s = ctx.grants[c]  # the slot stays the context's (finish() frees it on failure)
         a, b = ctx.bounds(c)
         t0 = time.perf_counter()
-        unpack(
-            ctx.bound,
-            ctx.layout,
-            ctx.blocks,
-            self.pool.view(s, b - a),
-            self.ep.role,
-            start=a,
-            end=b,
-            stream=ctx.stream,
-            device_block_ids=ctx.dev_blocks,
-        )
+        try:
+            unpack(
+                ctx.bound,
+                ctx.layout,
+                ctx.blocks,
+                self.pool.view(s, b - a),
+                self.ep.role,
+                start=a,
+                end=b,
+                stream=ctx.stream,
+                device_block_ids=ctx.dev_blocks,
+            )
+        except Exception as e:  # noqa: BLE001 - a kernel failure fails the request
+            self._kernel_failed(ctx, f"unpacking staged chunk {c}", e)
+            return
         self.busy["unpack_s"] += time.perf_counter() - t0
         self.ep._stats["chunks_unpacked"] += 1
         self.ep._stats["bytes_unpacked"] += b - a
@@ -638,17 +653,22 @@ class StagedEngine:
     def _pack(self, ctx: StagedCtx, c: int, s: int) -> None:
         a, b = ctx.bounds(c)
         t0 = time.perf_counter()
-        pack(
-            ctx.bound,
-            ctx.layout,
-            ctx.blocks,
-            self.pool.view(s, b - a),
-            self.ep.role,
-            start=a,
-            end=b,
-            stream=ctx.stream,
-            device_block_ids=ctx.dev_blocks,
-        )
+        try:
+            pack(
+                ctx.bound,
+                ctx.layout,
+                ctx.blocks,
+                self.pool.view(s, b - a),
+                self.ep.role,
+                start=a,
+                end=b,
+                stream=ctx.stream,
+                device_block_ids=ctx.dev_blocks,
+            )
+        except Exception as e:  # noqa: BLE001 - a kernel failure fails the request
+            self.pool.give(s)
+            self._kernel_failed(ctx, f"packing staged chunk {c}", e)
+            return
         self.busy["pack_s"] += time.perf_counter() - t0
         self.ep._stats["chunks_packed"] += 1
         self.ep._stats["bytes_packed"] += b - a
