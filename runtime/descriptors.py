@@ -85,10 +85,25 @@ class PairTable:
         """(local indices, remote indices, bytes) of one request; blocks already validated."""
         ls = self.local_row_start[rows]
         rs = self.remote_row_start[rows]
-        li = (ls[:, None] + local_blocks[None, :]).reshape(-1)
-        ri = (rs[:, None] + remote_blocks[None, :]).reshape(-1)
+        li = broadcast_indices(ls, local_blocks)
+        ri = broadcast_indices(rs, remote_blocks)
         nbytes = int(self.row_nbytes[rows].sum()) * int(local_blocks.shape[0])
         return li, ri, nbytes
+
+
+_I32_MAX = np.iinfo(np.int32).max
+
+
+def broadcast_indices(row_start: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """``row_start[:, None] + blocks[None, :]`` flattened (row outer, blocks inner), in int32
+    when every index fits (NIXL takes int32 or int64 index arrays; half the bytes to write
+    and read), else int64."""
+    if row_start.size and blocks.size:
+        hi = int(row_start.max()) + int(blocks.max())
+        if hi <= _I32_MAX and int(blocks.min()) >= 0:
+            rs = row_start.astype(np.int32, copy=False)
+            return (rs[:, None] + blocks.astype(np.int32, copy=False)[None, :]).reshape(-1)
+    return (row_start[:, None] + blocks[None, :]).reshape(-1)
 
 
 def dense_rows(table: PairTable) -> np.ndarray:
@@ -107,19 +122,47 @@ def dense_rows(table: PairTable) -> np.ndarray:
     return d
 
 
+@dataclass(frozen=True)
+class BlockRuns:
+    """A request's block ids cut into runs that are consecutive on both sides."""
+
+    start: np.ndarray  # int64: index (into the request's blocks) where each run starts
+    length: np.ndarray  # int64: blocks in each run
+    adjacent: int  # neighbouring pairs consecutive on both sides (= blocks - runs)
+
+
+def block_runs(local_blocks: np.ndarray, remote_blocks: np.ndarray) -> BlockRuns:
+    nblk = int(local_blocks.shape[0])
+    if nblk == 0:
+        z = np.zeros(0, dtype=np.int64)
+        return BlockRuns(z, z, 0)
+    if nblk == 1:
+        return BlockRuns(np.zeros(1, np.int64), np.ones(1, np.int64), 0)
+    brk = np.flatnonzero((np.diff(local_blocks) != 1) | (np.diff(remote_blocks) != 1)) + 1
+    start = np.empty(brk.size + 1, dtype=np.int64)
+    start[0] = 0
+    start[1:] = brk
+    length = np.empty_like(start)
+    length[:-1] = np.diff(start)
+    length[-1] = nblk - start[-1]
+    return BlockRuns(start, length, nblk - int(start.size))
+
+
 def posted_count(
     table: PairTable,
     local_blocks: np.ndarray,
     remote_blocks: np.ndarray,
     rows: np.ndarray | slice = slice(None),
+    runs: BlockRuns | None = None,
 ) -> int:
     """Descriptors NIXL posts for one request's indices (after its merges)."""
     nblk = int(local_blocks.shape[0])
     dense = dense_rows(table)[rows]
     n = int(dense.shape[0]) * nblk
     if nblk > 1:
-        adj = int(np.count_nonzero((np.diff(local_blocks) == 1) & (np.diff(remote_blocks) == 1)))
-        n -= int(np.count_nonzero(dense)) * adj
+        if runs is None:
+            runs = block_runs(local_blocks, remote_blocks)
+        n -= int(np.count_nonzero(dense)) * runs.adjacent
     return n
 
 
@@ -128,6 +171,7 @@ def merged_descriptors(
     local_blocks: np.ndarray,
     remote_blocks: np.ndarray,
     rows: np.ndarray | slice = slice(None),
+    runs: BlockRuns | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """One request's descriptors merged as NIXL would merge its indices: ``Nx3`` rows
     ``(addr, len, devid)`` for each side, and the bytes.
@@ -141,35 +185,36 @@ def merged_descriptors(
     rr = table.remote_rows[rows]
     dense = dense_rows(table)[rows]
     nblk = int(local_blocks.shape[0])
-    lb = local_blocks.astype(np.uint64)
-    rb = remote_blocks.astype(np.uint64)
-    # segments of consecutive blocks (on both sides) in request order
-    if nblk > 1:
-        brk = np.flatnonzero((np.diff(local_blocks) != 1) | (np.diff(remote_blocks) != 1)) + 1
-    else:
-        brk = np.zeros(0, dtype=np.int64)
-    seg_start = np.concatenate(([0], brk)).astype(np.int64)
-    seg_len = np.diff(np.concatenate((seg_start, [nblk]))).astype(np.uint64)
+    nbytes = int(table.row_nbytes[rows].sum()) * nblk
+    if runs is None:
+        runs = block_runs(local_blocks, remote_blocks)
+    all_dense = bool(dense.all())
+    parts = []  # dense rows: one descriptor per run of blocks; the others: one per block
+    if dense.any():
+        parts.append((np.flatnonzero(dense), runs.start, runs.length))
+    if not all_dense:
+        parts.append((np.flatnonzero(~dense), np.arange(nblk), np.ones(nblk, np.int64)))
     keys, locs, rems = [], [], []
-    # dense rows: one descriptor per segment; the others: one per block
-    for sel, starts, lens in (
-        (dense, seg_start, seg_len),
-        (~dense, np.arange(nblk, dtype=np.int64), np.ones(nblk, dtype=np.uint64)),
-    ):
-        idx = np.flatnonzero(sel)
-        if idx.size == 0 or starts.size == 0:
+    for idx, starts, lens in parts:
+        if starts.size == 0:
             continue
         keys.append(np.repeat(idx, starts.size))
-        for side_rows, blocks, out in ((lr[idx], lb, locs), (rr[idx], rb, rems)):
+        ln = lens.astype(np.uint64)
+        for side_rows, blocks, out in (
+            (lr[idx], local_blocks, locs),
+            (rr[idx], remote_blocks, rems),
+        ):
+            b0 = blocks[starts].astype(np.uint64)
             m = np.empty((idx.size, starts.size, 3), dtype=np.uint64)
-            m[:, :, 0] = side_rows[:, 0:1] + blocks[starts][None, :] * side_rows[:, 3:4]
-            m[:, :, 1] = side_rows[:, 1:2] * lens[None, :]
+            m[:, :, 0] = side_rows[:, 0:1] + b0[None, :] * side_rows[:, 3:4]
+            m[:, :, 1] = side_rows[:, 1:2] * ln[None, :]
             m[:, :, 2] = side_rows[:, 2:3]
             out.append(m.reshape(-1, 3))
-    nbytes = int(table.row_nbytes[rows].sum()) * nblk
     if not keys:
         z = np.zeros((0, 3), dtype=np.uint64)
         return z, z.copy(), nbytes
+    if all_dense:  # one part, already in row order
+        return locs[0], rems[0], nbytes
     order = np.argsort(np.concatenate(keys), kind="stable")  # back into row order
     return np.concatenate(locs)[order], np.concatenate(rems)[order], nbytes
 

@@ -44,6 +44,7 @@ from .costmodel import CostModel
 from .descriptors import (
     PairTable,
     Segment,
+    block_runs,
     build_pair_table,
     check_block_ids,
     check_same_count,
@@ -1133,13 +1134,14 @@ class Endpoint:
         if local.shape[0] == 0:
             return  # nothing to move; completes (and notifies) on the next poll
         staged: list[tuple[Any, np.ndarray]] = []
+        runs = block_runs(local, remote)  # consecutive on both sides: what NIXL merges
         for r in sorted(set(targets)):
             peer = peers[r]
             table = self._pair_table(peer)
             if table is None:
                 continue
             rows = table.rows_for_layers(sel)
-            n_posted = posted_count(table, local, remote, rows)
+            n_posted = posted_count(table, local, remote, rows, runs)
             choice = self._choose(peer, table, rows, local, remote, sel, strategy, n_posted)
             if choice is None:
                 continue  # no bytes from this peer in these layers
@@ -1166,7 +1168,7 @@ class Endpoint:
                     # NIXL would merge >= 3 of 4 indices (whole pages, consecutive blocks):
                     # post the merged descriptors themselves (~25 ns each) instead of every
                     # index (~32 ns each; 1 ms for a 1 GiB request of 32k blocks)
-                    loc, rem, nbytes = merged_descriptors(table, local, remote, rows)
+                    loc, rem, nbytes = merged_descriptors(table, local, remote, rows, runs)
                     handle = self.agent.initialize_xfer(
                         op,
                         self.agent.get_xfer_descs(loc, self.mem_type),

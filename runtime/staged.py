@@ -74,7 +74,7 @@ __all__ = [
 ]
 
 STRATEGIES = ("zero-copy", "staged", "auto")
-MOVERS = ("reader", "writer", "alternate")
+MOVERS = ("reader", "writer", "alternate", "adaptive")
 DEFAULT_STAGING_BYTES = 64 << 20
 DEFAULT_STAGING_SLOTS = 4
 _SLOT_ALIGN = 4096
@@ -780,7 +780,11 @@ class StagedEngine:
                 i += 1
                 continue
             del ctx.packing[i]
-            if ctx.written_by_source(c):
+            if ctx.mover == "adaptive":
+                write = not self._more_to_pack()
+            else:
+                write = ctx.written_by_source(c)
+            if write:
                 ctx.to_write[c] = (s, ctx.peer_grants.pop(c))
                 self.todo.append(("write", ctx, c))
             else:
@@ -788,6 +792,19 @@ class StagedEngine:
                 ctx.waiting_ack[c] = s
                 if not self._send(ctx, {"t": "RDY", "r": ctx.req.rid, "c": c, "s": s}):
                     return
+
+    def _more_to_pack(self) -> bool:
+        """Could this (source) side pack another chunk right now?  The ``adaptive`` mover
+        writes a packed chunk itself only when it could not: packing is the source's job
+        alone and unpacking the destination's, the copy in between goes to whichever side
+        would otherwise wait (on host memory each copy costs the process that posts it)."""
+        if not self.pool.free:
+            return False
+        for ctx in self.src:
+            if ctx.next_pack < ctx.n and ctx.next_pack in ctx.peer_grants:
+                if ctx.req.rid in self.ep._requests:
+                    return True
+        return False
 
     def _pack_more(self, budget: int) -> None:
         """Pack granted chunks into free source slots, one context after the other."""

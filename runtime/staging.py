@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from .descriptors import broadcast_indices
 from .plan import Plan
 
 __all__ = [
@@ -474,8 +475,8 @@ def expand(
         ls, rs = _row_starts(table)
         if rows is not None:
             ls, rs = ls[rows], rs[rows]
-        li = (ls[:, None] + local[None, :]).reshape(-1)
-        ri = (rs[:, None] + remote[None, :]).reshape(-1)
+        li = broadcast_indices(ls, local)
+        ri = broadcast_indices(rs, remote)
 
     # Descriptors NIXL merges: whole-stride rows, consecutive ids on both sides.
     n_posted = n_desc
