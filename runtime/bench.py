@@ -516,6 +516,10 @@ class _WorkerState:
         for s in sess:
             s.ep.pull(rid, local, remote, strategy=strategy, layers=layers)
             s.pending.add(rid)
+        t_posted = time.monotonic()  # host time of the pull() calls themselves
+        for s in sess:
+            if s.ep._staged is not None and s.ep._staged.trace is not None:
+                s.ep._staged.trace.append(("pull", t0, t_posted))
         end = t0 + within
         while any(rid not in s.results for s in sess):
             self.poll_all()
@@ -526,7 +530,7 @@ class _WorkerState:
         infos = [s.ep.completion_info(rid) for s in sess]
         for s in sess:
             s.results.pop(rid)
-        return {"t0": t0, "t1": t1, "errors": errs, "infos": infos}
+        return {"t0": t0, "t1": t1, "t_posted": t_posted, "errors": errs, "infos": infos}
 
     def poll_all(self) -> bool:
         """Progress every endpoint and raw agent once; True when a request finished."""
@@ -583,6 +587,11 @@ class _WorkerState:
             return None
         out, eng.trace = eng.trace, None
         return out
+
+    def set_mover(self, name, mover):
+        """Who copies the chunks of requests this session initiates (experiments)."""
+        self.sessions[name].ep._staged.mover_override = mover
+        return True
 
     def huge_pages_kib(self):
         """AnonHugePages of this process (kB), or None where /proc does not say."""
@@ -961,6 +970,8 @@ def _run_request(workers, names, rid, dec_by_worker, local, remote, strategy, ti
     t0 = min(r["t0"] for r in res)
     t1 = max(r["t1"] for r in res)
     infos = [i for r in res for i in r["infos"]]
+    for i in infos:  # host seconds in pull() on the slowest worker (the rest is waiting)
+        i["pull_call_s"] = max(r["t_posted"] - r["t0"] for r in res)
     return t1 - t0, infos
 
 
@@ -990,7 +1001,17 @@ def _profile_staged(workers, names, dec, db, pb) -> dict[str, Any]:
     for (_role, _r), (wi, n) in names.items():
         traces.setdefault(wi, []).extend(workers[wi].call("trace", n, False) or [])
     out: dict[str, Any] = {"request_ms": round(t * 1e3, 2)}
+    t_first = min((b for ops in traces.values() for _, b, _ in ops), default=0.0)
+    timeline = []
     for wi, ops in traces.items():
+        for k, b, e in ops:
+            timeline.append(
+                (round((b - t_first) * 1e3, 3), round((e - b) * 1e3, 3), workers[wi].label, k)
+            )
+    # every heavy operation and message arrival of the three processes, on one clock (ms)
+    out["timeline"] = [list(x) for x in sorted(timeline)]
+    for wi, ops in traces.items():
+        ops = [x for x in ops if not x[0].startswith("@")]
         if not ops:
             continue
         span = max(e for _, _, e in ops) - min(b for _, b, _ in ops)
@@ -1245,6 +1266,7 @@ def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, par
     t_copy = statistics.median(copy)
     res: dict[str, list[float]] = {}
     chosen: dict[str, Any] = {}
+    pull_call: dict[str, list[float]] = {}
     plan_runs = [(cfg.strategy, runs), ("zero-copy", 2 if cfg.quick else 3)]
     if cfg.strategy != "staged":
         plan_runs.append(("staged", runs))
@@ -1262,6 +1284,7 @@ def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, par
                         workers[wi].call("zero", nm)
                 continue
             ts.append(t)
+            pull_call.setdefault(strat, []).append(infos[0]["pull_call_s"])
         res[strat] = ts
         log(
             f"gpu: {strat}: {total / statistics.median(ts) / 1e9:.1f} GB/s "
@@ -1289,6 +1312,9 @@ def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, par
         "runs": runs,
         "staging": {"bytes": cfg.gpu_staging_bytes, "slots": cfg.gpu_staging_slots},
         "verified": "every run of 16 sampled blocks per decode rank, once per strategy",
+        "request_ms": {k: round(statistics.median(v) * 1e3, 3) for k, v in res.items()},
+        "pull_call_ms": {k: round(statistics.median(v) * 1e3, 3) for k, v in pull_call.items()},
+        "copy_ms": round(t_copy * 1e3, 3),
     }
     zc_desc = total // piece
     cm["_zero_copy_big"] = (t_zc, total, zc_desc)
@@ -1364,6 +1390,7 @@ def _gpu_contiguous(
     rem1 = np.arange(5, 5 + n1, dtype=np.int64)
     total1 = n1 * stride * layers
     ts = []
+    pull_calls: list[float] = []
     chosen1 = None
     for i in range(runs + 2):
         if time.monotonic() > deadline:
@@ -1374,6 +1401,7 @@ def _gpu_contiguous(
             workers[1].call("verify", dec1[1][0], [0], loc1, {0: rem1}, timeout=180)
         if i >= 2:
             ts.append(t)
+            pull_calls.append(infos[0]["pull_call_s"])
     copy1 = workers[2].call("copy_rate", total1, max(5, runs * 2), timeout=120)
     _put(out, "gpu_contiguous_fraction_of_copy", [statistics.median(copy1) / t for t in ts], 4)
     _put(out, "gpu_contiguous_GBps", [total1 / t / 1e9 for t in ts], 4)
@@ -1387,6 +1415,9 @@ def _gpu_contiguous(
         "consecutive": True,
         "chosen": chosen1,
         "descriptors": infos[0]["descriptors"],
+        "request_ms": round(statistics.median(ts) * 1e3, 3),
+        "copy_ms": round(statistics.median(copy1) * 1e3, 3),
+        "pull_call_ms": round(statistics.median(pull_calls) * 1e3, 3),
     }
     cm["link_Bps"] = total1 / statistics.median(ts)
     if "_zero_copy_big" in cm:

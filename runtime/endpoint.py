@@ -284,8 +284,8 @@ class Endpoint:
     staging_slots: slots the staging buffer is cut into (default 4); a chunk is one slot.
     cost_model: a :class:`~layoutc.runtime.costmodel.CostModel`, a dict of constants, or
                 None for the device kind's defaults (updated from ``$LAYOUTC_COST_MODEL``).
-    staged_mover: who copies staged chunks, ``"reader"``, ``"writer"`` or ``"alternate"``
-                (default: alternate on host memory, writer on GPUs).
+    staged_mover: who copies staged chunks, ``"reader"``, ``"writer"``, ``"alternate"`` or
+                ``"adaptive"`` (default: adaptive on host memory, writer on GPUs).
     """
 
     def __init__(

@@ -360,3 +360,24 @@ def test_posted_count_matches_nixl_telemetry():
         a.remove_remote_agent("merge-b")
         a.deregister_memory(regs[0])
         b.deregister_memory(regs[1])
+
+
+@pytest.mark.parametrize("mover", ["reader", "writer", "alternate", "adaptive"])
+def test_every_mover_moves_every_byte(ranks, mover):
+    """Whoever copies the chunks (the destination READs them after RDY, the source WRITEs
+    them with DAT, or both in turn), the bytes and the accounting are the same."""
+    plan = compiled("vllm_flashinfer", 2, 4, GQA4)
+    pre, dec = _setup(ranks, plan, staged_mover=mover, **SMALL_STAGING)
+    pb, db = _ids(21)
+    infos = _transfer(pre, dec, "pull", pb, db, strategy="staged", prefix=mover[:2])
+    for d in range(4):
+        assert all(i["strategy"] == "staged" and i["chunks"] > 1 for i in infos[f"decode rank {d}"])
+    for r in pre + dec:
+        st = r.call("stats")
+        assert st["xfer_handles_open"] == 0 and st["staging_slots_free"] == 4
+        if mover == "reader":  # only the destination posts transfers
+            assert (st["chunk_transfers"] > 0) == (r.role == "decode")
+        if mover == "writer":
+            assert (st["chunk_transfers"] > 0) == (r.role == "prefill")
+        if mover == "alternate":
+            assert st["chunk_transfers"] > 0
