@@ -55,6 +55,17 @@ def cmd_demo(args, compiler: Compiler) -> int:
     for name in ("requests", "layers", "blocks", "prefill_tp", "decode_tp"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("prefill_gpus", "decode_gpus"):
+        raw = getattr(args, name)
+        try:
+            gpus = [int(x) for x in raw.split(",")]
+        except ValueError:
+            raise UsageError(
+                f"--{name.replace('_', '-')} {raw}: expected GPU indices like 0 or 0,1"
+            ) from None
+        if raw != "0" and args.device != "cuda":
+            raise UsageError(f"--{name.replace('_', '-')} needs --device cuda")
+        setattr(args, name, gpus)
     plan = _compile_for_demo(args, compiler)
     from ..runtime.demo import run_demo
     from ..runtime.errors import LayoutcRuntimeError
@@ -71,6 +82,8 @@ def cmd_demo(args, compiler: Compiler) -> int:
             timeout_s=args.timeout,
             progress=not args.quiet,
             strategy=args.strategy,
+            prefill_gpus=args.prefill_gpus,
+            decode_gpus=args.decode_gpus,
         )
     except LayoutcRuntimeError as e:
         print(f"layoutc demo: failed: {e}", file=sys.stderr)
@@ -103,6 +116,14 @@ def cmd_bench(args, compiler: Compiler) -> int:
             raise UsageError("--device cuda needs torch with CUDA") from None
         if not torch.cuda.is_available():
             raise UsageError("--device cuda requested but torch sees no CUDA device")
+        if args.gpus > torch.cuda.device_count():
+            raise UsageError(
+                f"--gpus {args.gpus}: torch sees {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if args.gpus < 1:
+        raise UsageError("--gpus must be at least 1")
+    if args.gpus > 1 and args.device != "cuda":
+        raise UsageError("--gpus needs --device cuda")
     if args.time_limit is not None and args.time_limit <= 0:
         raise UsageError("--time-limit must be positive")
     if args.runs is not None and args.runs < 1:
@@ -125,6 +146,7 @@ def cmd_bench(args, compiler: Compiler) -> int:
         command=" ".join(["layoutc", *sys.argv[1:]]) if sys.argv else "layoutc bench",
         progress=not args.quiet,
         runs=args.runs or 0,
+        gpus=args.gpus,
     )
     import signal
 
@@ -172,6 +194,18 @@ def add_commands(sub, add_spec_options) -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--blocks", type=int, default=32, help="logical blocks per request")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--prefill-gpus",
+        default="0",
+        metavar="LIST",
+        help="with --device cuda: GPUs of the prefill ranks, rank r on LIST[r %% len] (default 0)",
+    )
+    p.add_argument(
+        "--decode-gpus",
+        default="0",
+        metavar="LIST",
+        help="with --device cuda: GPUs of the decode ranks (e.g. 1, or 0,1; default 0)",
+    )
     p.add_argument("--inject", choices=INJECT, help="inject a fault (the run must fail cleanly)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds any single wait may take")
     p.add_argument(
@@ -199,6 +233,14 @@ def add_commands(sub, add_spec_options) -> None:
     )
     p.add_argument(
         "--write-cost-model", metavar="FILE", help="save the measured cost-model constants"
+    )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --device cuda: 2 adds the cross-GPU section (prefill ranks on GPU 0, "
+        "decode ranks on GPU 1)",
     )
     p.add_argument("--runs", type=int, help="repetitions per measurement")
     p.add_argument("--time-limit", type=float, help="seconds before remaining sections are skipped")

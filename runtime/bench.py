@@ -33,6 +33,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import select
 import socket
 import statistics
 import sys
@@ -93,6 +94,9 @@ class BenchConfig:
     gpu_contiguous_bytes: int = 8 * GiB
     gpu_staging_bytes: int = 1 * GiB
     gpu_staging_slots: int = 4
+    gpus: int = 1  # >= 2: also the cross-GPU section (prefill on GPU 0, decode on GPU 1)
+    xgpu_bytes_per_decode_rank: int = 512 * MiB
+    xgpu_contiguous_bytes: int = 4 * GiB
     runs: int = 0  # 0: 3 with --quick, else 7
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -416,7 +420,7 @@ class _Sess:
         if role == "prefill":
             for li, layer in enumerate(self.bufs):
                 for t in layer.values():
-                    _fill_pattern(t, li)
+                    _fill_pattern(t, li, rank)
         if device != "cpu":
             torch.cuda.synchronize()
         self.ep.register_layers(self.bufs, kinds)
@@ -435,23 +439,24 @@ class _Sess:
         return bool(prog.done or prog.failed)
 
 
-def _fill_pattern(t: Any, layer: int) -> None:
-    """Prefill pages: int64 ``((layer + 1) << 40) + i`` at element i (cheap, unique)."""
+def _fill_pattern(t: Any, layer: int, rank: int = 0) -> None:
+    """Prefill pages: int64 ``(rank << 56) + ((layer + 1) << 40) + i`` at element i (cheap,
+    unique per rank, layer and element)."""
     import torch
 
     b = t.reshape(-1).view(torch.uint8)
     n8 = b.numel() // 8
     v = b[: n8 * 8].view(torch.int64)
     torch.arange(n8, dtype=torch.int64, device=t.device, out=v)
-    v += (layer + 1) << 40
+    v += (rank << 56) + ((layer + 1) << 40)
     if b.numel() > n8 * 8:
         b[n8 * 8 :].zero_()
 
 
-def _pattern_bytes(layer: int, start: int, n: int) -> np.ndarray:
+def _pattern_bytes(layer: int, start: int, n: int, rank: int = 0) -> np.ndarray:
     j0 = start // 8
     j1 = (start + n + 7) // 8
-    vals = np.arange(j0, j1, dtype=np.int64) + ((layer + 1) << 40)
+    vals = np.arange(j0, j1, dtype=np.int64) + ((rank << 56) + ((layer + 1) << 40))
     b = vals.astype("<i8").view(np.uint8)
     o = start - j0 * 8
     return b[o : o + n]
@@ -509,12 +514,13 @@ class _WorkerState:
         info = s.ep.completion_info(rid)
         return {"t": t, "error": err, "info": info}
 
-    def pull(self, names, rid, local, remote, strategy=None, within=120.0, layers=None):
-        """Start ``rid`` on every session of ``names`` at once; spin until all finished."""
+    def pull(self, names, rid, local, remote, strategy=None, within=120.0, layers=None, op="pull"):
+        """Start ``rid`` on every session of ``names`` at once (``op``: their ``pull`` or
+        ``push``); spin until all finished."""
         sess = [self.sessions[n] for n in names]
         t0 = time.monotonic()
         for s in sess:
-            s.ep.pull(rid, local, remote, strategy=strategy, layers=layers)
+            getattr(s.ep, op)(rid, local, remote, strategy=strategy, layers=layers)
             s.pending.add(rid)
         t_posted = time.monotonic()  # host time of the pull() calls themselves
         for s in sess:
@@ -568,7 +574,7 @@ class _WorkerState:
                     d0 = int(local[i]) * dS + int(lay.row_decode_offset[r])
                     p0 = int(remote[i]) * pS + int(lay.row_prefill_offset[r])
                     got = flat[d0 : d0 + n].cpu().numpy()  # (only these bytes leave a GPU)
-                    if not np.array_equal(got, _pattern_bytes(layer, p0, n)):
+                    if not np.array_equal(got, _pattern_bytes(layer, p0, n, src)):
                         raise BenchError(
                             f"{s.ep.label}: wrong bytes in layer {layer} page {page!r} block "
                             f"{int(local[i])} (from prefill rank {src} block {int(remote[i])})"
@@ -587,6 +593,25 @@ class _WorkerState:
             return None
         out, eng.trace = eng.trace, None
         return out
+
+    def cprofile(self, on, top=30):
+        """Start (``on``) or stop cProfile in this worker; stopping returns the ``top``
+        functions by own time as text (host-cost tuning)."""
+        import cProfile
+        import io
+        import pstats
+
+        if on:
+            self._prof = cProfile.Profile()
+            self._prof.enable()
+            return None
+        prof, self._prof = getattr(self, "_prof", None), None
+        if prof is None:
+            return None
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+        return buf.getvalue()
 
     def set_mover(self, name, mover):
         """Who copies the chunks of requests this session initiates (experiments)."""
@@ -800,6 +825,27 @@ class _WorkerState:
             torch.cuda.empty_cache()
         return out
 
+    def peer_copy_rate(self, nbytes, src, dst, reps):
+        """Seconds of ``dst.copy_(src)`` of ``nbytes`` from GPU ``src`` to GPU ``dst``."""
+        import torch
+
+        bufs = [
+            torch.ones(nbytes, dtype=torch.uint8, device=src),
+            torch.empty(nbytes, dtype=torch.uint8, device=dst),
+        ]
+
+        def run():
+            bufs[1].copy_(bufs[0])
+            if dst != "cpu":
+                torch.cuda.synchronize(dst)
+                torch.cuda.synchronize(src)
+
+        out = _median_time(run, reps, warm=2)
+        bufs.clear()
+        if dst != "cpu":
+            torch.cuda.empty_cache()
+        return out
+
     def device_name(self):
         if self.device == "cpu":
             return None
@@ -820,12 +866,21 @@ def _worker_main(conn, device: str) -> None:
     import torch
 
     torch.set_num_threads(1)
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(int(device.split(":", 1)[1]))  # one GPU per worker, like an engine
     st = _WorkerState(conn, device)
     conn.send(("ok", os.getpid()))
     idle = 0.0005
+    fd = conn.fileno()
     try:
         while True:
-            if not conn.poll(0 if st.busy() else idle):
+            # a busy worker checks its pipe with one select() (~2 us; Connection.poll(0)
+            # builds a selector per call, ~20-40 us, which delayed every progress round)
+            if st.busy():
+                ready = bool(select.select([fd], [], [], 0)[0])
+            else:
+                ready = conn.poll(idle)
+            if not ready:
                 if st.sessions or st.raw:
                     if st.poll_all() or st.busy():
                         idle = 0.0005
@@ -941,6 +996,38 @@ def _setup_pair(workers, plan, kinds, nb_p, nb_d, ep_kwargs, tag, placement):
         peers = [b for (r2, _k), (_w, _n, b) in hs.items() if r2 != role]
         workers[wi].call("add_peers", name, peers)
     return {k: (wi, name) for k, (wi, name, _) in hs.items()}
+
+
+def _run_push(workers, names, rid, pre_by_worker, local, remote, strategy, timeout):
+    """Decode ranks expect, prefill ranks push ``local`` (prefill ids) into ``remote`` (decode
+    ids); returns seconds from the first push to the last decode completion (the bytes are
+    in their pages), infos of the prefill ranks."""
+    dec = [(wi, n) for (role, _r), (wi, n) in names.items() if role == "decode"]
+    for wi, n in dec:
+        workers[wi].call("expect", n, rid, timeout_s=timeout)
+    for wi in pre_by_worker:
+        workers[wi].send(
+            "pull",
+            pre_by_worker[wi],
+            rid,
+            local,
+            remote,
+            strategy=strategy,
+            within=timeout,
+            op="push",
+        )
+    res = [workers[wi].result(f"push {rid}", timeout + 30) for wi in pre_by_worker]
+    errs = [e for r in res for e in r["errors"]]
+    ends = []
+    for wi, n in dec:
+        r = workers[wi].call("result", n, rid, within=timeout, timeout=timeout + 30)
+        if r["error"]:
+            errs.append(r["error"])
+        ends.append(r["t"])
+    if errs:
+        raise BenchError(f"request {rid} failed: {errs[0]}")
+    t0 = min(r["t0"] for r in res)
+    return max(ends) - t0, [i for r in res for i in r["infos"]]
 
 
 def _run_request(workers, names, rid, dec_by_worker, local, remote, strategy, timeout, layers=None):
@@ -1429,6 +1516,203 @@ def _gpu_contiguous(
     )
 
 
+def bench_cross_gpu(compile_plan, cfg: BenchConfig, out: dict[str, Any], log, deadline) -> None:
+    """Two GPUs of one host: prefill ranks on GPU 0, decode ranks on GPU 1, one process per
+    rank; requests pulled and pushed against a torch peer copy GPU 0 -> GPU 1 of the same
+    bytes.  Cases: the scattered request of the one-GPU section (8 KiB pieces) at
+    P_TP=1 -> D_TP=2 and P_TP=2 -> D_TP=1, and a contiguous 1 -> 1 request."""
+    runs = cfg.runs or (3 if cfg.quick else 5)
+    params = dict(num_key_value_heads=4, head_dim=128, block_size=16)
+    layers = 32
+    ctx = mp.get_context("spawn")
+    # (cfg.extra["xgpu_devices"] = ("cpu", "cpu") runs the same flow on host memory: tests)
+    src, dst = cfg.extra.get("xgpu_devices", ("cuda:0", "cuda:1"))
+    workers = [
+        _Worker(ctx, src, "prefill-0"),
+        _Worker(ctx, src, "prefill-1"),
+        _Worker(ctx, dst, "decode-0"),
+        _Worker(ctx, dst, "decode-1"),
+    ]
+    ep_kw = dict(
+        timeout_s=60.0, staging_bytes=cfg.gpu_staging_bytes, staging_slots=cfg.gpu_staging_slots
+    )
+    info: dict[str, Any] = {
+        "placement": "prefill ranks on GPU 0, decode ranks on GPU 1, one process per rank",
+        "gpus": [workers[0].call("device_name", timeout=180), workers[2].call("device_name")],
+        "runs": runs,
+        "staging": {"bytes": cfg.gpu_staging_bytes, "slots": cfg.gpu_staging_slots},
+        "cases": {},
+    }
+    out["xgpu_case"] = info
+    ep_kw["devices"] = (src, dst)
+    errs = []
+    try:
+        for key, p_tp, d_tp in (("1to2", 1, 2), ("2to1", 2, 1)):
+            if time.monotonic() > deadline:
+                errs.append(f"{key}: skipped, time limit reached")
+                continue
+            try:
+                _xgpu_scattered(
+                    compile_plan,
+                    cfg,
+                    out,
+                    log,
+                    deadline,
+                    workers,
+                    runs,
+                    params,
+                    layers,
+                    ep_kw,
+                    key,
+                    p_tp,
+                    d_tp,
+                )
+            except Exception as e:  # noqa: BLE001 - the other cases still run
+                errs.append(f"{key}: {type(e).__name__}: {e}")
+                log(f"xgpu {key}: FAILED: {e}")
+            _write_partial(out)
+        if time.monotonic() < deadline:
+            try:
+                _xgpu_contiguous(
+                    compile_plan, cfg, out, log, deadline, workers, runs, params, ep_kw
+                )
+            except Exception as e:  # noqa: BLE001
+                errs.append(f"contiguous: {type(e).__name__}: {e}")
+                log(f"xgpu contiguous: FAILED: {e}")
+    finally:
+        for w in workers:
+            w.stop()
+    if errs:
+        raise BenchError("; ".join(errs))
+
+
+def _xgpu_scattered(
+    compile_plan, cfg, out, log, deadline, workers, runs, params, layers, ep_kw, key, p_tp, d_tp
+) -> None:
+    plan = compile_plan("vllm_flashinfer", p_tp, d_tp, dict(params, num_layers=layers))
+    kinds = ["attention"] * layers
+    per_block = sum(int(g.nbytes) * g.count for g in plan.rank(0).posts)  # decode rank 0
+    nblk = max(1, cfg.xgpu_bytes_per_decode_rank // (per_block * layers))
+    pool = nblk * 3 // 2 + 1
+    pb, db = _blocks(nblk, pool, 13)
+    total = d_tp * nblk * layers * per_block
+    placement = [(r, "prefill", r) for r in range(p_tp)]
+    placement += [(2 + r, "decode", r) for r in range(d_tp)]
+    devs = ep_kw["devices"]
+    ep_kw = {k: v for k, v in ep_kw.items() if k != "devices"}
+    names = _setup_pair(workers, plan, kinds, pool, pool, ep_kw, f"x{key}", placement)
+    dec = {names[("decode", r)][0]: [names[("decode", r)][1]] for r in range(d_tp)}
+    pre = {names[("prefill", r)][0]: [names[("prefill", r)][1]] for r in range(p_tp)}
+    piece = int(plan.rank(0).posts[0].nbytes)
+    copy = workers[0].call("peer_copy_rate", total, *devs, max(5, runs * 2), timeout=120)
+    t_copy = statistics.median(copy)
+    _put(out, f"xgpu_{key}_peer_copy_GBps", [total / t / 1e9 for t in copy], 4)
+    log(
+        f"xgpu {key}: {total / MiB:.0f} MiB, {piece // 1024} KiB pieces; torch peer copy "
+        f"{total / t_copy / 1e9:.0f} GB/s"
+    )
+
+    def verify():
+        for r in range(d_tp):
+            wi, nm = names[("decode", r)]
+            srcs = list(plan.rank(r).sources)
+            workers[wi].call("verify", nm, srcs, db, {s: pb for s in srcs}, timeout=180)
+            workers[wi].call("zero", nm)
+
+    case: dict[str, Any] = {
+        "spec": "vllm_flashinfer",
+        "params": dict(params, num_layers=layers),
+        "pair": f"{p_tp}->{d_tp}",
+        "bytes": total,
+        "blocks": nblk,
+        "piece_bytes": piece,
+        "copy_ms": round(t_copy * 1e3, 3),
+        "verified": "the first request of each variant: every run of 16 sampled blocks "
+        "per decode rank, against the pattern of its source prefill rank",
+    }
+    variants = [("pull", cfg.strategy, runs), ("push", cfg.strategy, runs)]
+    variants.append(("pull", "zero-copy", 1 if cfg.quick else 2))
+    for mode, strat, n in variants:
+        ts = []
+        infos: list[dict[str, Any]] = []
+        for i in range(n + 1):
+            if time.monotonic() > deadline:
+                raise BenchError("time limit reached")
+            rid = f"x{key}-{mode}-{strat}-{i}"
+            if mode == "pull":
+                t, infos = _run_request(workers, names, rid, dec, db, pb, strat, 120.0)
+            else:
+                t, infos = _run_push(workers, names, rid, pre, pb, db, strat, 120.0)
+            if i == 0:
+                verify()
+                continue
+            ts.append(t)
+        name = mode if strat == cfg.strategy else f"{mode}_{strat.replace('-', '_')}"
+        med = _put(out, f"xgpu_{key}_{name}_GBps", [total / t / 1e9 for t in ts], 4)
+        _put(out, f"xgpu_{key}_{name}_fraction_of_peer_copy", [t_copy / t for t in ts], 4)
+        case[name] = {
+            "request_ms": round(statistics.median(ts) * 1e3, 3),
+            "strategies": sorted({s for inf in infos for s in inf["strategies"].values()}),
+            "descriptors_per_rank": [int(inf["descriptors"]) for inf in infos],
+        }
+        log(
+            f"xgpu {key}: {mode} {strat}: {med / 1e9 * 1e9:.0f} GB/s, "
+            f"{t_copy / statistics.median(ts):.2f} of the peer copy, "
+            f"{case[name]['descriptors_per_rank']} descriptors"
+        )
+    out["xgpu_case"]["cases"][key] = case
+    for (_role, _r), (wi, nm) in names.items():
+        workers[wi].call("teardown", nm)
+
+
+def _xgpu_contiguous(compile_plan, cfg, out, log, deadline, workers, runs, params, ep_kw) -> None:
+    layers = 16
+    plan = compile_plan("vllm_flashinfer", 1, 1, dict(params, num_layers=layers))
+    kinds = ["attention"] * layers
+    stride = plan.prefill.page("attention").logical_stride
+    n1 = max(1, cfg.xgpu_contiguous_bytes // (stride * layers))
+    devs = ep_kw["devices"]
+    ep_kw = {k: v for k, v in ep_kw.items() if k != "devices"}
+    names = _setup_pair(
+        workers, plan, kinds, n1 + 8, n1 + 8, ep_kw, "xc", [(0, "prefill", 0), (2, "decode", 0)]
+    )
+    dec = {2: [names[("decode", 0)][1]]}
+    loc = np.arange(n1, dtype=np.int64)
+    rem = np.arange(5, 5 + n1, dtype=np.int64)
+    total = n1 * stride * layers
+    ts = []
+    infos: list[dict[str, Any]] = []
+    for i in range(runs + 2):
+        if time.monotonic() > deadline:
+            raise BenchError("time limit reached")
+        t, infos = _run_request(workers, names, f"xc-{i}", dec, loc, rem, cfg.strategy, 120.0)
+        if i == 0:
+            workers[2].call("verify", dec[2][0], [0], loc, {0: rem}, timeout=180)
+        if i >= 2:
+            ts.append(t)
+    copy = workers[0].call("peer_copy_rate", total, *devs, max(5, runs * 2), timeout=120)
+    t_copy = statistics.median(copy)
+    _put(out, "xgpu_contiguous_peer_copy_GBps", [total / t / 1e9 for t in copy], 4)
+    _put(out, "xgpu_contiguous_GBps", [total / t / 1e9 for t in ts], 4)
+    frac = _put(out, "xgpu_contiguous_fraction_of_peer_copy", [t_copy / t for t in ts], 4)
+    out["xgpu_case"]["cases"]["contiguous"] = {
+        "pair": "1->1",
+        "bytes": total,
+        "blocks": n1,
+        "consecutive": True,
+        "strategies": sorted({s for inf in infos for s in inf["strategies"].values()}),
+        "descriptors": int(infos[0]["descriptors"]),
+        "request_ms": round(statistics.median(ts) * 1e3, 3),
+        "copy_ms": round(t_copy * 1e3, 3),
+    }
+    log(
+        f"xgpu contiguous: {total / statistics.median(ts) / 1e9:.0f} GB/s, {frac:.2f} of the "
+        f"peer copy"
+    )
+    for (_role, _r), (wi, nm) in names.items():
+        workers[wi].call("teardown", nm)
+
+
 # ============================================================================================
 # Cost model from the measurements
 # ============================================================================================
@@ -1554,6 +1838,10 @@ def run_bench(cfg: BenchConfig, compile_plan: Callable) -> dict[str, Any]:
         sections.append(("cpu", lambda: bench_scattered(compile_plan, cfg, out, log, deadline, cm)))
     else:
         sections.append(("gpu", lambda: bench_gpu(compile_plan, cfg, out, log, deadline, cm)))
+        if cfg.gpus >= 2:
+            sections.append(
+                ("xgpu", lambda: bench_cross_gpu(compile_plan, cfg, out, log, deadline))
+            )
     out["errors"] = errors
     try:
         for name, fn in sections:
@@ -1668,6 +1956,19 @@ def format_table(out: dict[str, Any]) -> str:
         ("gpu_per_block_GBps", "  GPU per-block descriptors (GB/s)"),
         ("gpu_contiguous_fraction_of_copy", "GPU contiguous request / torch copy"),
         ("gpu_contiguous_GBps", "  GPU contiguous request (GB/s)"),
+    ]
+    for key, pair in (("1to2", "1->2"), ("2to1", "2->1")):
+        rows += [
+            (f"xgpu_{key}_pull_fraction_of_peer_copy", f"2 GPUs {pair} scattered pull / peer copy"),
+            (f"xgpu_{key}_pull_GBps", "  pull (GB/s)"),
+            (f"xgpu_{key}_push_fraction_of_peer_copy", f"2 GPUs {pair} scattered push / peer copy"),
+            (f"xgpu_{key}_push_GBps", "  push (GB/s)"),
+            (f"xgpu_{key}_pull_zero_copy_GBps", "  pull, zero-copy forced (GB/s)"),
+            (f"xgpu_{key}_peer_copy_GBps", "  torch peer copy GPU 0 -> GPU 1 (GB/s)"),
+        ]
+    rows += [
+        ("xgpu_contiguous_fraction_of_peer_copy", "2 GPUs 1->1 contiguous pull / peer copy"),
+        ("xgpu_contiguous_GBps", "  contiguous pull (GB/s)"),
     ]
     tg = out.get("targets", {})
     lines = []

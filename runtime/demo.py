@@ -31,6 +31,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -81,6 +82,8 @@ class DemoResult:
     #: "mixed" (different peers, different strategies), "none" (no byte to move)
     strategies: dict[str, int] = field(default_factory=dict)
     chunks: int = 0  # staged chunks, all initiators together
+    #: where the ranks ran: "cpu", or the GPU of every rank ("prefill 0,0 -> decode 1,1")
+    placement: str = "cpu"
 
     @property
     def gbps(self) -> float:
@@ -102,7 +105,8 @@ class DemoResult:
             f"{self.seconds:.3f} s ({self.gbps:.2f} GB/s; set-up {self.setup_seconds:.1f} s)\n"
             f"strategy {self.strategy}: requests x {'decode' if self.mode == 'pull' else 'prefill'}"
             f" ranks by strategy: {used} ({self.chunks} staged chunks)\n"
-            f"prefill requests completed: {done}"
+            f"prefill requests completed: {done}\n"
+            f"placement: {self.placement}"
         )
 
 
@@ -216,6 +220,8 @@ def _worker_body(cfg: dict[str, Any], conn: Connection) -> int:
     from .tags import PageTagger
 
     torch.set_num_threads(1)
+    if cfg["device"].startswith("cuda:"):  # one GPU per rank process, as in an engine
+        torch.cuda.set_device(int(cfg["device"].split(":", 1)[1]))
     role, rank, plan = cfg["role"], cfg["rank"], cfg["plan"]
     kinds, blocks = cfg["kinds"], cfg["blocks"]
     side = plan.prefill if role == "prefill" else plan.decode
@@ -491,11 +497,15 @@ def run_demo(
     decode_plan: Plan | None = None,
     seed: int = 0,
     strategy: str = "auto",
+    prefill_gpus: Sequence[int] = (0,),
+    decode_gpus: Sequence[int] = (0,),
 ) -> DemoResult:
     """Run the demo; raise :class:`DemoError` on any failure (never a silent success).
 
     ``timeout_s`` bounds every request (and so every wait for a dead peer).
     ``strategy``: the endpoints' strategy (``"zero-copy"``, ``"staged"``, ``"auto"``).
+    ``prefill_gpus``/``decode_gpus`` (``device="cuda"``): the GPUs of the ranks of each side,
+    rank ``r`` on ``gpus[r % len(gpus)]`` (default: every rank on GPU 0).
     ``decode_plan``: the plan the decode processes use for ``inject="spec-mismatch"``
     (default: :func:`mismatched_plan`).
     """
@@ -519,6 +529,25 @@ def run_demo(
 
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+        count = torch.cuda.device_count()
+        for side, gpus in (("prefill", prefill_gpus), ("decode", decode_gpus)):
+            if not gpus or any(not 0 <= int(g) < count for g in gpus):
+                raise ValueError(
+                    f"{side} GPUs {list(gpus)}: torch sees {count} CUDA device(s) "
+                    f"(valid: 0..{count - 1})"
+                )
+
+    def rank_device(side_gpus: Sequence[int], rank: int) -> str:
+        return device if device == "cpu" else f"cuda:{int(side_gpus[rank % len(side_gpus)])}"
+
+    placement = "cpu"
+    if device != "cpu":
+        placement = (
+            "GPU of each rank: prefill "
+            + ",".join(rank_device(prefill_gpus, r)[5:] for r in range(plan.prefill_tp))
+            + " -> decode "
+            + ",".join(rank_device(decode_gpus, r)[5:] for r in range(plan.decode_tp))
+        )
     from .endpoint import layer_kind_sequence
     from .tags import element_ids
 
@@ -545,11 +574,21 @@ def run_demo(
     ctx = mp.get_context("spawn")
     t_start = time.monotonic()
     children = [
-        _Child(ctx, "prefill", r, dict(base, role="prefill", rank=r, plan=plan))
+        _Child(
+            ctx,
+            "prefill",
+            r,
+            dict(base, role="prefill", rank=r, plan=plan, device=rank_device(prefill_gpus, r)),
+        )
         for r in range(plan.prefill_tp)
     ]
     children += [
-        _Child(ctx, "decode", r, dict(base, role="decode", rank=r, plan=dplan))
+        _Child(
+            ctx,
+            "decode",
+            r,
+            dict(base, role="decode", rank=r, plan=dplan, device=rank_device(decode_gpus, r)),
+        )
         for r in range(plan.decode_tp)
     ]
     errors: list[str] = []
@@ -667,6 +706,7 @@ def run_demo(
             strategy=strategy,
             strategies=used,
             chunks=sum(f["stats"]["chunk_transfers"] for f in dec + pre),
+            placement=placement,
         )
     finally:
         if prog is not None:

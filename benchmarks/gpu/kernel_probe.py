@@ -119,7 +119,7 @@ def main() -> None:
         for warps in (4, 8, 16):
             for tile_bytes in (4096, 8192):
 
-                def run(pack_=True):
+                def run(pack_=True, align=align, warps=warps, tile_bytes=tile_bytes):
                     _kernel[(nblk, R)](
                         out,
                         table,

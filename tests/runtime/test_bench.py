@@ -137,3 +137,40 @@ def test_gpu_bench_flow_on_host_memory(tmp_path):
     assert out["gpu_scattered_case"]["chosen"]["staged"] == ["staged"]
     model = bench.fit_cost_model("cuda", cm, CostModel.default("cuda"))
     assert model.link_Bps > 0 and 0 <= model.overlap <= 1
+
+
+def test_cross_gpu_bench_flow_on_host_memory():
+    """The `--gpus 2` section's code path (prefill ranks in two processes, decode ranks in
+    two others; 1 -> 2 and 2 -> 1 pulled and pushed, zero-copy forced, a contiguous 1 -> 1;
+    each variant verified against the pattern of its source rank), run on host memory with
+    tiny sizes: the numbers mean nothing here, the flow must complete."""
+    import time
+
+    cfg = bench.BenchConfig(
+        quick=True,
+        device="cuda",
+        progress=False,
+        xgpu_bytes_per_decode_rank=2 << 20,
+        xgpu_contiguous_bytes=8 << 20,
+        gpu_staging_bytes=2 << 20,
+        gpu_staging_slots=4,
+        runs=1,
+        gpus=2,
+        extra={"xgpu_devices": ("cpu", "cpu")},
+    )
+    out: dict = {}
+    bench._DEADLINE[0] = time.monotonic() + 150
+    try:
+        bench.bench_cross_gpu(_compile, cfg, out, lambda msg: None, time.monotonic() + 150)
+    finally:
+        bench._DEADLINE[0] = float("inf")
+    for pair in ("1to2", "2to1"):
+        for key in ("pull", "push", "pull_zero_copy"):
+            assert out[f"xgpu_{pair}_{key}_GBps"] > 0, (pair, key)
+            assert out[f"xgpu_{pair}_{key}_fraction_of_peer_copy"] > 0, (pair, key)
+        case = out["xgpu_case"]["cases"][pair]
+        assert case["pull_zero_copy"]["strategies"] == ["zero-copy"]
+        assert all(n > 0 for n in case["pull"]["descriptors_per_rank"])
+    assert out["xgpu_contiguous_fraction_of_peer_copy"] > 0
+    assert out["xgpu_case"]["cases"]["contiguous"]["strategies"] == ["zero-copy"]
+    assert "2 GPUs 1->2 scattered pull / peer copy" in bench.format_table(out)

@@ -175,7 +175,9 @@ ODD_CHUNKS = [(c, n) for c in (CASES[0], CASES[2], CASES[7]) for n in (1, 7, 333
 
 
 @pytest.mark.parametrize(
-    "case,chunk", ODD_CHUNKS, ids=lambda v: str(v) if isinstance(v, int) else f"{v[0]}-{v[2]}to{v[3]}"
+    "case,chunk",
+    ODD_CHUNKS,
+    ids=lambda v: str(v) if isinstance(v, int) else f"{v[0]}-{v[2]}to{v[3]}",
 )
 def test_round_trip_odd_chunks(case, chunk):
     num_layers = 2 if chunk == 1 else 4

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Two GPUs of one host (run on the GPU box from the repo root, NIXL wheels in .whl/, see
+# README "Installing"): the demo with prefill ranks on GPU 0 and decode ranks on GPU 1, pull
+# and push, 1 -> 2 and 2 -> 1, then `layoutc bench --device cuda --gpus 2`.
+# Writes $OUT/h100-x2-demo.txt, $OUT/h100-x2.json and $OUT/h100-x2.txt.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+mkdir -p /tmp/site/layoutc
+for d in compiler runtime grammar specs; do ln -sfn "$PWD/$d" /tmp/site/layoutc/$d; done
+cp compiler/pkg/__init__.py compiler/pkg/__main__.py /tmp/site/layoutc/
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 NIXL_LOG_LEVEL=WARN
+out=${OUT:-/tmp}
+run() {  # a command line, its output, exit code and wall time
+  echo
+  echo "\$ $1"
+  local start=$(date +%s.%N)
+  timeout -s INT -k 15 "$2" python3 -m layoutc ${1#layoutc } 2>&1
+  echo "[exit $? after $(python3 -c "import time; print(round(time.time() - $start, 1))") s]"
+}
+{
+  echo "# $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | sort | uniq -c)"
+  nvidia-smi topo -m | head -3
+  for args in "--prefill-tp 1 --decode-tp 2 --mode pull" "--prefill-tp 1 --decode-tp 2 --mode push" \
+              "--prefill-tp 2 --decode-tp 1 --mode pull" "--prefill-tp 2 --decode-tp 1 --mode push"; do
+    run "layoutc demo --device cuda --prefill-gpus 0 --decode-gpus 1 $args --quiet" 120
+  done
+} 2>&1 | tee "$out/h100-x2-demo.txt"
+{
+  echo "# $(date -u +%FT%TZ)"
+  run "layoutc bench --device cuda --gpus 2 --json $out/h100-x2.json --time-limit ${BENCH_S:-240}" $(( ${BENCH_S:-240} + 30 ))
+} 2>&1 | tee "$out/h100-x2.txt"
