@@ -1653,12 +1653,16 @@ def _xgpu_scattered(
         case[name] = {
             "request_ms": round(statistics.median(ts) * 1e3, 3),
             "strategies": sorted({s for inf in infos for s in inf["strategies"].values()}),
+            # per initiating rank: NIXL descriptors it posted, and staged chunks (one NIXL
+            # transfer each, posted by the source: the decode posts none for a staged pull)
             "descriptors_per_rank": [int(inf["descriptors"]) for inf in infos],
+            "staged_chunks_per_rank": [int(inf.get("chunks") or 0) for inf in infos],
         }
         log(
             f"xgpu {key}: {mode} {strat}: {med / 1e9 * 1e9:.0f} GB/s, "
             f"{t_copy / statistics.median(ts):.2f} of the peer copy, "
-            f"{case[name]['descriptors_per_rank']} descriptors"
+            f"{case[name]['descriptors_per_rank']} descriptors, "
+            f"{case[name]['staged_chunks_per_rank']} staged chunks"
         )
     out["xgpu_case"]["cases"][key] = case
     for (_role, _r), (wi, nm) in names.items():

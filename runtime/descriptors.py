@@ -327,8 +327,8 @@ def check_block_ids(
             request_id=request_id,
         )
     arr = arr.astype(np.int64, copy=False)
-    bad = np.flatnonzero((arr < 0) | (arr >= limit))
-    if bad.size:
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= limit):  # (two passes, no temps)
+        bad = np.flatnonzero((arr < 0) | (arr >= limit))
         raise BlockIdError(
             f"{who}: request {request_id!r}: {what} block ids out of range [0, {limit}): "
             f"{_fmt_ids(arr[bad], bad)}",

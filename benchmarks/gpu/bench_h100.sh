@@ -3,8 +3,8 @@
 # NIXL wheels carried in .whl/, like demo_h100.sh).  Writes $OUT/h100.json (the JSON of the
 # bench, with the command line in it) and $OUT/h100.txt (the table and the log).
 #
-# Bounded: the bench stops starting new measurements at --time-limit (300 s) and every wait
-# for a worker process is capped by it; `timeout` interrupts the whole run at 330 s (SIGINT,
+# Bounded: the bench stops starting new measurements at --time-limit (200 s) and every wait
+# for a worker process is capped by it; `timeout` interrupts the whole run at 230 s (SIGINT,
 # so worker processes are stopped and the JSON measured so far is kept) and kills it 15 s
 # later.  The table is printed at the end in every case (from the JSON when interrupted).
 set -u
@@ -21,10 +21,10 @@ rm -f "$json"
 {
   echo "# $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
   echo "# python $(python3 -V 2>&1), torch $(python3 -c 'import torch; print(torch.__version__)')"
-  cmd="layoutc bench --device cuda --json $json --time-limit 300"
+  cmd="layoutc bench --device cuda --json $json --time-limit 200"
   echo "\$ $cmd"
   start=$(date +%s.%N)
-  timeout -s INT -k 15 330 python3 -m layoutc ${cmd#layoutc }
+  timeout -s INT -k 15 230 python3 -m layoutc ${cmd#layoutc }
   code=$?
   echo "[exit $code after $(python3 -c "import time; print(round(time.time() - $start, 1))") s]"
   if [ "$code" -eq 137 ] && [ -f "$json" ]; then  # killed before it could print

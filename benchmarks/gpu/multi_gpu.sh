@@ -23,10 +23,10 @@ run() {  # a command line, its output, exit code and wall time
   nvidia-smi topo -m | head -3
   for args in "--prefill-tp 1 --decode-tp 2 --mode pull" "--prefill-tp 1 --decode-tp 2 --mode push" \
               "--prefill-tp 2 --decode-tp 1 --mode pull" "--prefill-tp 2 --decode-tp 1 --mode push"; do
-    run "layoutc demo --device cuda --prefill-gpus 0 --decode-gpus 1 $args --quiet" 120
+    run "layoutc demo --device cuda --prefill-gpus 0 --decode-gpus 1 $args --quiet" 60
   done
 } 2>&1 | tee "$out/h100-x2-demo.txt"
 {
   echo "# $(date -u +%FT%TZ)"
-  run "layoutc bench --device cuda --gpus 2 --json $out/h100-x2.json --time-limit ${BENCH_S:-240}" $(( ${BENCH_S:-240} + 30 ))
+  run "layoutc bench --device cuda --gpus 2 --json $out/h100-x2.json --time-limit ${BENCH_S:-150}" $(( ${BENCH_S:-150} + 30 ))
 } 2>&1 | tee "$out/h100-x2.txt"

@@ -84,6 +84,11 @@ def main():
     ps = [ctx.Process(target=_side, args=(r, device, p)) for r, p in (("a", pa), ("b", pb))]
     for p in ps:
         p.start()
+    if not (ca.poll(60) and cb.poll(60)):  # a side that failed to start says nothing
+        print(json.dumps({"device": device, "error": "a side did not start within 60 s"}))
+        for p in ps:
+            p.kill()
+        return
     ma, mb = ca.recv(), cb.recv()
     ca.send(mb)
     cb.send(ma)

@@ -89,6 +89,11 @@ def main():
     ]
     for p in ps:
         p.start()
+    if not (c_src.poll(60) and c_dst.poll(60)):  # a side that failed to start says nothing
+        print(json.dumps({"nixl": "a side did not start within 60 s"}))
+        for p in ps:
+            p.kill()
+        return
     md_s, addr_s = c_src.recv()
     md_d, addr_d = c_dst.recv()
     c_src.send((md_d, addr_d, 1))

@@ -170,7 +170,12 @@ def test_cross_gpu_bench_flow_on_host_memory():
             assert out[f"xgpu_{pair}_{key}_fraction_of_peer_copy"] > 0, (pair, key)
         case = out["xgpu_case"]["cases"][pair]
         assert case["pull_zero_copy"]["strategies"] == ["zero-copy"]
-        assert all(n > 0 for n in case["pull"]["descriptors_per_rank"])
+        assert all(
+            d + c > 0
+            for d, c in zip(
+                case["pull"]["descriptors_per_rank"], case["pull"]["staged_chunks_per_rank"]
+            )
+        )
     assert out["xgpu_contiguous_fraction_of_peer_copy"] > 0
     assert out["xgpu_case"]["cases"]["contiguous"]["strategies"] == ["zero-copy"]
     assert "2 GPUs 1->2 scattered pull / peer copy" in bench.format_table(out)
