@@ -1078,12 +1078,12 @@ def _tiny_requests(workers, names, dec, db, pb, n) -> dict[str, Any]:
     return tiny
 
 
-def _profile_staged(workers, names, dec, db, pb) -> dict[str, Any]:
+def _profile_staged(workers, names, dec, db, pb, layers=None, rid="profile") -> dict[str, Any]:
     """One staged request with every heavy operation timed in each process: how busy each
     process was within the request, and on what (pack, write, read, unpack)."""
     for (_role, _r), (wi, n) in names.items():
         workers[wi].call("trace", n, True)
-    t, _ = _run_request(workers, names, "profile", dec, db, pb, "staged", 60.0)
+    t, _ = _run_request(workers, names, rid, dec, db, pb, "staged", 60.0, layers=layers)
     traces: dict[int, list] = {}
     for (_role, _r), (wi, n) in names.items():
         traces.setdefault(wi, []).extend(workers[wi].call("trace", n, False) or [])
@@ -1098,7 +1098,7 @@ def _profile_staged(workers, names, dec, db, pb) -> dict[str, Any]:
     # every heavy operation and message arrival of the three processes, on one clock (ms)
     out["timeline"] = [list(x) for x in sorted(timeline)]
     for wi, ops in traces.items():
-        ops = [x for x in ops if not x[0].startswith("@")]
+        ops = [x for x in ops if not x[0].startswith(("@", "~"))]  # marks, nested spans
         if not ops:
             continue
         span = max(e for _, _, e in ops) - min(b for _, b, _ in ops)
@@ -1421,6 +1421,9 @@ def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, par
     out["gpu_tiny_request_ms"] = {
         k: round(v * 1e3, 3) for k, v in cm["_tiny"].items() if not k.endswith(("bytes", "ors"))
     }
+    out["gpu_tiny_request_ms"]["profile_staged"] = _profile_staged(
+        workers, names, dec, db[:1], pb[:1], layers=[0], rid="tiny-profile"
+    )
     out["gpu_scattered_case"]["profile_one_staged_request"] = _profile_staged(
         workers, names, dec, db, pb
     )

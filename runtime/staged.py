@@ -414,12 +414,18 @@ class StagedEngine:
         chunk: int,
         mover: str,
     ) -> StagedCtx:
+        t0 = time.perf_counter() if self.trace is not None else 0.0
         lay, bound = self.layout_for(peer)
         stream = lay.stream(int(blocks.shape[0]), layers)
         total = stream.total_bytes
         dev_blocks = None
         if self.device_type == "cuda":
+            t1 = time.perf_counter() if self.trace is not None else 0.0
             dev_blocks = self._ids_ring.to_device(blocks)
+            if self.trace is not None:
+                self.trace.append(("~ids-to-device", t1, time.perf_counter()))
+        if self.trace is not None:
+            self.trace.append(("~new-ctx", t0, time.perf_counter()))
         ctx = StagedCtx(
             req=req,
             peer=peer,
