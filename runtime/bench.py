@@ -539,7 +539,12 @@ class _WorkerState:
         return {"t0": t0, "t1": t1, "t_posted": t_posted, "errors": errs, "infos": infos}
 
     def poll_all(self) -> bool:
-        """Progress every endpoint and raw agent once; True when a request finished."""
+        """Progress every endpoint and raw agent once; True when a request finished.
+
+        ``$LAYOUTC_BENCH_POLL_SLEEP_US`` (default 0: spin) sleeps that long after each round,
+        for experiments with polling processes that share cores."""
+        if _POLL_SLEEP_S:
+            time.sleep(_POLL_SLEEP_S)
         done = False
         for s in self.sessions.values():
             done = s.collect() or done
@@ -908,6 +913,8 @@ def _worker_main(conn, device: str) -> None:
                 pass
         conn.close()
 
+
+_POLL_SLEEP_S = float(os.environ.get("LAYOUTC_BENCH_POLL_SLEEP_US", "0") or 0) * 1e-6
 
 #: The bench's deadline (monotonic): no wait for a worker outlives it by more than 20 s.
 _DEADLINE: list[float] = [float("inf")]
