@@ -174,8 +174,10 @@ class _PinnedRing:
     ``torch.from_numpy(ids).to(device)`` copies from pageable memory and so waits for the
     GPU -- for every kernel already queued and, with several processes on one GPU, for their
     time slices (0.1-0.4 ms of host time per request measured on an H100); allocating pinned
-    memory per request may synchronize too.  The ring is allocated once; a region is reused
-    only after the event of the copy that last read it has completed.
+    memory per request may synchronize too.  The ring is allocated once and each request's
+    ids are ONE queued copy (no event: with several processes on one GPU every CUDA call
+    costs 0.1-0.3 ms of host time).  Before the ring wraps, the device is synchronized, so
+    every copy queued from it has read its bytes (once per ``capacity`` block ids).
     """
 
     def __init__(self, device: Any, capacity: int = 1 << 18) -> None:
@@ -185,7 +187,6 @@ class _PinnedRing:
         self.host = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
         self.np = self.host.numpy()
         self.pos = 0
-        self.inflight: deque[tuple[int, int, Any]] = deque()  # (start, end, event)
 
     def to_device(self, ids: np.ndarray) -> Any:
         import torch
@@ -194,38 +195,42 @@ class _PinnedRing:
         if n > self.host.shape[0]:  # a huge request: a plain (synchronous) copy
             return torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(self.device)
         if self.pos + n > self.host.shape[0]:
+            torch.cuda.synchronize(self.device)
             self.pos = 0
         a, b = self.pos, self.pos + n
-        while self.inflight and self.inflight[0][0] < b and a < self.inflight[0][1]:
-            self.inflight.popleft()[2].synchronize()  # (only after a full turn of the ring)
-        while self.inflight and self.inflight[0][2].query():
-            self.inflight.popleft()
         self.np[a:b] = ids
+        self.pos = b
         with torch.cuda.device(self.device):
             out = torch.empty(n, dtype=torch.int64, device=self.device)
             out.copy_(self.host[a:b], non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-        self.inflight.append((a, b, ev))
-        self.pos = b
         return out
 
 
 class _Fence:
-    """Completion of queued device work (CUDA event); host-memory work is already done."""
+    """Completion of queued device work (a CUDA event, taken from and given back to a pool:
+    creating one is a driver call); host-memory work is already done."""
 
-    __slots__ = ("ev",)
+    __slots__ = ("ev", "pool")
 
-    def __init__(self, device_type: str) -> None:
+    def __init__(self, device_type: str, pool: list[Any] | None = None) -> None:
         self.ev = None
+        self.pool = pool
         if device_type == "cuda":
             import torch
 
-            self.ev = torch.cuda.Event()
-            self.ev.record()
+            ev = pool.pop() if pool else torch.cuda.Event()
+            ev.record()
+            self.ev = ev
 
     def done(self) -> bool:
-        return self.ev is None or bool(self.ev.query())
+        if self.ev is None:
+            return True
+        if not self.ev.query():
+            return False
+        if self.pool is not None:
+            self.pool.append(self.ev)
+        self.ev = None
+        return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +337,7 @@ class StagedEngine:
         self.budget = 1 if self.mem_type == "DRAM" else 1 << 30
         self._device = tensor.device if self.device_type == "cuda" else None
         self._ids_ring = _PinnedRing(tensor.device) if self._device is not None else None
+        self._events: list[Any] = []  # CUDA events of finished fences, for reuse
 
     def on_device(self) -> Any:
         """A context making the staging buffer's GPU current (kernels, events and copies
@@ -418,12 +424,6 @@ class StagedEngine:
         lay, bound = self.layout_for(peer)
         stream = lay.stream(int(blocks.shape[0]), layers)
         total = stream.total_bytes
-        dev_blocks = None
-        if self.device_type == "cuda":
-            t1 = time.perf_counter() if self.trace is not None else 0.0
-            dev_blocks = self._ids_ring.to_device(blocks)
-            if self.trace is not None:
-                self.trace.append(("~ids-to-device", t1, time.perf_counter()))
         if self.trace is not None:
             self.trace.append(("~new-ctx", t0, time.perf_counter()))
         ctx = StagedCtx(
@@ -433,7 +433,7 @@ class StagedEngine:
             layout=lay,
             bound=bound,
             blocks=blocks,
-            dev_blocks=dev_blocks,
+            dev_blocks=None,  # on the GPU: copied at the first pack or unpack (_device_ids)
             stream=stream,
             chunk=chunk,
             n=math.ceil(total / chunk) if total else 0,
@@ -702,6 +702,17 @@ class StagedEngine:
             ),
         )
 
+    def _device_ids(self, ctx: StagedCtx) -> Any:
+        """The context's block ids on the GPU (None on host memory), copied on first use:
+        a destination needs them only when its first chunk lands, so a pull sends its
+        request before paying for the copy."""
+        if ctx.dev_blocks is None and self._ids_ring is not None:
+            t0 = time.perf_counter() if self.trace is not None else 0.0
+            ctx.dev_blocks = self._ids_ring.to_device(ctx.blocks)
+            if self.trace is not None:
+                self.trace.append(("~ids-to-device", t0, time.perf_counter()))
+        return ctx.dev_blocks
+
     def _unpack(self, ctx: StagedCtx, c: int) -> None:
         ctx.landed.discard(c)
         s = ctx.grants[c]  # the slot stays the context's (finish() frees it on failure)
@@ -717,7 +728,7 @@ class StagedEngine:
                 start=a,
                 end=b,
                 stream=ctx.stream,
-                device_block_ids=ctx.dev_blocks,
+                device_block_ids=self._device_ids(ctx),
             )
         except Exception as e:  # noqa: BLE001 - a kernel failure fails the request
             self._kernel_failed(ctx, f"unpacking staged chunk {c}", e)
@@ -725,7 +736,7 @@ class StagedEngine:
         self.busy["unpack_s"] += time.perf_counter() - t0
         self.ep._stats["chunks_unpacked"] += 1
         self.ep._stats["bytes_unpacked"] += b - a
-        ctx.unpacking.append((c, s, _Fence(self.device_type)))
+        ctx.unpacking.append((c, s, _Fence(self.device_type, self._events)))
 
     def _pack(self, ctx: StagedCtx, c: int, s: int) -> None:
         a, b = ctx.bounds(c)
@@ -740,7 +751,7 @@ class StagedEngine:
                 start=a,
                 end=b,
                 stream=ctx.stream,
-                device_block_ids=ctx.dev_blocks,
+                device_block_ids=self._device_ids(ctx),
             )
         except Exception as e:  # noqa: BLE001 - a kernel failure fails the request
             self.pool.give(s)
@@ -749,7 +760,7 @@ class StagedEngine:
         self.busy["pack_s"] += time.perf_counter() - t0
         self.ep._stats["chunks_packed"] += 1
         self.ep._stats["bytes_packed"] += b - a
-        ctx.packing.append((c, s, _Fence(self.device_type)))
+        ctx.packing.append((c, s, _Fence(self.device_type, self._events)))
 
     # -- progress -----------------------------------------------------------------------------
     def pump(self, now: float) -> None:

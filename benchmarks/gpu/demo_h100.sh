@@ -22,7 +22,7 @@ out=${OUT:-/tmp}/h100-demo.txt
     echo
     echo "\$ $cmd"
     start=$(date +%s.%N)
-    python3 -m layoutc ${cmd#layoutc } 2>&1
+    timeout -s INT -k 10 90 python3 -m layoutc ${cmd#layoutc } 2>&1
     echo "[exit $? after $(python3 -c "import time; print(round(time.time() - $start, 1))") s]"
   done
 } | tee "$out"
