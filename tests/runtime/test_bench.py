@@ -85,6 +85,8 @@ def test_cli_bench_usage_errors():
         (["--time-limit", "0"], "--time-limit must be positive"),
         (["--json", "/no/such/dir/x.json"], "no such directory"),
         (["--device", "tpu"], "invalid choice"),
+        (["--gpus", "2"], "--gpus needs --device cuda"),
+        (["--gpus", "0"], "--gpus must be at least 1"),
     ):
         r = subprocess.run(
             [sys.executable, "-m", "layoutc", "bench", *args],
@@ -179,3 +181,14 @@ def test_cross_gpu_bench_flow_on_host_memory():
     assert out["xgpu_contiguous_fraction_of_peer_copy"] > 0
     assert out["xgpu_case"]["cases"]["contiguous"]["strategies"] == ["zero-copy"]
     assert "2 GPUs 1->2 scattered pull / peer copy" in bench.format_table(out)
+
+
+def test_bench_pattern_names_the_source_rank():
+    """Prefill pages hold a pattern that includes the rank, so a byte read from the wrong
+    prefill rank fails verification (the two-GPU 2 -> 1 case reads from two ranks)."""
+    import torch
+
+    t = torch.zeros(64, dtype=torch.uint8)
+    bench._fill_pattern(t, 3, 1)
+    assert bytes(t[16:40].numpy()) == bytes(bench._pattern_bytes(3, 16, 24, 1))
+    assert bytes(t[16:40].numpy()) != bytes(bench._pattern_bytes(3, 16, 24, 0))

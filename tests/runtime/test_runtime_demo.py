@@ -165,3 +165,23 @@ def test_demo_staged_strategy_verifies_every_byte(mode):
 def test_cli_demo_strategy_choice_is_validated():
     bad = _cli("--strategy", "fastest", "--quiet")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--decode-gpus", "1"], "--decode-gpus needs --device cuda"),
+        (["--prefill-gpus", "0,1"], "--prefill-gpus needs --device cuda"),
+        (["--device", "cuda", "--decode-gpus", "one"], "expected GPU indices like 0 or 0,1"),
+    ],
+)
+def test_cli_demo_gpu_placement_is_validated(args, says):
+    bad = _cli(*args, "--quiet")
+    assert bad.returncode == 2, bad.stderr
+    assert says in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_demo_summary_says_where_ranks_ran():
+    plan = compiled("vllm_hybrid_mamba2", 1, 2, HYBRID)
+    res = run_demo(plan, requests=2, layers=2, blocks=4, progress=False)
+    assert res.placement == "cpu" and "placement: cpu" in res.summary()
