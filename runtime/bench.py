@@ -41,7 +41,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -1009,24 +1009,41 @@ def _run_push(workers, names, rid, pre_by_worker, local, remote, strategy, timeo
     """Decode ranks expect, prefill ranks push ``local`` (prefill ids) into ``remote`` (decode
     ids); returns seconds from the first push to the last decode completion (the bytes are
     in their pages), infos of the prefill ranks."""
-    dec = [(wi, n) for (role, _r), (wi, n) in names.items() if role == "decode"]
-    for wi, n in dec:
+    return _run(workers, names, rid, pre_by_worker, local, remote, strategy, timeout, "push")
+
+
+def _run_request(workers, names, rid, dec_by_worker, local, remote, strategy, timeout, layers=None):
+    """Prefill ranks expect (ready), decode ranks pull; returns seconds, infos."""
+    return _run(
+        workers, names, rid, dec_by_worker, local, remote, strategy, timeout, "pull", layers
+    )
+
+
+def _run(workers, names, rid, init_by_worker, local, remote, strategy, timeout, op, layers=None):
+    """The passive side's ranks ``expect``, the initiators (``init_by_worker``: worker index
+    -> session names) start ``op`` at once.  Seconds: first start to the last initiator's
+    completion (pull) or to the last target's completion (push: the bytes are in place only
+    when the decode side completes)."""
+    passive = "prefill" if op == "pull" else "decode"
+    others = [(wi, n) for (role, _r), (wi, n) in names.items() if role == passive]
+    for wi, n in others:
         workers[wi].call("expect", n, rid, timeout_s=timeout)
-    for wi in pre_by_worker:
+    for wi in init_by_worker:
         workers[wi].send(
             "pull",
-            pre_by_worker[wi],
+            init_by_worker[wi],
             rid,
             local,
             remote,
             strategy=strategy,
             within=timeout,
-            op="push",
+            layers=layers,
+            op=op,
         )
-    res = [workers[wi].result(f"push {rid}", timeout + 30) for wi in pre_by_worker]
+    res = [workers[wi].result(f"{op} {rid}", timeout + 30) for wi in init_by_worker]
     errs = [e for r in res for e in r["errors"]]
     ends = []
-    for wi, n in dec:
+    for wi, n in others:
         r = workers[wi].call("result", n, rid, within=timeout, timeout=timeout + 30)
         if r["error"]:
             errs.append(r["error"])
@@ -1034,37 +1051,9 @@ def _run_push(workers, names, rid, pre_by_worker, local, remote, strategy, timeo
     if errs:
         raise BenchError(f"request {rid} failed: {errs[0]}")
     t0 = min(r["t0"] for r in res)
-    return max(ends) - t0, [i for r in res for i in r["infos"]]
-
-
-def _run_request(workers, names, rid, dec_by_worker, local, remote, strategy, timeout, layers=None):
-    """Prefill ranks expect (ready), decode ranks pull; returns seconds, infos."""
-    pre = [(wi, n) for (role, _r), (wi, n) in names.items() if role == "prefill"]
-    for wi, n in pre:
-        workers[wi].call("expect", n, rid, timeout_s=timeout)
-    for wi in dec_by_worker:
-        workers[wi].send(
-            "pull",
-            dec_by_worker[wi],
-            rid,
-            local,
-            remote,
-            strategy=strategy,
-            within=timeout,
-            layers=layers,
-        )
-    res = [workers[wi].result(f"pull {rid}", timeout + 30) for wi in dec_by_worker]
-    errs = [e for r in res for e in r["errors"]]
-    for wi, n in pre:
-        r = workers[wi].call("result", n, rid, within=timeout, timeout=timeout + 30)
-        if r["error"]:
-            errs.append(r["error"])
-    if errs:
-        raise BenchError(f"request {rid} failed: {errs[0]}")
-    t0 = min(r["t0"] for r in res)
-    t1 = max(r["t1"] for r in res)
+    t1 = max(ends) if op == "push" else max(r["t1"] for r in res)
     infos = [i for r in res for i in r["infos"]]
-    for i in infos:  # host seconds in pull() on the slowest worker (the rest is waiting)
+    for i in infos:  # host seconds in pull()/push() on the slowest worker (the rest: waiting)
         i["pull_call_s"] = max(r["t_posted"] - r["t0"] for r in res)
     return t1 - t0, infos
 
@@ -1311,18 +1300,14 @@ def bench_gpu(
     ep_kw = dict(
         timeout_s=60.0, staging_bytes=cfg.gpu_staging_bytes, staging_slots=cfg.gpu_staging_slots
     )
-    errs = []
+    args = (compile_plan, cfg, out, log, deadline, cm, workers, runs, params, ep_kw)
     try:
         out["card"] = workers[0].call("device_name", timeout=180)
-        for name, part in (("scattered", _gpu_scattered), ("contiguous", _gpu_contiguous)):
-            if time.monotonic() > deadline:
-                errs.append(f"{name}: skipped, time limit reached")
-                continue
-            try:
-                part(compile_plan, cfg, out, log, deadline, cm, workers, runs, params, ep_kw)
-            except Exception as e:  # noqa: BLE001 - the other part still runs
-                errs.append(f"{name}: {type(e).__name__}: {e}")
-                log(f"gpu {name}: FAILED: {e}")
+        parts = [
+            ("scattered", lambda: _gpu_scattered(*args)),
+            ("contiguous", lambda: _gpu_contiguous(*args)),
+        ]
+        errs = _run_parts(parts, deadline, log, "gpu", out)
     finally:
         for w in workers:
             w.stop()
@@ -1330,7 +1315,38 @@ def bench_gpu(
         raise BenchError("; ".join(errs))
 
 
-def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, params, ep_kw) -> None:
+def _run_parts(parts, deadline: float, log, what: str, out: dict[str, Any]) -> list[str]:
+    """Run each ``(name, fn)`` of a section in turn; a failed part is noted (and logged) and
+    the others still run; none starts after ``deadline``.  Returns the failures."""
+    errs = []
+    for name, fn in parts:
+        if time.monotonic() > deadline:
+            errs.append(f"{name}: skipped, time limit reached")
+            continue
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - the other parts still run
+            errs.append(f"{name}: {type(e).__name__}: {e}")
+            log(f"{what} {name}: FAILED: {e}")
+        _write_partial(out)
+    return errs
+
+
+class _ScatteredCase(NamedTuple):
+    plan: Any
+    kinds: list[str]
+    pool: int
+    pb: np.ndarray  # prefill block ids
+    db: np.ndarray  # decode block ids (each decode rank)
+    total: int  # bytes of one request, both decode ranks
+    piece: int  # bytes of one head slice of one block
+    names: dict[tuple[str, int], tuple[int, str]]
+    dec: dict[int, list[str]]  # worker index -> decode session names
+
+
+def gpu_scattered_setup(compile_plan, cfg, workers, params, ep_kw, tag="g") -> _ScatteredCase:
+    """The one-GPU scattered request's endpoints: prefill rank 0 in worker 0, decode ranks 0
+    and 1 in workers 1 and 2 (P_TP=1 -> D_TP=2, 32 layers, 8 KiB pieces)."""
     layers = 32
     plan = compile_plan("vllm_flashinfer", 1, 2, dict(params, num_layers=layers))
     kinds = ["attention"] * layers
@@ -1338,19 +1354,19 @@ def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, par
     nblk = max(1, cfg.gpu_bytes_per_decode_rank // (per_block * layers))
     pool = nblk * 3 // 2 + 1
     pb, db = _blocks(nblk, pool, 11)
-    total = 2 * nblk * layers * per_block
-    names = _setup_pair(
-        workers,
-        plan,
-        kinds,
-        pool,
-        pool,
-        ep_kw,
-        "g",
-        [(0, "prefill", 0), (1, "decode", 0), (2, "decode", 1)],
-    )
+    placement = [(0, "prefill", 0), (1, "decode", 0), (2, "decode", 1)]
+    names = _setup_pair(workers, plan, kinds, pool, pool, ep_kw, tag, placement)
     dec = {1: [names[("decode", 0)][1]], 2: [names[("decode", 1)][1]]}
+    total = 2 * nblk * layers * per_block
     piece = int(plan.rank(0).posts[0].nbytes)
+    return _ScatteredCase(plan, kinds, pool, pb, db, total, piece, names, dec)
+
+
+def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, params, ep_kw) -> None:
+    case = gpu_scattered_setup(compile_plan, cfg, workers, params, ep_kw)
+    plan, kinds, pool, pb, db = case.plan, case.kinds, case.pool, case.pb, case.db
+    total, piece, names, dec = case.total, case.piece, case.names, case.dec
+    layers = len(kinds)
     log(
         f"gpu: {out['card']}: {total / MiB:.0f} MiB request (P1->D2, 3 processes, "
         f"{piece // 1024} KiB pieces)"
@@ -1399,7 +1415,7 @@ def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, par
         "pair": "1->2",
         "processes": "prefill rank 0 | decode rank 0 | decode rank 1",
         "bytes": total,
-        "blocks": nblk,
+        "blocks": int(db.shape[0]),
         "piece_bytes": piece,
         "strategy": cfg.strategy,
         "chosen": chosen,
@@ -1469,23 +1485,31 @@ def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, par
         workers[0].call("teardown", names2[("prefill", 0)][1])
 
 
+def _contiguous_setup(compile_plan, workers, params, ep_kw, nbytes, tag, decode_worker):
+    """A 1 -> 1 request of about ``nbytes``: whole pages (16 layers), consecutive block ids on
+    both sides; prefill rank 0 in worker 0, decode rank 0 in ``decode_worker``.  Returns
+    (names, decode sessions by worker, decode ids, prefill ids, bytes)."""
+    layers = 16
+    plan = compile_plan("vllm_flashinfer", 1, 1, dict(params, num_layers=layers))
+    stride = plan.prefill.page("attention").logical_stride
+    n = max(1, nbytes // (stride * layers))
+    placement = [(0, "prefill", 0), (decode_worker, "decode", 0)]
+    names = _setup_pair(workers, plan, ["attention"] * layers, n + 8, n + 8, ep_kw, tag, placement)
+    dec = {decode_worker: [names[("decode", 0)][1]]}
+    loc = np.arange(n, dtype=np.int64)
+    rem = np.arange(5, 5 + n, dtype=np.int64)
+    return names, dec, loc, rem, n * stride * layers
+
+
 def _gpu_contiguous(
     compile_plan, cfg, out, log, deadline, cm, workers, runs, params, ep_kw
 ) -> None:
     """1 -> 1, whole pages, consecutive blocks on both sides: 16 layers of 512 MiB (8 GiB;
     the host time around a request, ~0.3-0.6 ms, is what separates it from the copy)."""
-    layers = 16
-    plan1 = compile_plan("vllm_flashinfer", 1, 1, dict(params, num_layers=layers))
-    kinds1 = ["attention"] * layers
-    stride = plan1.prefill.page("attention").logical_stride
-    n1 = max(1, cfg.gpu_contiguous_bytes // (stride * layers))
-    names1 = _setup_pair(
-        workers, plan1, kinds1, n1 + 8, n1 + 8, ep_kw, "c", [(0, "prefill", 0), (1, "decode", 0)]
+    names1, dec1, loc1, rem1, total1 = _contiguous_setup(
+        compile_plan, workers, params, ep_kw, cfg.gpu_contiguous_bytes, "c", 1
     )
-    dec1 = {1: [names1[("decode", 0)][1]]}
-    loc1 = np.arange(n1, dtype=np.int64)
-    rem1 = np.arange(5, 5 + n1, dtype=np.int64)
-    total1 = n1 * stride * layers
+    n1 = int(loc1.shape[0])
     ts = []
     pull_calls: list[float] = []
     chosen1 = None
@@ -1505,7 +1529,7 @@ def _gpu_contiguous(
     _put(out, "gpu_contiguous_copy_GBps", [total1 / t / 1e9 for t in copy1], 4)
     out["gpu_contiguous_case"] = {
         "spec": "vllm_flashinfer",
-        "params": dict(params, num_layers=layers),
+        "params": dict(params, num_layers=16),
         "pair": "1->1",
         "bytes": total1,
         "blocks": n1,
@@ -1546,49 +1570,22 @@ def bench_cross_gpu(compile_plan, cfg: BenchConfig, out: dict[str, Any], log, de
     ep_kw = dict(
         timeout_s=60.0, staging_bytes=cfg.gpu_staging_bytes, staging_slots=cfg.gpu_staging_slots
     )
-    info: dict[str, Any] = {
-        "placement": "prefill ranks on GPU 0, decode ranks on GPU 1, one process per rank",
-        "gpus": [workers[0].call("device_name", timeout=180), workers[2].call("device_name")],
-        "runs": runs,
-        "staging": {"bytes": cfg.gpu_staging_bytes, "slots": cfg.gpu_staging_slots},
-        "cases": {},
-    }
-    out["xgpu_case"] = info
     ep_kw["devices"] = (src, dst)
-    errs = []
+    base = (compile_plan, cfg, out, log, deadline, workers, runs, params)
+    parts = [
+        (key, lambda p=p, d=d, key=key: _xgpu_scattered(*base, layers, ep_kw, key, p, d))
+        for key, p, d in (("1to2", 1, 2), ("2to1", 2, 1))
+    ]
+    parts.append(("contiguous", lambda: _xgpu_contiguous(*base, ep_kw)))
     try:
-        for key, p_tp, d_tp in (("1to2", 1, 2), ("2to1", 2, 1)):
-            if time.monotonic() > deadline:
-                errs.append(f"{key}: skipped, time limit reached")
-                continue
-            try:
-                _xgpu_scattered(
-                    compile_plan,
-                    cfg,
-                    out,
-                    log,
-                    deadline,
-                    workers,
-                    runs,
-                    params,
-                    layers,
-                    ep_kw,
-                    key,
-                    p_tp,
-                    d_tp,
-                )
-            except Exception as e:  # noqa: BLE001 - the other cases still run
-                errs.append(f"{key}: {type(e).__name__}: {e}")
-                log(f"xgpu {key}: FAILED: {e}")
-            _write_partial(out)
-        if time.monotonic() < deadline:
-            try:
-                _xgpu_contiguous(
-                    compile_plan, cfg, out, log, deadline, workers, runs, params, ep_kw
-                )
-            except Exception as e:  # noqa: BLE001
-                errs.append(f"contiguous: {type(e).__name__}: {e}")
-                log(f"xgpu contiguous: FAILED: {e}")
+        out["xgpu_case"] = {
+            "placement": "prefill ranks on GPU 0, decode ranks on GPU 1, one process per rank",
+            "gpus": [w.call("device_name", timeout=180) for w in (workers[0], workers[2])],
+            "runs": runs,
+            "staging": {"bytes": cfg.gpu_staging_bytes, "slots": cfg.gpu_staging_slots},
+            "cases": {},
+        }
+        errs = _run_parts(parts, deadline, log, "xgpu", out)
     finally:
         for w in workers:
             w.stop()
@@ -1680,20 +1677,12 @@ def _xgpu_scattered(
 
 
 def _xgpu_contiguous(compile_plan, cfg, out, log, deadline, workers, runs, params, ep_kw) -> None:
-    layers = 16
-    plan = compile_plan("vllm_flashinfer", 1, 1, dict(params, num_layers=layers))
-    kinds = ["attention"] * layers
-    stride = plan.prefill.page("attention").logical_stride
-    n1 = max(1, cfg.xgpu_contiguous_bytes // (stride * layers))
     devs = ep_kw["devices"]
     ep_kw = {k: v for k, v in ep_kw.items() if k != "devices"}
-    names = _setup_pair(
-        workers, plan, kinds, n1 + 8, n1 + 8, ep_kw, "xc", [(0, "prefill", 0), (2, "decode", 0)]
+    names, dec, loc, rem, total = _contiguous_setup(
+        compile_plan, workers, params, ep_kw, cfg.xgpu_contiguous_bytes, "xc", 2
     )
-    dec = {2: [names[("decode", 0)][1]]}
-    loc = np.arange(n1, dtype=np.int64)
-    rem = np.arange(5, 5 + n1, dtype=np.int64)
-    total = n1 * stride * layers
+    n1 = int(loc.shape[0])
     ts = []
     infos: list[dict[str, Any]] = []
     for i in range(runs + 2):

@@ -8,12 +8,7 @@
 # so worker processes are stopped and the JSON measured so far is kept) and kills it 15 s
 # later.  The table is printed at the end in every case (from the JSON when interrupted).
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-mkdir -p /tmp/site/layoutc
-for d in compiler runtime grammar specs; do ln -sfn "$PWD/$d" /tmp/site/layoutc/$d; done
-cp compiler/pkg/__init__.py compiler/pkg/__main__.py /tmp/site/layoutc/
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 NIXL_LOG_LEVEL=WARN
+. benchmarks/gpu/setup.sh
 export UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y   # the runtime sets it too; here for the record
 out=${OUT:-/tmp}
 json="$out/h100.json"

@@ -2,12 +2,7 @@
 # The GPU demo runs recorded in benchmarks/results/ (run on the GPU box from the repo root,
 # with the NIXL wheel carried in .whl/; see README "Installing").
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-mkdir -p /tmp/site/layoutc
-for d in compiler runtime grammar specs; do ln -sfn "$PWD/$d" /tmp/site/layoutc/$d; done
-cp compiler/pkg/__init__.py compiler/pkg/__main__.py /tmp/site/layoutc/
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+. benchmarks/gpu/setup.sh
 out=${OUT:-/tmp}/h100-demo.txt
 {
   echo "# $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"

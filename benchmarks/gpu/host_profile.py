@@ -27,29 +27,14 @@ def main() -> None:
     dev = os.environ.get("PROBE_DEVICE", "cuda")  # "cpu": a dry run of this script
     workers = [B._Worker(ctx, dev, lab) for lab in ("prefill", "decode-0", "decode-1")]
     try:
-        layers = 32
-        params = dict(num_key_value_heads=4, head_dim=128, block_size=16, num_layers=layers)
-        plan = compile_plan("vllm_flashinfer", 1, 2, params)
-        per_block = sum(int(g.nbytes) * g.count for g in plan.rank(0).posts)
-        nblk = cfg.gpu_bytes_per_decode_rank // (per_block * layers)
-        pool = nblk * 3 // 2 + 1
-        pb, db = B._blocks(nblk, pool, 11)
         ep_kw = dict(
             timeout_s=60.0,
             staging_bytes=cfg.gpu_staging_bytes,
             staging_slots=cfg.gpu_staging_slots,
         )
-        names = B._setup_pair(
-            workers,
-            plan,
-            ["attention"] * layers,
-            pool,
-            pool,
-            ep_kw,
-            "h",
-            [(0, "prefill", 0), (1, "decode", 0), (2, "decode", 1)],
-        )
-        dec = {1: [names[("decode", 0)][1]], 2: [names[("decode", 1)][1]]}
+        params = dict(num_key_value_heads=4, head_dim=128, block_size=16)
+        case = B.gpu_scattered_setup(compile_plan, cfg, workers, params, ep_kw, tag="h")
+        names, dec, db, pb = case.names, case.dec, case.db, case.pb
         for i in range(3):
             B._run_request(workers, names, f"w{i}", dec, db, pb, "auto", 60.0)
         for w in workers:

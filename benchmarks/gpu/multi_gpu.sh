@@ -4,12 +4,7 @@
 # and push, 1 -> 2 and 2 -> 1, then `layoutc bench --device cuda --gpus 2`.
 # Writes $OUT/h100-x2-demo.txt, $OUT/h100-x2.json and $OUT/h100-x2.txt.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-mkdir -p /tmp/site/layoutc
-for d in compiler runtime grammar specs; do ln -sfn "$PWD/$d" /tmp/site/layoutc/$d; done
-cp compiler/pkg/__init__.py compiler/pkg/__main__.py /tmp/site/layoutc/
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 NIXL_LOG_LEVEL=WARN
+. benchmarks/gpu/setup.sh
 out=${OUT:-/tmp}
 run() {  # a command line, its output, exit code and wall time
   echo
