@@ -631,6 +631,16 @@ class Endpoint:
         name = header.get("agent")
         if not isinstance(name, str) or not name:
             raise HandshakeError(f"{self.label}: {label} sent no agent name", field="agent")
+        if name == self.name:
+            raise HandshakeError(
+                f"{self.label}: {label} uses this endpoint's own agent name {name!r}; NIXL "
+                f"tells agents apart by name: give the two engines different engine= ids "
+                f"(the default name is '<engine>-<rank>') or pass name=",
+                peer=label,
+                field="agent",
+                peer_value=name,
+                local_value=self.name,
+            )
         self._forget_same(name, header, reason=f"{label} re-handshaked (restarted)")
         try:
             loaded = self.agent.add_remote_agent(md)

@@ -321,3 +321,21 @@ def test_any_dtype_registers_by_bytes(closing):
     d.register_layers([{"attention": t}])
     assert d.num_blocks == 6 and d.stats()["registered_bytes"] == nbytes
     assert d.add_peer(p.handshake_bytes()) == "prefill rank 0"
+
+
+def test_peer_with_this_endpoints_own_agent_name_is_refused(closing):
+    """Both engines left at the default engine id name their rank-0 agents alike; NIXL would
+    confuse the two, so the handshake refuses with the fix in the message."""
+    plan = compiled("vllm_flashinfer", 1, 1, GQA4)
+    kinds = layer_kind_sequence(plan, 2)
+    eps = []
+    for role in ("prefill", "decode"):
+        ep = Endpoint(plan, role, 0, name=f"same-{next(_names)}" if not eps else eps[0].name)
+        ep.register_layers(allocate_buffers(plan, role, kinds, 8), kinds)
+        closing(ep)
+        eps.append(ep)
+    p, d = eps
+    with pytest.raises(HandshakeError) as ei:
+        d.add_peer(p.handshake_bytes())
+    assert "own agent name" in str(ei.value) and "engine=" in str(ei.value)
+    assert ei.value.field == "agent" and d.peers() == []
