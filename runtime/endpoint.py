@@ -271,7 +271,8 @@ class Endpoint:
     name:       NIXL agent name (unique among the agents that meet); default
                 ``f"{engine}-{rank}"``.
     engine:     id shared by the ranks of one engine instance; default the role.
-    device:     ``"cpu"`` (buffers in DRAM) or ``"cuda"`` (VRAM).
+    device:     ``"cpu"`` (buffers in DRAM), ``"cuda"`` (VRAM, any GPU) or ``"cuda:N"`` (VRAM
+                on GPU ``N``: pages elsewhere are refused; staging and kernels go there).
     listen_port: start NIXL's metadata listener on this port (for :meth:`connect`).
     timeout_s:  default deadline of every request and wait.
     strategy:   how requests this endpoint initiates move bytes, per peer: ``"zero-copy"``
@@ -313,8 +314,9 @@ class Endpoint:
         tp = self.side.tp
         if not isinstance(rank, int) or not 0 <= rank < tp:
             raise PlanError(f"{role} rank {rank!r} out of range for {role} TP {tp}")
-        if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        dev = str(device)
+        if dev not in ("cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if strategy not in STRATEGIES:
@@ -552,6 +554,11 @@ class Endpoint:
             raise ValueError(f"{self.label}: layer {i} page {page!r}: tensor is not contiguous")
         on_gpu = t.device.type == "cuda"
         if on_gpu != (self.mem_type == "VRAM"):
+            raise ValueError(
+                f"{self.label}: layer {i} page {page!r}: tensor on {t.device} but the endpoint "
+                f"was created with device={self.device!r}"
+            )
+        if on_gpu and self.device.startswith("cuda:") and t.device.index != int(self.device[5:]):
             raise ValueError(
                 f"{self.label}: layer {i} page {page!r}: tensor on {t.device} but the endpoint "
                 f"was created with device={self.device!r}"

@@ -339,3 +339,10 @@ def test_peer_with_this_endpoints_own_agent_name_is_refused(closing):
         d.add_peer(p.handshake_bytes())
     assert "own agent name" in str(ei.value) and "engine=" in str(ei.value)
     assert ei.value.field == "agent" and d.peers() == []
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:", "cuda:one", "cuda:-1", "gpu:0"])
+def test_endpoint_refuses_unknown_devices(device):
+    plan = compiled("vllm_flashinfer", 1, 1, GQA4)
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
+        Endpoint(plan, "decode", 0, name=f"dev-{next(_names)}", device=device)
