@@ -126,6 +126,8 @@ def run_doctor(live: bool = True) -> tuple[list[str], list[str], int]:
         lines.append(
             f"CUDA: {len(names)} device(s): {', '.join(names)}; torch CUDA {torch.version.cuda}"
         )
+        if len(names) > 1:
+            _peer_access(torch, len(names), lines, warnings)
         gz = os.environ.get("UCX_CUDA_IPC_ENABLE_GET_ZCOPY")
         if gz is None:
             lines.append(
@@ -151,6 +153,32 @@ def run_doctor(live: bool = True) -> tuple[list[str], list[str], int]:
     else:
         lines.append("live transfer: skipped")
     return lines, warnings, (1 if warnings else 0)
+
+
+def _peer_access(torch: Any, n: int, lines: list[str], warnings: list[str]) -> None:
+    """Which GPU pairs can reach each other directly (NVLink or PCIe P2P): cuda_ipc between
+    two GPUs without it goes through host memory, far below the link."""
+    try:
+        pairs = [
+            (i, j, torch.cuda.can_device_access_peer(i, j))
+            for i in range(n)
+            for j in range(n)
+            if i != j
+        ]
+    except Exception as e:  # noqa: BLE001 - a report, not a failure
+        lines.append(f"GPU peer access: could not be queried ({type(e).__name__}: {e})")
+        return
+    no = [f"{i}->{j}" for i, j, ok in pairs if not ok]
+    lines.append(
+        f"GPU peer access (prefill and decode ranks on different GPUs): "
+        f"{len(pairs) - len(no)} of {len(pairs)} ordered pairs direct"
+    )
+    if no:
+        warnings.append(
+            f"GPU pairs without peer access: {', '.join(no)}; transfers between them go "
+            f"through host memory: put prefill and decode ranks on GPUs that reach each other "
+            f"(`nvidia-smi topo -m`; `layoutc demo --prefill-gpus/--decode-gpus`)"
+        )
 
 
 def _read(path: str) -> str | None:

@@ -185,3 +185,27 @@ def test_demo_summary_says_where_ranks_ran():
     plan = compiled("vllm_hybrid_mamba2", 1, 2, HYBRID)
     res = run_demo(plan, requests=2, layers=2, blocks=4, progress=False)
     assert res.placement == "cpu" and "placement: cpu" in res.summary()
+
+
+def test_doctor_reports_gpu_pairs_without_peer_access():
+    """The peer-access report of a multi-GPU host, from what CUDA answers (here a stand-in
+    for a 3-GPU host where GPU 2 reaches no other GPU directly)."""
+    from types import SimpleNamespace
+
+    from layoutc.runtime.doctor import _peer_access
+
+    cuda = SimpleNamespace(can_device_access_peer=lambda i, j: 2 not in (i, j))
+    lines, warnings = [], []
+    _peer_access(SimpleNamespace(cuda=cuda), 3, lines, warnings)
+    assert lines == [
+        "GPU peer access (prefill and decode ranks on different GPUs): 2 of 6 ordered pairs direct"
+    ]
+    assert len(warnings) == 1 and "0->2, 1->2, 2->0, 2->1" in warnings[0]
+    lines, warnings = [], []
+    _peer_access(
+        SimpleNamespace(cuda=SimpleNamespace(can_device_access_peer=lambda i, j: True)),
+        2,
+        lines,
+        warnings,
+    )
+    assert warnings == [] and "2 of 2 ordered pairs direct" in lines[0]
