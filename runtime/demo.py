@@ -483,6 +483,13 @@ def _make_progress(enabled: bool, total: int):
     return prog
 
 
+def rank_devices(device: str, tp: int, gpus: Sequence[int]) -> list[str]:
+    """The device of each of ``tp`` ranks: ``"cpu"``, or rank ``r`` on ``cuda:gpus[r % len]``."""
+    if device == "cpu":
+        return ["cpu"] * tp
+    return [f"cuda:{int(gpus[r % len(gpus)])}" for r in range(tp)]
+
+
 def run_demo(
     plan: Plan,
     *,
@@ -537,16 +544,13 @@ def run_demo(
                     f"(valid: 0..{count - 1})"
                 )
 
-    def rank_device(side_gpus: Sequence[int], rank: int) -> str:
-        return device if device == "cpu" else f"cuda:{int(side_gpus[rank % len(side_gpus)])}"
-
+    pre_dev = rank_devices(device, plan.prefill_tp, prefill_gpus)
+    dec_dev = rank_devices(device, plan.decode_tp, decode_gpus)
     placement = "cpu"
     if device != "cpu":
         placement = (
-            "GPU of each rank: prefill "
-            + ",".join(rank_device(prefill_gpus, r)[5:] for r in range(plan.prefill_tp))
-            + " -> decode "
-            + ",".join(rank_device(decode_gpus, r)[5:] for r in range(plan.decode_tp))
+            f"GPU of each rank: prefill {','.join(d[5:] for d in pre_dev)} -> decode "
+            f"{','.join(d[5:] for d in dec_dev)}"
         )
     from .endpoint import layer_kind_sequence
     from .tags import element_ids
@@ -578,7 +582,7 @@ def run_demo(
             ctx,
             "prefill",
             r,
-            dict(base, role="prefill", rank=r, plan=plan, device=rank_device(prefill_gpus, r)),
+            dict(base, role="prefill", rank=r, plan=plan, device=pre_dev[r]),
         )
         for r in range(plan.prefill_tp)
     ]
@@ -587,7 +591,7 @@ def run_demo(
             ctx,
             "decode",
             r,
-            dict(base, role="decode", rank=r, plan=dplan, device=rank_device(decode_gpus, r)),
+            dict(base, role="decode", rank=r, plan=dplan, device=dec_dev[r]),
         )
         for r in range(plan.decode_tp)
     ]

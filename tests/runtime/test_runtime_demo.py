@@ -209,3 +209,11 @@ def test_doctor_reports_gpu_pairs_without_peer_access():
         warnings,
     )
     assert warnings == [] and "2 of 2 ordered pairs direct" in lines[0]
+
+
+def test_ranks_are_placed_round_robin_on_the_listed_gpus():
+    from layoutc.runtime.demo import rank_devices
+
+    assert rank_devices("cuda", 4, [0, 1]) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert rank_devices("cuda", 2, [1]) == ["cuda:1", "cuda:1"]
+    assert rank_devices("cpu", 3, [1]) == ["cpu", "cpu", "cpu"]
