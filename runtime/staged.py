@@ -818,22 +818,33 @@ class StagedEngine:
             budget -= 1
         return budget
 
+    def _settle(self, ctx: StagedCtx, xs: dict[int, _ChunkXfer], c: int, mark: str) -> bool | None:
+        """Poll chunk transfer ``c`` of ``xs`` (``ctx.reads`` or ``ctx.writes``): None when
+        the request failed (reported), True when it finished (marked, its handle released,
+        removed from ``xs``), False while it runs."""
+        x = xs[c]
+        if x.state == "PROC":
+            try:
+                x.state = self.ep.agent.check_xfer_state(x.handle)
+            except nixl_compat.nixl_errors() as e:
+                self.ep._xfer_exception(ctx.req, ctx.peer, e, "checking")
+                return None
+        if x.state == "ERR":
+            self._err(ctx, x)
+            return None
+        if x.state != "DONE":
+            return False
+        self._mark(mark, ctx, c)
+        self._release(x)
+        del xs[c]
+        return True
+
     def _pump_dst(self, ctx: StagedCtx) -> None:
-        ep = self.ep
-        for c, x in list(ctx.reads.items()):
-            if x.state == "PROC":
-                try:
-                    x.state = ep.agent.check_xfer_state(x.handle)
-                except nixl_compat.nixl_errors() as e:
-                    ep._xfer_exception(ctx.req, ctx.peer, e, "checking")
-                    return
-            if x.state == "ERR":
-                self._err(ctx, x)
+        for c in list(ctx.reads):
+            done = self._settle(ctx, ctx.reads, c, "read")
+            if done is None:
                 return
-            if x.state == "DONE":
-                self._mark("read", ctx, c)
-                self._release(x)
-                del ctx.reads[c]
+            if done:
                 ctx.landed.add(c)
                 self.todo.append(("unpack", ctx, c))
                 if not self._send(ctx, {"t": "ACK", "r": ctx.req.rid, "c": c}):
@@ -851,21 +862,11 @@ class StagedEngine:
             ctx.unpacking = keep
 
     def _pump_src(self, ctx: StagedCtx) -> None:
-        ep = self.ep
         for c, x in list(ctx.writes.items()):
-            if x.state == "PROC":
-                try:
-                    x.state = ep.agent.check_xfer_state(x.handle)
-                except nixl_compat.nixl_errors() as e:
-                    ep._xfer_exception(ctx.req, ctx.peer, e, "checking")
-                    return
-            if x.state == "ERR":
-                self._err(ctx, x)
+            done = self._settle(ctx, ctx.writes, c, "written")
+            if done is None:
                 return
-            if x.state == "DONE":
-                self._mark("written", ctx, c)
-                self._release(x)
-                del ctx.writes[c]
+            if done:
                 self.pool.give(x.slot)
                 ctx.moved += 1
         i = 0
