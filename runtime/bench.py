@@ -439,6 +439,17 @@ class _Sess:
         return bool(prog.done or prog.failed)
 
 
+def _post_and_wait(agent: Any, handle: Any, what: str, within_s: float) -> None:
+    """Post a prepared NIXL transfer and spin until it is ``DONE`` (BenchError on ``ERR`` or
+    after ``within_s``)."""
+    st = agent.transfer(handle)
+    end = time.monotonic() + within_s
+    while st != "DONE":
+        if st == "ERR" or time.monotonic() > end:
+            raise BenchError(f"{what} ended in {st}")
+        st = agent.check_xfer_state(handle)
+
+
 def _fill_pattern(t: Any, layer: int, rank: int = 0) -> None:
     """Prefill pages: int64 ``(rank << 56) + ((layer + 1) << 40) + i`` at element i (cheap,
     unique per rank, layer and element)."""
@@ -757,12 +768,7 @@ class _WorkerState:
                     torch.cuda.synchronize()
                 t = time.perf_counter()
                 h = a.make_prepped_xfer(op, lh, [0], rh, [0])
-                st = a.transfer(h)
-                end = time.monotonic() + 60
-                while st != "DONE":
-                    if st == "ERR" or time.monotonic() > end:
-                        raise BenchError(f"raw {op} ended in {st}")
-                    st = a.check_xfer_state(h)
+                _post_and_wait(a, h, f"raw {op}", 60)
                 dt = time.perf_counter() - t
                 h.release()
                 if i >= warm:
@@ -790,12 +796,7 @@ class _WorkerState:
             h = a.initialize_xfer(
                 "READ", a.get_xfer_descs(loc, mem), a.get_xfer_descs(rem, mem), r["peer"]
             )
-            st = a.transfer(h)
-            end = time.monotonic() + 30
-            while st != "DONE":
-                if st == "ERR" or time.monotonic() > end:
-                    raise BenchError(f"raw small READ ended in {st}")
-                st = a.check_xfer_state(h)
+            _post_and_wait(a, h, "raw small READ", 30)
             dt = time.perf_counter() - t
             h.release()
             if i >= 2:
