@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from layoutc.compiler.api import compile_plan
-from layoutc.runtime.descriptors import Segment, build_pair_table, segments_by_key
+from layoutc.runtime.descriptors import build_pair_table, synthetic_segments
 from layoutc.runtime.staging import (
     BoundPages,
     StagingLayout,
@@ -54,25 +54,6 @@ def median_s(fn, reps: int, warm: int = 1) -> float:
         fn()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
-
-
-def segments(plan, side, layer_pages, nb, base):
-    out = []
-    for layer, pages in enumerate(layer_pages):
-        for page in pages:
-            pl = side.page(page)
-            out.append(
-                Segment(
-                    layer,
-                    page,
-                    base + len(out) * (1 << 32),
-                    pl.buffer_bytes(nb),
-                    0,
-                    pl.logical_stride,
-                    nb,
-                )
-            )
-    return segments_by_key(out)
 
 
 def unit_index_gather(bufs, lay, blocks_t, out, layers_rows):
@@ -131,8 +112,8 @@ def main() -> None:
         prefill_rank=src,
         local_is_decode=True,
         layer_pages=lp,
-        local_segments=segments(plan, plan.decode, lp, args.pool, 1 << 44),
-        remote_segments=segments(plan, plan.prefill, lp, args.pool, 1 << 45),
+        local_segments=synthetic_segments(plan.decode, lp, args.pool, 1 << 44),
+        remote_segments=synthetic_segments(plan.prefill, lp, args.pool, 1 << 45),
     )
     local = rng.choice(args.pool, B, replace=False)
     remote = rng.choice(args.pool, B, replace=False)

@@ -143,27 +143,6 @@ def _layer_pages(plan: Any, kinds: list[str]) -> list[tuple[str, ...]]:
     return [tuple(kp[k]) for k in kinds]
 
 
-def _fake_segments(side: Any, layer_pages: list[tuple[str, ...]], nb: int, base: int):
-    from .descriptors import Segment, segments_by_key
-
-    out = []
-    for layer, pages in enumerate(layer_pages):
-        for page in pages:
-            pl = side.page(page)
-            out.append(
-                Segment(
-                    layer,
-                    page,
-                    base + len(out) * (1 << 36),
-                    pl.buffer_bytes(nb),
-                    0,
-                    pl.logical_stride,
-                    nb,
-                )
-            )
-    return segments_by_key(out)
-
-
 def nixl_posted(table: Any, local: np.ndarray, remote: np.ndarray, rows: Any = None) -> int:
     """Descriptors ``make_prepped_xfer`` posts for one request of a PairTable, exactly by
     NIXL's merge rule (:func:`descriptors.posted_count`; checked against NIXL's telemetry in
@@ -192,13 +171,13 @@ def count_request(
     chunk.  Zero-copy posts ``nixl_posted`` descriptors (one ``make_prepped_xfer`` per
     source); staged posts one ``initialize_xfer`` row per chunk.
     """
-    from .descriptors import build_pair_table
+    from .descriptors import build_pair_table, synthetic_segments
     from .staging import StagingLayout, _count_ops
 
     lp = _layer_pages(plan, kinds)
     nb = int(max(local.max(), remote.max())) + 1 if local.size else 1
-    lseg = _fake_segments(plan.decode, lp, nb, 1 << 44)
-    rseg = _fake_segments(plan.prefill, lp, nb, 1 << 45)
+    lseg = synthetic_segments(plan.decode, lp, nb, 1 << 44)
+    rseg = synthetic_segments(plan.prefill, lp, nb, 1 << 45)
     per_source = {}
     total = 0
     for src in plan.rank(decode_rank).sources:
@@ -243,7 +222,7 @@ def count_request(
 # Section: expand
 # ============================================================================================
 def bench_expand(compile_plan: Callable, cfg: BenchConfig, out: dict[str, Any], log) -> None:
-    from .descriptors import build_pair_table
+    from .descriptors import build_pair_table, synthetic_segments
     from .staging import StagingLayout, expand, expand_loop
 
     plan = compile_plan("vllm_hybrid_mamba2", 4, 2, NEMOTRON)
@@ -254,8 +233,8 @@ def bench_expand(compile_plan: Callable, cfg: BenchConfig, out: dict[str, Any], 
     pool = 1500
     local = rng.choice(pool, 1000, replace=False).astype(np.int64)
     remote = rng.choice(pool, 1000, replace=False).astype(np.int64)
-    lseg = _fake_segments(plan.decode, lp, pool, 1 << 44)
-    rseg = _fake_segments(plan.prefill, lp, pool, 1 << 45)
+    lseg = synthetic_segments(plan.decode, lp, pool, 1 << 44)
+    rseg = synthetic_segments(plan.prefill, lp, pool, 1 << 45)
     pairs = []
     for src in plan.rank(0).sources:
         table = build_pair_table(

@@ -16,7 +16,9 @@ blocks, so NIXL merges a run spanning a whole page across neighbouring blocks by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +44,30 @@ class Segment:
 
 def segments_by_key(segments: list[Segment]) -> dict[tuple[int, str], Segment]:
     return {(s.layer, s.page): s for s in segments}
+
+
+def synthetic_segments(
+    side: Any, layer_pages: Sequence[Sequence[str]], num_blocks: int, base: int
+) -> dict[tuple[int, str], Segment]:
+    """Segments of ``num_blocks`` logical blocks per (layer, page) of ``side`` (a
+    ``SideLayout``) at made-up, non-overlapping addresses from ``base``: descriptor tables
+    for counting and planning without buffers."""
+    out = []
+    for layer, pages in enumerate(layer_pages):
+        for page in pages:
+            pl = side.page(page)
+            out.append(
+                Segment(
+                    layer,
+                    page,
+                    base + len(out) * (1 << 36),
+                    pl.buffer_bytes(num_blocks),
+                    0,
+                    pl.logical_stride,
+                    num_blocks,
+                )
+            )
+    return segments_by_key(out)
 
 
 @dataclass(frozen=True)

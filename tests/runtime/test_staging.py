@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from layoutc.compiler.api import compile_plan  # noqa: E402
-from layoutc.runtime.descriptors import Segment, build_pair_table, segments_by_key  # noqa: E402
+from layoutc.runtime.descriptors import build_pair_table, synthetic_segments  # noqa: E402
 from layoutc.runtime.plan import Plan  # noqa: E402
 from layoutc.runtime.staging import (  # noqa: E402
     StagingLayout,
@@ -266,32 +266,14 @@ def test_reverse_direction():
 
 
 def _pair_table(plan, lay, lp, dr, src, nb_local, nb_remote):
-    def segs(side, nb, base):
-        out = []
-        for layer, pages in enumerate(lp):
-            for page in pages:
-                pl = side.page(page)
-                out.append(
-                    Segment(
-                        layer,
-                        page,
-                        base + 1_000_000 * (layer * 4 + len(out)),
-                        pl.buffer_bytes(nb),
-                        0,
-                        pl.logical_stride,
-                        nb,
-                    )
-                )
-        return segments_by_key(out)
-
     return build_pair_table(
         plan,
         decode_rank=dr,
         prefill_rank=src,
         local_is_decode=True,
         layer_pages=lp,
-        local_segments=segs(plan.decode, nb_local, 1 << 40),
-        remote_segments=segs(plan.prefill, nb_remote, 1 << 41),
+        local_segments=synthetic_segments(plan.decode, lp, nb_local, 1 << 40),
+        remote_segments=synthetic_segments(plan.prefill, lp, nb_remote, 1 << 41),
     )
 
 
