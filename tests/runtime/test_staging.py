@@ -104,9 +104,22 @@ def reference(plan, decode_rank, layer_pages, P, D, pblocks, dblocks, layers=Non
 
 
 def transfer(
-    plan, decode_rank, layer_pages, P, D, pblocks, dblocks, *, chunk=None, layers=None, grouped=None
+    plan,
+    decode_rank,
+    layer_pages,
+    P,
+    D,
+    pblocks,
+    dblocks,
+    *,
+    chunk=None,
+    layers=None,
+    grouped=None,
+    fused=None,
 ):
-    """Staged: per source, pack (chunk by chunk) into a reused staging tensor, unpack."""
+    """Staged: per source, pack (chunk by chunk) into a reused staging tensor on the decode
+    buffers' device, unpack."""
+    device = next(iter(D[0].values())).device
     for src in plan.rank(decode_rank).sources:
         lay = StagingLayout.build(
             plan, decode_rank=decode_rank, prefill_rank=src, layer_pages=layer_pages
@@ -114,7 +127,7 @@ def transfer(
         ex = expand(lay, dblocks, pblocks[src], layers, chunk_bytes=chunk or (1 << 40))
         total = ex.stream.total_bytes
         assert total == ex.nbytes
-        stage = torch.zeros(max(1, chunk or total), dtype=torch.uint8)
+        stage = torch.zeros(max(1, chunk or total), dtype=torch.uint8, device=device)
         for s, e in ex.chunks():
             stage.fill_(0x5A)
             n = pack(
@@ -127,10 +140,20 @@ def transfer(
                 end=e,
                 stream=ex.stream,
                 grouped=grouped,
+                fused=fused,
             )
             assert n == e - s
             unpack(
-                D, lay, dblocks, stage, "decode", start=s, end=e, stream=ex.stream, grouped=grouped
+                D,
+                lay,
+                dblocks,
+                stage,
+                "decode",
+                start=s,
+                end=e,
+                stream=ex.stream,
+                grouped=grouped,
+                fused=fused,
             )
 
 
@@ -425,33 +448,7 @@ def test_cuda_kernels_match_cpu(case):
         Pg = [[{k: t.cuda() for k, t in d.items()} for d in x] for x in P]
         for fused, grouped, chunk in ((True, None, 777), (True, None, 4096), (False, True, 999)):
             got = [{k: t.cuda() for k, t in d.items()} for d in D0]
-            for src in plan.rank(dr).sources:
-                lay = StagingLayout.build(plan, decode_rank=dr, prefill_rank=src, layer_pages=lp)
-                ex = expand(lay, db, pb[src], chunk_bytes=chunk)
-                stage = torch.empty(chunk, dtype=torch.uint8, device="cuda")
-                for s, e in ex.chunks():
-                    pack(
-                        Pg[src],
-                        lay,
-                        pb[src],
-                        stage,
-                        start=s,
-                        end=e,
-                        stream=ex.stream,
-                        fused=fused,
-                        grouped=grouped,
-                    )
-                    unpack(
-                        got,
-                        lay,
-                        db,
-                        stage,
-                        start=s,
-                        end=e,
-                        stream=ex.stream,
-                        fused=fused,
-                        grouped=grouped,
-                    )
+            transfer(plan, dr, lp, Pg, got, pb, db, chunk=chunk, grouped=grouped, fused=fused)
             torch.cuda.synchronize()
             for layer, pages in enumerate(lp):
                 for page in pages:
