@@ -1550,13 +1550,12 @@ def bench_cross_gpu(compile_plan, cfg: BenchConfig, out: dict[str, Any], log, de
     ep_kw = dict(
         timeout_s=60.0, staging_bytes=cfg.gpu_staging_bytes, staging_slots=cfg.gpu_staging_slots
     )
-    ep_kw["devices"] = (src, dst)
-    base = (compile_plan, cfg, out, log, deadline, workers, runs, params)
+    base = (compile_plan, cfg, out, log, deadline, workers, runs, params, ep_kw, (src, dst))
     parts = [
-        (key, lambda p=p, d=d, key=key: _xgpu_scattered(*base, layers, ep_kw, key, p, d))
+        (key, lambda p=p, d=d, key=key: _xgpu_scattered(*base, layers, key, p, d))
         for key, p, d in (("1to2", 1, 2), ("2to1", 2, 1))
     ]
-    parts.append(("contiguous", lambda: _xgpu_contiguous(*base, ep_kw)))
+    parts.append(("contiguous", lambda: _xgpu_contiguous(*base)))
     try:
         out["xgpu_case"] = {
             "placement": "prefill ranks on GPU 0, decode ranks on GPU 1, one process per rank",
@@ -1574,8 +1573,22 @@ def bench_cross_gpu(compile_plan, cfg: BenchConfig, out: dict[str, Any], log, de
 
 
 def _xgpu_scattered(
-    compile_plan, cfg, out, log, deadline, workers, runs, params, layers, ep_kw, key, p_tp, d_tp
+    compile_plan,
+    cfg,
+    out,
+    log,
+    deadline,
+    workers,
+    runs,
+    params,
+    ep_kw,
+    devs,
+    layers,
+    key,
+    p_tp,
+    d_tp,
 ) -> None:
+    """One scattered case; ``devs`` = (prefill device, decode device) of the peer copy."""
     plan = compile_plan("vllm_flashinfer", p_tp, d_tp, dict(params, num_layers=layers))
     kinds = ["attention"] * layers
     per_block = sum(int(g.nbytes) * g.count for g in plan.rank(0).posts)  # decode rank 0
@@ -1585,8 +1598,6 @@ def _xgpu_scattered(
     total = d_tp * nblk * layers * per_block
     placement = [(r, "prefill", r) for r in range(p_tp)]
     placement += [(2 + r, "decode", r) for r in range(d_tp)]
-    devs = ep_kw["devices"]
-    ep_kw = {k: v for k, v in ep_kw.items() if k != "devices"}
     names = _setup_pair(workers, plan, kinds, pool, pool, ep_kw, f"x{key}", placement)
     dec = {names[("decode", r)][0]: [names[("decode", r)][1]] for r in range(d_tp)}
     pre = {names[("prefill", r)][0]: [names[("prefill", r)][1]] for r in range(p_tp)}
@@ -1656,9 +1667,9 @@ def _xgpu_scattered(
         workers[wi].call("teardown", nm)
 
 
-def _xgpu_contiguous(compile_plan, cfg, out, log, deadline, workers, runs, params, ep_kw) -> None:
-    devs = ep_kw["devices"]
-    ep_kw = {k: v for k, v in ep_kw.items() if k != "devices"}
+def _xgpu_contiguous(
+    compile_plan, cfg, out, log, deadline, workers, runs, params, ep_kw, devs
+) -> None:
     names, dec, loc, rem, total = _contiguous_setup(
         compile_plan, workers, params, ep_kw, cfg.xgpu_contiguous_bytes, "xc", 2
     )
