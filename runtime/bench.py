@@ -1313,9 +1313,7 @@ def _run_parts(parts, deadline: float, log, what: str, out: dict[str, Any]) -> l
 
 
 class _ScatteredCase(NamedTuple):
-    plan: Any
-    kinds: list[str]
-    pool: int
+    layers: int
     pb: np.ndarray  # prefill block ids
     db: np.ndarray  # decode block ids (each decode rank)
     total: int  # bytes of one request, both decode ranks
@@ -1339,14 +1337,20 @@ def gpu_scattered_setup(compile_plan, cfg, workers, params, ep_kw, tag="g") -> _
     dec = {1: [names[("decode", 0)][1]], 2: [names[("decode", 1)][1]]}
     total = 2 * nblk * layers * per_block
     piece = int(plan.rank(0).posts[0].nbytes)
-    return _ScatteredCase(plan, kinds, pool, pb, db, total, piece, names, dec)
+    return _ScatteredCase(layers, pb, db, total, piece, names, dec)
 
 
 def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, params, ep_kw) -> None:
     case = gpu_scattered_setup(compile_plan, cfg, workers, params, ep_kw)
-    plan, kinds, pool, pb, db = case.plan, case.kinds, case.pool, case.pb, case.db
-    total, piece, names, dec = case.total, case.piece, case.names, case.dec
-    layers = len(kinds)
+    pb, db, total, piece, names, dec = (
+        case.pb,
+        case.db,
+        case.total,
+        case.piece,
+        case.names,
+        case.dec,
+    )
+    layers = case.layers
     log(
         f"gpu: {out['card']}: {total / MiB:.0f} MiB request (P1->D2, 3 processes, "
         f"{piece // 1024} KiB pieces)"
@@ -1438,17 +1442,8 @@ def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, par
     # for the record (tuning data for the next run; the key above keeps the configuration)
     if time.monotonic() < deadline - 60:
         kw2 = dict(ep_kw, staging_slots=2)
-        names2 = _setup_pair(
-            workers,
-            plan,
-            kinds,
-            pool,
-            pool,
-            kw2,
-            "g2",
-            [(0, "prefill", 0), (1, "decode", 0), (2, "decode", 1)],
-        )
-        dec2 = {1: [names2[("decode", 0)][1]], 2: [names2[("decode", 1)][1]]}
+        case2 = gpu_scattered_setup(compile_plan, cfg, workers, params, kw2, tag="g2")
+        names2, dec2 = case2.names, case2.dec  # (the same plan and block ids)
         ts = []
         for i in range(runs + 1):
             t, _ = _run_request(workers, names2, f"two-{i}", dec2, db, pb, cfg.strategy, 60.0)
