@@ -56,6 +56,7 @@ touches.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -1108,6 +1109,60 @@ def _triton_kernel() -> Any:
     return _stage_kernel
 
 
+class FusedLaunch:
+    """Fused kernel launches for one (binding, stream, direction), with everything a launch
+    needs that does not change from chunk to chunk worked out once (the binding's device
+    row table, the rows' stream positions as Python ints): a call does little more than the
+    launch itself.  One program per (run, block); programs outside ``[start, end)`` exit.
+    """
+
+    __slots__ = ("kernel", "table", "R", "nblk", "unit", "into_stage", "row_pos")
+
+    def __init__(self, bound: BoundPages, stream: Stream, into_stage: bool) -> None:
+        self.kernel = _triton_kernel()
+        if self.kernel is None:
+            raise ValueError("staging: the fused kernel needs CUDA and triton")
+        table, cum, unit = bound.row_table(stream.groups)
+        self.table = table
+        self.R = int(table.shape[1])
+        self.nblk = stream.num_blocks
+        self.unit = unit
+        self.into_stage = into_stage
+        # row r covers stream bytes [row_pos[r], row_pos[r] + n[r] * nblk)
+        self.row_pos = (cum * self.nblk).tolist()
+
+    def __call__(self, st: Any, start: int, end: int, blk: Any) -> None:
+        """Move stream bytes ``[start, end)``; ``st``: contiguous uint8 on the device, stream
+        byte ``start`` at its first byte; ``blk``: this side's block ids (int64 on the
+        device)."""
+        lo_row = max(bisect.bisect_right(self.row_pos, start) - 1, 0)
+        hi_row = bisect.bisect_left(self.row_pos, end)
+        if hi_row <= lo_row or self.nblk == 0 or start >= end:
+            return
+        unit = min(_unit_of(self.unit, start, end, st.data_ptr()), 8)
+        stage = st[: end - start]
+        if unit > 1:
+            stage = stage.view(_unit_dtype(unit))
+        for r0 in range(lo_row, hi_row, 65535):  # grid axis 1 is limited to 65535
+            self.kernel[(self.nblk, min(65535, hi_row - r0))](
+                stage,
+                self.table,
+                blk,
+                self.R,
+                self.nblk,
+                start,
+                end,
+                r0,
+                UNIT=unit,
+                PACK=self.into_stage,
+                TILE=8192 // unit,  # 8 KiB per step
+                # 8 warps: 1,358 / 1,354 GB/s pack / unpack of 8 KiB pieces on an H100
+                # against 1,193 with the default 4 (benchmarks/gpu/kernel_probe.py; a
+                # 16-byte alignment hint did not help)
+                num_warps=8,
+            )
+
+
 def _fused_move(
     bound: BoundPages,
     stream: Stream,
@@ -1118,50 +1173,19 @@ def _fused_move(
     end: int,
     into_stage: bool,
 ) -> None:
-    """One kernel launch for the whole byte range: one program per (run, block)."""
+    """One kernel launch for the whole byte range (see :class:`FusedLaunch`)."""
     torch = _torch()
-    kernel = _triton_kernel()
-    table, cum, unit = bound.row_table(stream.groups)
-    nblk = stream.num_blocks
     if device_block_ids is not None:
         blk = device_block_ids
     elif isinstance(block_ids, torch.Tensor):
         blk = block_ids.to(st.device, torch.int64)
     else:
         blk = torch.from_numpy(np.asarray(block_ids, dtype=np.int64).reshape(-1)).to(st.device)
-    if int(blk.shape[0]) != nblk:
-        raise ValueError(f"{int(blk.shape[0])} block ids for a stream of {nblk} blocks")
-    unit = _unit_of(unit, start, end, st.data_ptr())
-    unit = min(unit, 8)
-    # rows overlapping [start, end): row r covers [cum[r] * B, (cum[r] + n[r]) * B)
-    lo_row = int(np.searchsorted(cum * nblk, start, side="right")) - 1
-    hi_row = int(np.searchsorted(cum * nblk, end, side="left"))
-    lo_row = max(lo_row, 0)
-    rows = hi_row - lo_row
-    if rows <= 0 or nblk == 0:
-        return
-    stage = st[: end - start]
-    if unit > 1:
-        stage = stage.view(_unit_dtype(unit))
-    R = int(table.shape[1])
-    for r0 in range(lo_row, hi_row, 65535):  # grid axis 1 is limited to 65535
-        kernel[(nblk, min(65535, hi_row - r0))](
-            stage,
-            table,
-            blk,
-            R,
-            nblk,
-            start,
-            end,
-            r0,
-            UNIT=unit,
-            PACK=into_stage,
-            TILE=8192 // unit,  # 8 KiB per step
-            # 8 warps: 1,358 / 1,354 GB/s pack / unpack of 8 KiB pieces on an H100 against
-            # 1,193 with the default 4 (benchmarks/gpu/kernel_probe.py; a 16-byte alignment
-            # hint did not help)
-            num_warps=8,
+    if int(blk.shape[0]) != stream.num_blocks:
+        raise ValueError(
+            f"{int(blk.shape[0])} block ids for a stream of {stream.num_blocks} blocks"
         )
+    FusedLaunch(bound, stream, into_stage)(st, start, end, blk)
 
 
 def pack(
