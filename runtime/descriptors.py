@@ -148,30 +148,42 @@ def dense_rows(table: PairTable) -> np.ndarray:
     return d
 
 
-@dataclass(frozen=True)
 class BlockRuns:
-    """A request's block ids cut into runs that are consecutive on both sides."""
+    """A request's block ids cut into runs that are consecutive on both sides.
 
-    start: np.ndarray  # int64: index (into the request's blocks) where each run starts
-    length: np.ndarray  # int64: blocks in each run
-    adjacent: int  # neighbouring pairs consecutive on both sides (= blocks - runs)
+    ``adjacent`` (neighbouring pairs consecutive on both sides, = blocks - runs) is what
+    counting descriptors needs; the runs themselves (``start``, ``length``) are worked out
+    when first asked for (posting merged descriptors)."""
+
+    __slots__ = ("_joined", "nblk", "adjacent", "_start")
+
+    def __init__(self, joined: np.ndarray, nblk: int) -> None:
+        self._joined = joined  # bool (nblk - 1,): block i + 1 continues block i on both sides
+        self.nblk = nblk
+        self.adjacent = int(np.count_nonzero(joined))
+        self._start: np.ndarray | None = None
+
+    @property
+    def start(self) -> np.ndarray:
+        """int64: index (into the request's blocks) where each run starts."""
+        if self._start is None:
+            self._start = np.flatnonzero(np.concatenate(([True], ~self._joined))).astype(np.int64)
+        return self._start if self.nblk else np.zeros(0, dtype=np.int64)
+
+    @property
+    def length(self) -> np.ndarray:
+        """int64: blocks in each run."""
+        return np.diff(np.append(self.start, self.nblk))
 
 
 def block_runs(local_blocks: np.ndarray, remote_blocks: np.ndarray) -> BlockRuns:
     nblk = int(local_blocks.shape[0])
-    if nblk == 0:
-        z = np.zeros(0, dtype=np.int64)
-        return BlockRuns(z, z, 0)
-    if nblk == 1:
-        return BlockRuns(np.zeros(1, np.int64), np.ones(1, np.int64), 0)
-    brk = np.flatnonzero((np.diff(local_blocks) != 1) | (np.diff(remote_blocks) != 1)) + 1
-    start = np.empty(brk.size + 1, dtype=np.int64)
-    start[0] = 0
-    start[1:] = brk
-    length = np.empty_like(start)
-    length[:-1] = np.diff(start)
-    length[-1] = nblk - start[-1]
-    return BlockRuns(start, length, nblk - int(start.size))
+    if nblk < 2:
+        return BlockRuns(np.zeros(0, dtype=bool), nblk)
+    joined = np.diff(local_blocks) == 1
+    if remote_blocks is not local_blocks:
+        joined &= np.diff(remote_blocks) == 1
+    return BlockRuns(joined, nblk)
 
 
 def posted_count(
@@ -361,7 +373,7 @@ def check_block_ids(
             peer=peer,
             request_id=request_id,
         )
-    if unique and arr.size > 1 and not bool(np.all(arr[1:] > arr[:-1])):  # (sorted: unique)
+    if unique and arr.size > 1 and _repeats(arr, limit):
         order = np.argsort(arr, kind="stable")
         srt = arr[order]
         dup = np.flatnonzero(srt[1:] == srt[:-1]) + 1
@@ -373,6 +385,16 @@ def check_block_ids(
                 request_id=request_id,
             )
     return arr
+
+
+def _repeats(arr: np.ndarray, limit: int) -> bool:
+    """Does an id repeat?  (``arr`` within ``[0, limit)``: a bitmap of the ids where ``limit``
+    is not much larger than the request, a sort otherwise.)"""
+    if limit <= 64 * arr.size + 65536:
+        seen = np.zeros(limit, dtype=np.bool_)
+        seen[arr] = True
+        return int(np.count_nonzero(seen)) != arr.size
+    return not bool(np.all(arr[1:] > arr[:-1])) and bool(np.any(np.diff(np.sort(arr)) == 0))
 
 
 def check_same_count(
