@@ -269,7 +269,7 @@ def _worker_body(cfg: dict[str, Any], conn: Connection) -> int:
         if (role == "decode") == (cfg["mode"] == "pull"):
             completions = _run_initiator(ep, cfg, conn, my_ids, peer_ids, used)
         else:
-            completions = _run_passive(ep, cfg, conn)
+            completions = _run_passive(ep, cfg, conn, my_ids)
         result: dict[str, Any] = {
             "stats": ep.stats(),
             "completions": completions,
@@ -336,8 +336,10 @@ def _run_initiator(ep, cfg, conn, my_ids, peer_ids, used: dict[str, int]) -> int
     return completions
 
 
-def _run_passive(ep, cfg, conn) -> int:
-    """Expect requests (a sliding window) until all completed; check completion counts."""
+def _run_passive(ep, cfg, conn, my_ids) -> int:
+    """Expect requests (a sliding window) until all completed; check completion counts.
+    A prefill rank passes its block ids of each request, so that it packs ahead for readers
+    that stage."""
     nreq = cfg["requests"]
     want = (
         len(ep.plan.readers(ep.rank))
@@ -350,7 +352,7 @@ def _run_passive(ep, cfg, conn) -> int:
     waiter = _Sleep()
     while nxt < nreq or pending:
         while nxt < nreq and len(pending) < 2 * _WINDOW:
-            ep.expect(_rid(nxt))
+            ep.expect(_rid(nxt), blocks=my_ids[nxt] if ep.role == "prefill" else None)
             pending.add(_rid(nxt))
             nxt += 1
         _check_abort(conn)

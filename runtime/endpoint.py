@@ -279,6 +279,8 @@ class Endpoint:
                 (one descriptor per run, page to page), ``"staged"`` (pack into the staging
                 buffer, one transfer per chunk, unpack), or ``"auto"`` (the cost model picks
                 per request and peer; the default).  ``pull``/``push`` can override it.
+                A prefill rank given its block ids in :meth:`expect` also uses it to guess
+                which readers will stage (and packs their bytes before they ask).
     staging_bytes: size of the staging buffer allocated and registered with the layers
                 (default 64 MiB, on the endpoint's device); 0 turns staging off (every
                 request then goes zero-copy, and peers cannot stage with this endpoint).
@@ -965,16 +967,40 @@ class Endpoint:
         )
 
     def expect(
-        self, request_id: str, *, engine: str | None = None, timeout_s: float | None = None
+        self,
+        request_id: str,
+        *,
+        blocks: Any = None,
+        engine: str | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         """Passive side of a request: wait for the peers' ``DONE`` notifications.
 
         Prefill (pull mode): completes after ``len(plan.readers(p))`` decode ranks notified;
         decode (push mode): after all of ``plan.rank(d).sources`` notified.  Notifications
         that arrived before this call count.
+
+        ``blocks`` (prefill only): this rank's block ids of the request, the ``remote_blocks``
+        its readers will pull.  With them a staged source packs each reader's bytes at once
+        (for readers that would choose the staged strategy, by this side's cost model), so
+        that the chunks cross as soon as a reader's request arrives; a reader that asks for
+        other layers or moves the bytes zero-copy is served as without them.
         """
         self._check_open()
         rid = self._new_rid(request_id)
+        local = None
+        if blocks is not None:
+            if self.role != "prefill":
+                raise ValueError(
+                    f"{self.label}: request {rid!r}: expect(blocks=) is for prefill ranks"
+                )
+            local = check_block_ids(
+                blocks,
+                what=f"local ({self.role})",
+                limit=self._num_blocks,
+                who=self.label,
+                request_id=rid,
+            )
         if self.role == "prefill":
             expected = frozenset(self.plan.readers(self.rank))
         else:
@@ -1001,7 +1027,38 @@ class Endpoint:
                     )
                     break
             else:
+                if local is not None and local.shape[0] and self._staged is not None:
+                    self._pack_ahead(req, local)
                 self._maybe_complete_expect(req)
+
+    def _pack_ahead(self, req: _Request, local: np.ndarray) -> None:
+        """Staged contexts packed before the readers ask (see :meth:`expect`)."""
+        assert self._staged is not None
+        peers = [
+            p
+            for p in self._peers.values()
+            if p.alive
+            and p.rank in req.expected
+            and p.staging
+            and self._engine_ok(req, p)
+            and p.name not in req.staged
+        ]
+        if len({p.engine for p in peers}) != 1:
+            return  # no reader, or readers of several engines: which one pulls is unknown
+        runs = block_runs(local, local)  # (the readers' ids are unknown: assume they match)
+        with self._staged.on_device():
+            for peer in peers:
+                table = self._pair_table(peer)
+                if table is None:
+                    continue
+                rows = table.rows_for_layers(None)
+                n_posted = posted_count(table, local, local, rows, runs)
+                choice = self._choose(
+                    peer, table, rows, local, local, None, self.strategy, n_posted
+                )
+                if choice == "staged":
+                    self._staged.pack_ahead(req, peer, local)
+                    self._staged.pack_now(1)  # its first chunk now; the rest as polls go
 
     def _new_rid(self, request_id: str) -> str:
         if not isinstance(request_id, str) or not request_id:
@@ -1075,6 +1132,8 @@ class Endpoint:
         self._check_open()
         if self._reg is None:
             raise RuntimeError(f"{self.label}: call register_layers() first")
+        eng = self._staged
+        t_start = eng._t() if eng is not None else 0.0
         rid = self._new_rid(request_id)
         strategy = self.strategy if strategy is None else strategy
         if strategy not in STRATEGIES:
@@ -1150,6 +1209,9 @@ class Endpoint:
             return
         if local.shape[0] == 0:
             return  # nothing to move; completes (and notifies) on the next poll
+        if eng is not None:
+            eng._span("start-checks", t_start)
+            t_start = eng._t()
         staged: list[tuple[Any, np.ndarray]] = []
         runs = block_runs(local, remote)  # consecutive on both sides: what NIXL merges
         for r in sorted(set(targets)):
@@ -1226,6 +1288,9 @@ class Endpoint:
                     ),
                 )
                 return
+        if eng is not None:
+            eng._span("start-choose", t_start)
+            t_start = eng._t()
         if staged and rid in self._requests:
             assert self._staged is not None
             ctxs = [c for c, _ in staged]
@@ -1237,6 +1302,7 @@ class Endpoint:
                 except nixl_compat.nixl_errors() as e:
                     self._xfer_exception(req, ctx.peer, e, "requesting")
                     return
+            self._staged._span("start-sreq", t_start)
 
     def _choose(
         self,
@@ -1707,9 +1773,11 @@ class Endpoint:
                     return
                 if req.engine is None:
                     req.engine = peer.engine
-                if peer.name not in req.staged:
-                    req.strategies[peer.label] = "staged"
-                    self._stats["staged_peer_requests"] += 1
+                before = req.staged.get(peer.name)
+                if before is not None and not before.ahead:
+                    return  # a duplicate
+                req.strategies[peer.label] = "staged"
+                self._stats["staged_peer_requests"] += 1
             self._staged.on_msg(req, peer, msg)
             if t == "SREQ" and peer.name in req.staged:
                 req.chunks += req.staged[peer.name].n
@@ -1722,6 +1790,9 @@ class Endpoint:
             return
         if req.engine is None:
             req.engine = peer.engine  # the first notifier fixes the engine of the request
+        ahead = req.staged.get(peer.name)
+        if ahead is not None and ahead.ahead and self._staged is not None:
+            self._staged.drop_ahead(req, ahead)  # the reader moved the bytes zero-copy
         if peer.label not in req.strategies and self._moves_bytes_with(peer):
             req.strategies[peer.label] = "zero-copy"
             self._stats["zero_copy_peer_requests"] += 1

@@ -60,7 +60,7 @@ import numpy as np
 
 from . import nixl_compat
 from .errors import TransferError, TransferFailedError
-from .staging import BoundPages, StagingLayout, Stream, pack, unpack
+from .staging import BoundPages, FusedLaunch, StagingLayout, Stream, _triton_kernel, pack, unpack
 
 if TYPE_CHECKING:  # pragma: no cover
     from .endpoint import Endpoint
@@ -257,6 +257,7 @@ class StagedCtx:
     blocks: np.ndarray
     dev_blocks: Any
     stream: Stream
+    launch: Any  # FusedLaunch of this context (GPU with triton; made at first use)
     chunk: int
     n: int
     total: int
@@ -268,9 +269,11 @@ class StagedCtx:
     unpacking: list[tuple[int, int, _Fence]] = field(default_factory=list)
     unpacked: int = 0
     # source
+    ahead: bool = False  # made by ``expect(blocks=)``: packing before the peer's SREQ
     peer_grants: dict[int, int] = field(default_factory=dict)  # chunk -> remote slot
     next_pack: int = 0
     packing: list[tuple[int, int, _Fence]] = field(default_factory=list)
+    packed: dict[int, int] = field(default_factory=dict)  # chunk -> local slot (no grant yet)
     waiting_ack: dict[int, int] = field(default_factory=dict)  # chunk -> local slot (RDY sent)
     to_write: dict[int, tuple[int, int]] = field(default_factory=dict)  # c -> (slot, remote)
     writes: dict[int, _ChunkXfer] = field(default_factory=dict)
@@ -338,6 +341,9 @@ class StagedEngine:
         self._device = tensor.device if self.device_type == "cuda" else None
         self._ids_ring = _PinnedRing(tensor.device) if self._device is not None else None
         self._events: list[Any] = []  # CUDA events of finished fences, for reuse
+        self._fused: bool | None = None  # pack/unpack as FusedLaunch (decided at first use)
+        # contexts packed ahead (expect(blocks=)): made, taken up by the peer's SREQ, dropped
+        self.ahead = {"made": 0, "taken": 0, "dropped": 0, "evicted": 0}
 
     def on_device(self) -> Any:
         """A context making the staging buffer's GPU current (kernels, events and copies
@@ -347,6 +353,14 @@ class StagedEngine:
         import torch
 
         return torch.cuda.device(self._device)
+
+    def _t(self) -> float:
+        return time.perf_counter() if self.trace is not None else 0.0
+
+    def _span(self, what: str, t0: float) -> None:
+        """A nested trace entry ``~what`` from ``t0`` (a :meth:`_t`) to now, when tracing."""
+        if self.trace is not None:
+            self.trace.append((f"~{what}", t0, time.perf_counter()))
 
     def _mark(self, what: str, ctx: StagedCtx, c: int = -1) -> None:
         """A zero-length trace entry ``@what`` (message arrivals, finished kernels), so that a
@@ -419,6 +433,7 @@ class StagedEngine:
         layers: np.ndarray | None,
         chunk: int,
         mover: str,
+        ahead: bool = False,
     ) -> StagedCtx:
         t0 = time.perf_counter() if self.trace is not None else 0.0
         lay, bound = self.layout_for(peer)
@@ -435,10 +450,12 @@ class StagedEngine:
             blocks=blocks,
             dev_blocks=None,  # on the GPU: copied at the first pack or unpack (_device_ids)
             stream=stream,
+            launch=None,
             chunk=chunk,
             n=math.ceil(total / chunk) if total else 0,
             total=total,
             mover=mover,
+            ahead=ahead,
         )
         req.staged[peer.name] = ctx
         self.active.append(ctx)
@@ -467,6 +484,44 @@ class StagedEngine:
                     progress = True
         return out
 
+    def pack_ahead(self, req: Any, peer: Any, blocks: np.ndarray) -> StagedCtx:
+        """A source context made when the request is ready (``expect(blocks=)``), before the
+        peer asks: chunks are packed into free slots at once and cross when the peer's
+        ``SREQ`` (with its grants) arrives and matches (all layers, the same block ids);
+        otherwise (another selection, or the peer moves the bytes zero-copy) it is dropped."""
+        chunk = self.chunk_bytes(peer) or 1
+        self.ahead["made"] += 1
+        return self.new_ctx(
+            req,
+            peer,
+            blocks=blocks,
+            layers=None,
+            chunk=chunk,
+            mover=self.default_mover("pull"),
+            ahead=True,
+        )
+
+    def pack_now(self, budget: int | None = None) -> None:
+        """On a GPU, launch packs into free slots at once (``budget``: at most that many)
+        rather than at the next poll; on host memory packing copies, so it waits for the
+        poll."""
+        if self.mem_type != "DRAM":
+            with self.on_device():
+                self._pack_more(self.budget if budget is None else budget)
+
+    def drop_ahead(self, req: Any, ctx: StagedCtx) -> None:
+        """Forget a context packed ahead that its peer did not take up (its slots go back:
+        a later pack into one is queued behind the kernel still writing it)."""
+        self.ahead["dropped"] += 1
+        if req.staged.get(ctx.peer.name) is ctx:
+            del req.staged[ctx.peer.name]
+        for q in (self.active, self.src, self.dst):
+            _discard(q, ctx)
+        for s in [s for _, s, _ in ctx.packing] + list(ctx.packed.values()):
+            self.pool.give(s)
+        ctx.packing.clear()
+        ctx.packed.clear()
+
     def _grant_cap(self) -> int:
         waiting = sum(1 for c in self.dst if c.next_grant < c.n)
         return max(1, math.ceil(self.pool.slots / max(1, waiting)))
@@ -489,11 +544,12 @@ class StagedEngine:
         """A peer staged a request with us (we are the passive side: ``expect``)."""
         ep = self.ep
         rid = req.rid
-        if peer.name in req.staged:
+        old = req.staged.get(peer.name)
+        if old is not None and not old.ahead:
             return  # a duplicate
+        t_in = self._t()
         if self.trace is not None:
-            t = time.perf_counter()
-            self.trace.append((f"@sreq-in {peer.label}", t, t))
+            self.trace.append((f"@sreq-in {peer.label}", t_in, t_in))
         try:
             blocks = decode_ids(msg.get("b"))
             layers = msg.get("l")
@@ -531,6 +587,22 @@ class StagedEngine:
                 f"chunk of {chunk} bytes does not fit a staging slot of {self.pool.slot_bytes}",
             )
             return
+        self._span("sreq-checks", t_in)
+        if old is not None:
+            if (
+                layers is None
+                and old.chunk == chunk
+                and old.n == n
+                and old.total == total
+                and np.array_equal(old.blocks, blocks)
+            ):
+                old.ahead = False  # the request the source packed ahead: go on with it
+                self.ahead["taken"] += 1
+                old.mover = mover
+                old.peer_grants.update(grants)
+                self._mark("sreq-ahead", old)
+                return
+            self.drop_ahead(req, old)  # another selection of layers or blocks: start over
         ctx = self.new_ctx(req, peer, blocks=blocks, layers=layers, chunk=chunk, mover=mover)
         self._mark("sreq", ctx)
         if ctx.total != total or ctx.n != n:
@@ -630,6 +702,7 @@ class StagedEngine:
         notif = b""
         if op == "WRITE":
             notif = _notif_bytes({"t": "DAT", "r": ctx.req.rid, "c": x.chunk})
+        t0 = self._t()
         try:
             ld = ep.agent.get_xfer_descs(loc, self.mem_type)
             rd = ep.agent.get_xfer_descs(rem, ctx.peer.mem_type)
@@ -637,6 +710,7 @@ class StagedEngine:
         except nixl_compat.nixl_errors() as err:
             ep._xfer_exception(ctx.req, ctx.peer, err, "preparing")
             return False
+        self._span("xfer-init", t0)
         ep._stats["xfer_handles_created"] += 1
         t0 = time.perf_counter()
         try:
@@ -647,6 +721,7 @@ class StagedEngine:
             return False
         finally:
             self.busy["post_s"] += time.perf_counter() - t0
+            self._span("xfer-post", t0)
         ep._stats["transfers_posted"] += 1
         ep._stats["descriptors_posted"] += 1
         ep._stats["bytes_posted"] += nbytes
@@ -707,11 +782,40 @@ class StagedEngine:
         a destination needs them only when its first chunk lands, so a pull sends its
         request before paying for the copy."""
         if ctx.dev_blocks is None and self._ids_ring is not None:
+            for other in ctx.req.staged.values():  # another peer of the request, same ids
+                if other.dev_blocks is not None and (
+                    other.blocks is ctx.blocks or np.array_equal(other.blocks, ctx.blocks)
+                ):
+                    ctx.dev_blocks = other.dev_blocks
+                    return ctx.dev_blocks
             t0 = time.perf_counter() if self.trace is not None else 0.0
             ctx.dev_blocks = self._ids_ring.to_device(ctx.blocks)
             if self.trace is not None:
                 self.trace.append(("~ids-to-device", t0, time.perf_counter()))
         return ctx.dev_blocks
+
+    def _move(self, ctx: StagedCtx, s: int, a: int, b: int, fn: Any) -> None:
+        """Pack (``fn`` = :func:`pack`) or unpack stream bytes ``[a, b)`` of ``ctx`` to or
+        from slot ``s``: on a GPU with triton one launch of the context's
+        :class:`FusedLaunch` (host time: the launch), elsewhere ``fn`` itself."""
+        if self._fused is None:
+            self._fused = self.device_type == "cuda" and _triton_kernel() is not None
+        if not self._fused:
+            fn(
+                ctx.bound,
+                ctx.layout,
+                ctx.blocks,
+                self.pool.view(s, b - a),
+                self.ep.role,
+                start=a,
+                end=b,
+                stream=ctx.stream,
+                device_block_ids=self._device_ids(ctx),
+            )
+            return
+        if ctx.launch is None:
+            ctx.launch = FusedLaunch(ctx.bound, ctx.stream, into_stage=fn is pack)
+        ctx.launch(self.pool.view(s, b - a), a, b, self._device_ids(ctx))
 
     def _unpack(self, ctx: StagedCtx, c: int) -> None:
         ctx.landed.discard(c)
@@ -719,48 +823,34 @@ class StagedEngine:
         a, b = ctx.bounds(c)
         t0 = time.perf_counter()
         try:
-            unpack(
-                ctx.bound,
-                ctx.layout,
-                ctx.blocks,
-                self.pool.view(s, b - a),
-                self.ep.role,
-                start=a,
-                end=b,
-                stream=ctx.stream,
-                device_block_ids=self._device_ids(ctx),
-            )
+            self._move(ctx, s, a, b, unpack)
         except Exception as e:  # noqa: BLE001 - a kernel failure fails the request
             self._kernel_failed(ctx, f"unpacking staged chunk {c}", e)
             return
         self.busy["unpack_s"] += time.perf_counter() - t0
+        self._span("unpack-call", t0)
+        t0 = self._t()
         self.ep._stats["chunks_unpacked"] += 1
         self.ep._stats["bytes_unpacked"] += b - a
         ctx.unpacking.append((c, s, _Fence(self.device_type, self._events)))
+        self._span("fence", t0)
 
     def _pack(self, ctx: StagedCtx, c: int, s: int) -> None:
         a, b = ctx.bounds(c)
         t0 = time.perf_counter()
         try:
-            pack(
-                ctx.bound,
-                ctx.layout,
-                ctx.blocks,
-                self.pool.view(s, b - a),
-                self.ep.role,
-                start=a,
-                end=b,
-                stream=ctx.stream,
-                device_block_ids=self._device_ids(ctx),
-            )
+            self._move(ctx, s, a, b, pack)
         except Exception as e:  # noqa: BLE001 - a kernel failure fails the request
             self.pool.give(s)
             self._kernel_failed(ctx, f"packing staged chunk {c}", e)
             return
         self.busy["pack_s"] += time.perf_counter() - t0
+        self._span("pack-call", t0)
+        t0 = self._t()
         self.ep._stats["chunks_packed"] += 1
         self.ep._stats["bytes_packed"] += b - a
         ctx.packing.append((c, s, _Fence(self.device_type, self._events)))
+        self._span("fence", t0)
 
     # -- progress -----------------------------------------------------------------------------
     def pump(self, now: float) -> None:
@@ -877,6 +967,10 @@ class StagedEngine:
                 continue
             del ctx.packing[i]
             self._mark("packed", ctx, c)
+            ctx.packed[c] = s
+        # a packed chunk crosses once the destination granted it a slot
+        for c in [c for c in ctx.packed if c in ctx.peer_grants]:
+            s = ctx.packed.pop(c)
             if ctx.mover == "adaptive":
                 write = not self._more_to_pack()
             else:
@@ -891,43 +985,85 @@ class StagedEngine:
                     return
 
     def _more_to_pack(self) -> bool:
-        """Could this (source) side pack another chunk right now?  The ``adaptive`` mover
-        writes a packed chunk itself only when it could not: packing is the source's job
-        alone and unpacking the destination's, the copy in between goes to whichever side
-        would otherwise wait (on host memory each copy costs the process that posts it)."""
+        """Could this (source) side pack another chunk of a requested context right now?
+        The ``adaptive`` mover writes a packed chunk itself only when it could not: packing
+        is the source's job alone and unpacking the destination's, the copy in between goes
+        to whichever side would otherwise wait (on host memory each copy costs the process
+        that posts it).  Contexts packed ahead do not count: they only use spare slots."""
         if not self.pool.free:
             return False
-        for ctx in self.src:
-            if ctx.next_pack < ctx.n and ctx.next_pack in ctx.peer_grants:
-                if ctx.req.rid in self.ep._requests:
-                    return True
-        return False
+        return self._next_to_pack(ahead=False) is not None
+
+    def _next_to_pack(self, *, ahead: bool) -> StagedCtx | None:
+        """The next source context (in turn) with a chunk to pack: among the requested ones
+        (``ahead=False``) a chunk the destination granted (packing only granted chunks is
+        what keeps slots on both sides from waiting on each other), among those packed
+        ahead any chunk."""
+        for _ in range(len(self.src)):
+            ctx = self.src[0]
+            self.src.rotate(-1)
+            if ctx.ahead != ahead or ctx.req.rid not in self.ep._requests:
+                continue
+            c = ctx.next_pack
+            if c < ctx.n and (ahead or c in ctx.peer_grants):
+                return ctx
+        return None
 
     def _pack_more(self, budget: int) -> None:
-        """Pack granted chunks into free source slots, one context after the other."""
-        while self.pool.free and self.src and budget > 0:
-            moved = False
-            for _ in range(len(self.src)):
-                ctx = self.src[0]
-                self.src.rotate(-1)
-                if ctx.req.rid not in self.ep._requests:
-                    continue
-                c = ctx.next_pack
-                if c < ctx.n and c in ctx.peer_grants:
-                    s = self.pool.take()
+        """Pack granted chunks into free source slots, one context after the other.
+
+        Contexts packed ahead (``expect(blocks=)``) pack before any grant, but only into
+        slots nobody else wants: a granted chunk that finds no free slot takes back the slot
+        of the newest chunk packed without a grant (packed again later), so chunks packed
+        speculatively can never hold up one that was asked for."""
+        while self.src and budget > 0:
+            ctx = self._next_to_pack(ahead=False)
+            if ctx is not None:
+                s = self.pool.take()
+                if s is None:
+                    s = self._evict_speculative()
                     if s is None:
-                        return
-                    ctx.next_pack += 1
-                    t0 = time.perf_counter() if self.trace is not None else 0.0
-                    self._pack(ctx, c, s)
-                    if self.trace is not None:
-                        self.trace.append(("pack", t0, time.perf_counter()))
-                    budget -= 1
-                    moved = True
+                        break
+            else:
+                ctx = self._next_to_pack(ahead=True)
+                if ctx is None or not self.pool.free:
                     break
-            if not moved:
-                return
+                s = self.pool.take()
+            c = ctx.next_pack
+            ctx.next_pack += 1
+            t0 = time.perf_counter() if self.trace is not None else 0.0
+            self._pack(ctx, c, s)
+            if self.trace is not None:
+                self.trace.append(("pack", t0, time.perf_counter()))
+            budget -= 1
         self._prune(self.src)
+
+    def _evict_speculative(self) -> int | None:
+        """A slot taken back from the newest chunk packed without a grant (a context packed
+        ahead, or one taken up since whose destination has not granted that chunk yet);
+        packed or still packing, the next pack into the slot is queued behind it.  The chunk
+        is packed again later."""
+        for ctx in reversed(self.active):
+            if ctx.role != "src" or ctx.next_pack == 0:
+                continue
+            c = ctx.next_pack - 1
+            if c in ctx.peer_grants:
+                continue
+            s = ctx.packed.pop(c, None)
+            if s is None:
+                for i, (ci, si, _f) in enumerate(ctx.packing):
+                    if ci == c:
+                        s = si
+                        del ctx.packing[i]
+                        break
+            if s is None:
+                continue
+            ctx.next_pack = c
+            if not any(x is ctx for x in self.src):
+                self.src.append(ctx)  # (pruned once fully packed)
+            self.ahead["evicted"] += 1
+            return s
+        return None
 
     def _grant_more(self) -> None:
         """Hand free slots to destination contexts waiting for grants, one after the other."""
@@ -997,6 +1133,7 @@ class StagedEngine:
                     (held if hold and s not in unpacking else free).add(s)
             else:
                 free.update(s for _, s, _ in ctx.packing)
+                free.update(ctx.packed.values())
                 free.update(x.slot for x in ctx.writes.values())
                 free.update(s for s, _ in ctx.to_write.values())
                 for s in ctx.waiting_ack.values():
@@ -1010,6 +1147,7 @@ class StagedEngine:
             ctx.grants.clear()
             ctx.unpacking.clear()
             ctx.packing.clear()
+            ctx.packed.clear()
             ctx.waiting_ack.clear()
             ctx.to_write.clear()
             ctx.to_read.clear()
@@ -1024,6 +1162,7 @@ class StagedEngine:
         return {
             "staging_slots_free": len(self.pool.free),
             "staging_slots_held": len(self.pool.held),
+            **{f"staged_ahead_{k}": v for k, v in self.ahead.items()},
             **{f"staged_{k}": round(v, 6) for k, v in self.busy.items()},
         }
 
@@ -1039,6 +1178,7 @@ def _progress_mark(ctx: StagedCtx) -> tuple[int, ...]:
         len(ctx.writes),
         len(ctx.unpacking),
         len(ctx.packing),
+        len(ctx.packed),
         len(ctx.to_read),
         len(ctx.to_write),
         len(ctx.landed),

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 from layoutc.runtime.errors import (
+    BlockIdError,
     PeerDisconnectedError,
     TransferError,
     TransferFailedError,
@@ -121,6 +122,131 @@ def test_both_strategies_move_every_byte(ranks, case, mode, strategy):
             assert st["chunk_transfers"] == 0
         elif r.role == "decode" or plan.targets(r.rank):
             assert st["staged_peer_requests"] > 0
+
+
+def _pull_packed_ahead(pre, dec, pb, db, *, expect_ids=None, prefix="h", **pull_kw):
+    """Prefill ranks ``expect`` with their block ids (``expect_ids``, default ``pb``), decode
+    ranks pull ``pb`` into ``db``; every byte verified.  Returns the prefill ranks' stats."""
+    expect_ids = pb if expect_ids is None else expect_ids
+    nreq = pb.shape[0]
+    for r in pre:
+        for i in range(nreq):
+            r.call("tag", i, pb[i])
+            r.call("expect", f"{prefix}{i}", blocks=expect_ids[i])
+    for r in dec:
+        for i in range(nreq):
+            r.call("pull", f"{prefix}{i}", db[i], pb[i], **pull_kw)
+    chunks = {r.label: 0 for r in pre}
+    for r in dec + pre:
+        for i in range(nreq):
+            info = r.call("wait", f"{prefix}{i}")
+            assert info["ok"]
+            if r.role == "prefill":
+                chunks[r.label] += info["chunks"]
+    layers = pull_kw.get("layers")
+    for r in dec:
+        assert r.call("verify", [(i, db[i]) for i in range(nreq)], layers=layers) > 0
+    out = []
+    for r in pre + dec:
+        st = r.call("stats")
+        assert st["xfer_handles_open"] == 0
+        assert st["staging_slots_free"] == 4 and st["staging_slots_held"] == 0
+        if r.role == "prefill":
+            out.append(dict(st, request_chunks=chunks[r.label]))
+    return out
+
+
+@pytest.mark.parametrize("case", list(HET))
+def test_source_packs_ahead_when_given_its_block_ids(ranks, case):
+    """``expect(blocks=)``: the source packs each staging reader's bytes before the reader
+    asks; the reader's request takes the packed chunks up (a chunk is packed again only when
+    a granted chunk took its slot back)."""
+    spec, p, d, sets = HET[case]
+    plan = compiled(spec, p, d, sets)
+    pre, dec = _setup(ranks, plan, strategy="staged", **SMALL_STAGING)
+    pb, db = _ids(hash(case) % 1000)
+    stats = _pull_packed_ahead(pre, dec, pb, db, strategy="staged")
+    for r, st in zip(pre, stats):
+        pairs = REQS * len(plan.targets(r.rank))
+        assert st["staged_ahead_made"] == st["staged_ahead_taken"] == pairs, st
+        assert st["staged_ahead_dropped"] == 0
+        # each chunk packed once, plus once more for each slot a granted chunk took back
+        assert st["chunks_packed"] == st["request_chunks"] + st["staged_ahead_evicted"], st
+        assert st["request_chunks"] > 0
+
+
+@pytest.mark.parametrize(
+    "why", ["other layers", "other blocks", "reader goes zero-copy", "auto source keeps zero-copy"]
+)
+def test_packed_ahead_but_not_taken_up(ranks, why):
+    """A reader asking for something else than what was packed ahead (a layer subset, other
+    block ids) or moving the bytes zero-copy gets exactly what it asked for; the contexts
+    packed ahead are dropped and every slot comes back."""
+    plan = compiled("vllm_flashinfer", 2, 4, GQA4)
+    strategy = "auto" if why == "auto source keeps zero-copy" else "staged"
+    pre, dec = _setup(ranks, plan, layers=3, strategy=strategy, **SMALL_STAGING)
+    pb, db = _ids(3)
+    expect_ids, kw = None, {"strategy": "staged"}
+    if why == "other layers":
+        kw["layers"] = [0, 2]
+    elif why == "other blocks":
+        expect_ids = pb[:, ::-1].copy()  # the same ids in another order
+    elif why == "reader goes zero-copy":
+        kw["strategy"] = "zero-copy"
+    else:
+        expect_ids = pb = np.arange(24, 24 + REQS * BLOCKS).reshape(REQS, BLOCKS)  # contiguous
+    stats = _pull_packed_ahead(pre, dec, pb, db, expect_ids=expect_ids, **kw)
+    for r, st in zip(pre, stats):
+        pairs = REQS * len(plan.targets(r.rank))
+        if why == "auto source keeps zero-copy":
+            assert st["staged_ahead_made"] == 0, st
+        else:
+            assert st["staged_ahead_made"] == st["staged_ahead_dropped"] == pairs, st
+            assert st["staged_ahead_taken"] == 0
+        if why in ("other layers", "other blocks"):  # packed again, as the reader asked
+            assert st["chunks_packed"] >= st["request_chunks"] > 0
+
+
+def test_chunks_packed_ahead_never_hold_up_a_requested_one(ranks):
+    """More requests marked ready (with their ids) than staging slots, pulled newest first,
+    one at a time: the chunks packed ahead for requests not yet pulled give their slots to
+    the one pulled (and are packed again later), so every request completes."""
+    plan = compiled("vllm_flashinfer", 1, 1, GQA4)
+    pre, dec = _setup(
+        ranks,
+        plan,
+        layers=3,
+        strategy="staged",
+        staging_bytes=16 << 10,
+        staging_slots=2,
+        timeout_s=20.0,
+    )
+    n = 5
+    pb, db = _ids(21, nreq=n)
+    for i in range(n):
+        pre[0].call("tag", i, pb[i])
+        pre[0].call("expect", f"w{i}", blocks=pb[i])
+    time.sleep(0.3)  # the prefill packs ahead into both slots meanwhile
+    for i in reversed(range(n)):
+        dec[0].call("pull", f"w{i}", db[i], pb[i], strategy="staged")
+        assert dec[0].call("wait", f"w{i}", within=10.0)["ok"]
+    for i in range(n):
+        assert pre[0].call("wait", f"w{i}", within=10.0)["ok"]
+    assert dec[0].call("verify", [(i, db[i]) for i in range(n)]) > 0
+    st = pre[0].call("stats")
+    assert st["staged_ahead_made"] == st["staged_ahead_taken"] == n
+    assert st["staged_ahead_evicted"] > 0
+    assert st["staging_slots_free"] == 2
+
+
+def test_expect_block_ids_are_checked(ranks):
+    plan = compiled("vllm_flashinfer", 1, 1, GQA4)
+    pre, dec = _setup(ranks, plan, layers=2)
+    with pytest.raises(BlockIdError, match=r"out of range \[0, 40\): 40 \(at 1\)"):
+        pre[0].call("expect", "bad", blocks=[3, 40])
+    with pytest.raises(ValueError, match="expect\\(blocks=\\) is for prefill ranks"):
+        dec[0].call("expect", "dec", blocks=[1, 2])
+    pre[0].call("expect", "bad", blocks=[3, 4])  # the id was not taken by the failed call
 
 
 def test_staged_layer_subset_and_several_requests_in_flight(ranks):
