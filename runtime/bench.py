@@ -93,7 +93,10 @@ class BenchConfig:
     gpu_bytes_per_decode_rank: int = 512 * MiB
     gpu_contiguous_bytes: int = 8 * GiB
     gpu_staging_bytes: int = 1 * GiB
-    gpu_staging_slots: int = 4
+    # 2 slots: one 512 MiB chunk per decode rank (one pack, WRITE and unpack per rank and
+    # request); 4 slots (two chunks each, more overlap but twice the host calls) measured
+    # equal or lower on the H100 (docs/benchmarks.md) and is kept as a variant
+    gpu_staging_slots: int = 2
     gpus: int = 1  # >= 2: also the cross-GPU section (prefill on GPU 0, decode on GPU 1)
     xgpu_bytes_per_decode_rank: int = 512 * MiB
     xgpu_contiguous_bytes: int = 4 * GiB
@@ -487,11 +490,17 @@ class _WorkerState:
             torch.cuda.empty_cache()
         return st
 
-    def expect(self, name, rid, timeout_s=60.0):
+    def expect(self, name, rid, timeout_s=60.0, blocks=None):
+        """The passive side's ``expect`` (``blocks``: a prefill rank's ids, so that it packs
+        ahead); returns when it was called (monotonic seconds, one clock for the host)."""
         s = self.sessions[name]
-        s.ep.expect(rid, timeout_s=timeout_s)
+        t0 = time.monotonic()
+        s.ep.expect(rid, timeout_s=timeout_s, blocks=blocks)
         s.pending.add(rid)
-        return True
+        eng = s.ep._staged
+        if eng is not None and eng.trace is not None:
+            eng.trace.append(("expect", t0, time.monotonic()))
+        return t0
 
     def result(self, name, rid, within=60.0):
         s = self.sessions[name]
@@ -1000,14 +1009,17 @@ def _run_request(workers, names, rid, dec_by_worker, local, remote, strategy, ti
 
 
 def _run(workers, names, rid, init_by_worker, local, remote, strategy, timeout, op, layers=None):
-    """The passive side's ranks ``expect``, the initiators (``init_by_worker``: worker index
-    -> session names) start ``op`` at once.  Seconds: first start to the last initiator's
-    completion (pull) or to the last target's completion (push: the bytes are in place only
-    when the decode side completes)."""
+    """The passive side's ranks ``expect`` (a prefill rank with its block ids: the request is
+    ready there) and the initiators (``init_by_worker``: worker index -> session names) start
+    ``op``, back to back.  Seconds: from the first start to the last initiator's completion
+    (pull) or to the last target's completion (push: the bytes are in place only when the
+    decode side completes).  Each info also gets ``from_ready_s``: the same, timed from the
+    first ``expect`` call (a prefill rank may pack from then on) when that came first."""
     passive = "prefill" if op == "pull" else "decode"
     others = [(wi, n) for (role, _r), (wi, n) in names.items() if role == passive]
+    ready = remote if op == "pull" else None  # the prefill ranks' own ids
     for wi, n in others:
-        workers[wi].call("expect", n, rid, timeout_s=timeout)
+        workers[wi].send("expect", n, rid, timeout_s=timeout, blocks=ready)
     for wi in init_by_worker:
         workers[wi].send(
             "pull",
@@ -1020,6 +1032,7 @@ def _run(workers, names, rid, init_by_worker, local, remote, strategy, timeout, 
             layers=layers,
             op=op,
         )
+    t_ready = [workers[wi].result(f"expect {rid}") for wi, _n in others]
     res = [workers[wi].result(f"{op} {rid}", timeout + 30) for wi in init_by_worker]
     errs = [e for r in res for e in r["errors"]]
     ends = []
@@ -1035,6 +1048,7 @@ def _run(workers, names, rid, init_by_worker, local, remote, strategy, timeout, 
     infos = [i for r in res for i in r["infos"]]
     for i in infos:  # host seconds in pull()/push() on the slowest worker (the rest: waiting)
         i["pull_call_s"] = max(r["t_posted"] - r["t0"] for r in res)
+        i["from_ready_s"] = t1 - min([t0] + t_ready)
     return t1 - t0, infos
 
 
@@ -1122,6 +1136,7 @@ def bench_scattered(
     workers = [_Worker(ctx, "cpu", "prefill"), _Worker(ctx, "cpu", "decode")]
     strategies = [cfg.strategy] + [s for s in ("zero-copy", "staged") if s != cfg.strategy]
     results: dict[str, list[float]] = {s: [] for s in strategies}
+    from_ready: list[float] = []  # cfg.strategy's requests timed from the prefill's expect
     base: dict[str, list[float]] = {"4k": [], "thp": []}
     chosen: dict[str, Any] = {}
     try:
@@ -1163,6 +1178,8 @@ def bench_scattered(
                         workers[1].call("zero", n)
                 if i >= warm:
                     results[strat].append(t)
+                    if strat == cfg.strategy:
+                        from_ready.append(infos[0]["from_ready_s"])
             for kind in ("4k", "thp"):
                 ts = workers[1].call(
                     "raw_read", f"{kind}-dst", total, 1, warm=int(i == 0), timeout=120
@@ -1195,6 +1212,12 @@ def bench_scattered(
         out,
         "cpu_scattered_fraction_of_single_descriptor",
         [b / t for b, t in zip(base["4k"], t_auto)],
+        4,
+    )
+    _put(
+        out,
+        "cpu_scattered_fraction_of_single_descriptor_from_ready",
+        [b / t for b, t in zip(base["4k"], from_ready)],
         4,
     )
     _put(out, "cpu_scattered_GBps", [total / t / 1e9 for t in t_auto], 4)
@@ -1361,6 +1384,7 @@ def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, par
     res: dict[str, list[float]] = {}
     chosen: dict[str, Any] = {}
     pull_call: dict[str, list[float]] = {}
+    ready: dict[str, list[float]] = {}  # the same requests timed from the prefill's expect
     plan_runs = [(cfg.strategy, runs), ("zero-copy", 2 if cfg.quick else 3)]
     if cfg.strategy != "staged":
         plan_runs.append(("staged", runs))
@@ -1379,6 +1403,7 @@ def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, par
                 continue
             ts.append(t)
             pull_call.setdefault(strat, []).append(infos[0]["pull_call_s"])
+            ready.setdefault(strat, []).append(infos[0]["from_ready_s"])
         res[strat] = ts
         log(
             f"gpu: {strat}: {total / statistics.median(ts) / 1e9:.1f} GB/s "
@@ -1386,6 +1411,12 @@ def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, par
         )
         if strat == cfg.strategy:
             _put(out, "gpu_scattered_fraction_of_copy", [t_copy / t for t in ts], 4)
+            _put(
+                out,
+                "gpu_scattered_fraction_of_copy_from_ready",
+                [t_copy / t for t in ready[strat]],
+                4,
+            )
             _put(out, "gpu_scattered_GBps", [total / t / 1e9 for t in ts], 4)
         _write_partial(out)
     t_zc = statistics.median(res["zero-copy"])
@@ -1438,10 +1469,11 @@ def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, par
         for nm in ns:
             workers[wi].call("teardown", nm)
     workers[0].call("teardown", names[("prefill", 0)][1])
-    # the same request with the staging cut into 2 slots (one 512 MiB chunk per decode rank),
-    # for the record (tuning data for the next run; the key above keeps the configuration)
+    # the same request with the staging cut into the other number of slots (2 or 4), for the
+    # record (the key above keeps the configuration)
+    alt = 4 if cfg.gpu_staging_slots == 2 else 2
     if time.monotonic() < deadline - 60:
-        kw2 = dict(ep_kw, staging_slots=2)
+        kw2 = dict(ep_kw, staging_slots=alt)
         case2 = gpu_scattered_setup(compile_plan, cfg, workers, params, kw2, tag="g2")
         names2, dec2 = case2.names, case2.dec  # (the same plan and block ids)
         ts = []
@@ -1453,7 +1485,7 @@ def _gpu_scattered(compile_plan, cfg, out, log, deadline, cm, workers, runs, par
                         workers[wi].call("verify", nm, [0], db, {0: pb}, timeout=180)
             else:
                 ts.append(t)
-        _put(out, "gpu_scattered_fraction_of_copy_2_slots", [t_copy / t for t in ts], 4)
+        _put(out, f"gpu_scattered_fraction_of_copy_{alt}_slots", [t_copy / t for t in ts], 4)
         for wi, ns in dec2.items():
             for nm in ns:
                 workers[wi].call("teardown", nm)
