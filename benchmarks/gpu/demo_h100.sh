@@ -13,6 +13,7 @@ out=${OUT:-/tmp}/h100-demo.txt
     "layoutc demo --device cuda --prefill-tp 1 --decode-tp 1 --mode push --quiet" \
     "layoutc demo --device cuda --mode pull --quiet" \
     "layoutc demo --device cuda --mode push --quiet" \
+    "layoutc demo --device cuda --strategy staged --mode pull --quiet" \
     "layoutc demo --device cuda --prefill-tp 1 --decode-tp 1 --inject kill-prefill --quiet"; do
     echo
     echo "\$ $cmd"
