@@ -994,13 +994,7 @@ class Endpoint:
                 raise ValueError(
                     f"{self.label}: request {rid!r}: expect(blocks=) is for prefill ranks"
                 )
-            local = check_block_ids(
-                blocks,
-                what=f"local ({self.role})",
-                limit=self._num_blocks,
-                who=self.label,
-                request_id=rid,
-            )
+            local = self.local_block_ids(blocks, rid)
         if self.role == "prefill":
             expected = frozenset(self.plan.readers(self.rank))
         else:
@@ -1059,6 +1053,21 @@ class Endpoint:
                 if choice == "staged":
                     self._staged.pack_ahead(req, peer, local)
                     self._staged.pack_now(1)  # its first chunk now; the rest as polls go
+
+    def local_block_ids(
+        self, blocks: Any, rid: str, *, peer: str | None = None, unique: bool = False
+    ) -> np.ndarray:
+        """This rank's block ids of request ``rid``, validated (:func:`check_block_ids`;
+        ``unique`` where they receive bytes)."""
+        return check_block_ids(
+            blocks,
+            what=f"local ({self.role})",
+            limit=self._num_blocks,
+            who=self.label,
+            request_id=rid,
+            peer=peer,
+            unique=unique,
+        )
 
     def _new_rid(self, request_id: str) -> str:
         if not isinstance(request_id, str) or not request_id:
@@ -1142,14 +1151,7 @@ class Endpoint:
                 f"{', '.join(STRATEGIES)}, got {strategy!r}"
             )
         peer_kind = f"{self.peer_role}"
-        local = check_block_ids(
-            local_blocks,
-            what=f"local ({self.role})",
-            limit=self._num_blocks,
-            who=self.label,
-            request_id=rid,
-            unique=(op == "READ"),
-        )
+        local = self.local_block_ids(local_blocks, rid, unique=(op == "READ"))
         peers = self._peers_for(engine, sorted(set(targets) | set(notify)), rid)
         remote = None
         for r in sorted(set(targets)):

@@ -565,18 +565,8 @@ class StagedEngine:
         except (TypeError, ValueError, KeyError) as e:
             self._refuse(req, peer, f"malformed staged request ({e})")
             return
-        from .descriptors import check_block_ids
-
         try:
-            blocks = check_block_ids(
-                blocks,
-                what=f"local ({ep.role})",
-                limit=ep._num_blocks,
-                who=ep.label,
-                request_id=rid,
-                peer=peer.label,
-                unique=(ep.role == "decode"),
-            )
+            blocks = ep.local_block_ids(blocks, rid, peer=peer.label, unique=ep.role == "decode")
         except TransferError as e:
             self._refuse(req, peer, str(e))
             return
