@@ -35,6 +35,12 @@ Protocol (notifications ``LC1 {json}``; the initiator decides the strategy per p
   balance over two cores).  On GPUs the source writes every chunk (no RDY/ACK round trip).
 * The destination unpacks a chunk as soon as it has landed, frees the slot and grants the
   next chunk.
+* Packing ahead: a prefill rank given its block ids in ``expect`` makes the source contexts of
+  the readers it expects to stage at once and packs before any grant; the reader's ``SREQ``
+  takes such a context up when it asks for the same bytes (else it is dropped).  Otherwise a
+  source packs only granted chunks; a granted chunk that finds no free slot takes back the
+  slot of the newest chunk packed without a grant (packed again later), so chunks packed
+  ahead never hold up a request that was asked for.
 
 Completion keeps its meaning: a pull completes on the decode rank only when every chunk of
 every staged peer is unpacked (and every zero-copy transfer is ``DONE``), then it notifies
