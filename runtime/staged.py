@@ -364,9 +364,10 @@ class StagedEngine:
         return time.perf_counter() if self.trace is not None else 0.0
 
     def _span(self, what: str, t0: float) -> None:
-        """A nested trace entry ``~what`` from ``t0`` (a :meth:`_t`) to now, when tracing."""
+        """A trace entry ``what`` from ``t0`` (a :meth:`_t`) to now, when tracing (``~``-names
+        are spans nested in a heavy operation)."""
         if self.trace is not None:
-            self.trace.append((f"~{what}", t0, time.perf_counter()))
+            self.trace.append((what, t0, time.perf_counter()))
 
     def _mark(self, what: str, ctx: StagedCtx, c: int = -1) -> None:
         """A zero-length trace entry ``@what`` (message arrivals, finished kernels), so that a
@@ -441,12 +442,11 @@ class StagedEngine:
         mover: str,
         ahead: bool = False,
     ) -> StagedCtx:
-        t0 = time.perf_counter() if self.trace is not None else 0.0
+        t0 = self._t()
         lay, bound = self.layout_for(peer)
         stream = lay.stream(int(blocks.shape[0]), layers)
         total = stream.total_bytes
-        if self.trace is not None:
-            self.trace.append(("~new-ctx", t0, time.perf_counter()))
+        self._span("~new-ctx", t0)
         ctx = StagedCtx(
             req=req,
             peer=peer,
@@ -521,12 +521,7 @@ class StagedEngine:
         self.ahead["dropped"] += 1
         if req.staged.get(ctx.peer.name) is ctx:
             del req.staged[ctx.peer.name]
-        for q in (self.active, self.src, self.dst):
-            _discard(q, ctx)
-        for s in [s for _, s, _ in ctx.packing] + list(ctx.packed.values()):
-            self.pool.give(s)
-        ctx.packing.clear()
-        ctx.packed.clear()
+        self._release_ctx(ctx, False, 0.0)
 
     def _grant_cap(self) -> int:
         waiting = sum(1 for c in self.dst if c.next_grant < c.n)
@@ -583,7 +578,7 @@ class StagedEngine:
                 f"chunk of {chunk} bytes does not fit a staging slot of {self.pool.slot_bytes}",
             )
             return
-        self._span("sreq-checks", t_in)
+        self._span("~sreq-checks", t_in)
         if old is not None:
             if (
                 layers is None
@@ -706,7 +701,7 @@ class StagedEngine:
         except nixl_compat.nixl_errors() as err:
             ep._xfer_exception(ctx.req, ctx.peer, err, "preparing")
             return False
-        self._span("xfer-init", t0)
+        self._span("~xfer-init", t0)
         ep._stats["xfer_handles_created"] += 1
         t0 = time.perf_counter()
         try:
@@ -717,7 +712,7 @@ class StagedEngine:
             return False
         finally:
             self.busy["post_s"] += time.perf_counter() - t0
-            self._span("xfer-post", t0)
+            self._span("~xfer-post", t0)
         ep._stats["transfers_posted"] += 1
         ep._stats["descriptors_posted"] += 1
         ep._stats["bytes_posted"] += nbytes
@@ -784,10 +779,9 @@ class StagedEngine:
                 ):
                     ctx.dev_blocks = other.dev_blocks
                     return ctx.dev_blocks
-            t0 = time.perf_counter() if self.trace is not None else 0.0
+            t0 = self._t()
             ctx.dev_blocks = self._ids_ring.to_device(ctx.blocks)
-            if self.trace is not None:
-                self.trace.append(("~ids-to-device", t0, time.perf_counter()))
+            self._span("~ids-to-device", t0)
         return ctx.dev_blocks
 
     def _move(self, ctx: StagedCtx, s: int, a: int, b: int, fn: Any) -> None:
@@ -813,40 +807,28 @@ class StagedEngine:
             ctx.launch = FusedLaunch(ctx.bound, ctx.stream, into_stage=fn is pack)
         ctx.launch(self.pool.view(s, b - a), a, b, self._device_ids(ctx))
 
-    def _unpack(self, ctx: StagedCtx, c: int) -> None:
-        ctx.landed.discard(c)
-        s = ctx.grants[c]  # the slot stays the context's (finish() frees it on failure)
+    def _launch(self, ctx: StagedCtx, c: int, s: int, fn: Any) -> None:
+        """Pack (``fn`` = :func:`pack`) or unpack chunk ``c`` through slot ``s``, count it
+        and fence it (``ctx.packing`` / ``ctx.unpacking``); a kernel failure fails the
+        request (a pack's slot goes back first: it is not the context's yet)."""
+        what = "pack" if fn is pack else "unpack"
         a, b = ctx.bounds(c)
         t0 = time.perf_counter()
         try:
-            self._move(ctx, s, a, b, unpack)
+            self._move(ctx, s, a, b, fn)
         except Exception as e:  # noqa: BLE001 - a kernel failure fails the request
-            self._kernel_failed(ctx, f"unpacking staged chunk {c}", e)
+            if fn is pack:
+                self.pool.give(s)
+            self._kernel_failed(ctx, f"{what}ing staged chunk {c}", e)
             return
-        self.busy["unpack_s"] += time.perf_counter() - t0
-        self._span("unpack-call", t0)
+        self.busy[f"{what}_s"] += time.perf_counter() - t0
+        self._span(f"~{what}-call", t0)
         t0 = self._t()
-        self.ep._stats["chunks_unpacked"] += 1
-        self.ep._stats["bytes_unpacked"] += b - a
-        ctx.unpacking.append((c, s, _Fence(self.device_type, self._events)))
-        self._span("fence", t0)
-
-    def _pack(self, ctx: StagedCtx, c: int, s: int) -> None:
-        a, b = ctx.bounds(c)
-        t0 = time.perf_counter()
-        try:
-            self._move(ctx, s, a, b, pack)
-        except Exception as e:  # noqa: BLE001 - a kernel failure fails the request
-            self.pool.give(s)
-            self._kernel_failed(ctx, f"packing staged chunk {c}", e)
-            return
-        self.busy["pack_s"] += time.perf_counter() - t0
-        self._span("pack-call", t0)
-        t0 = self._t()
-        self.ep._stats["chunks_packed"] += 1
-        self.ep._stats["bytes_packed"] += b - a
-        ctx.packing.append((c, s, _Fence(self.device_type, self._events)))
-        self._span("fence", t0)
+        self.ep._stats[f"chunks_{what}ed"] += 1
+        self.ep._stats[f"bytes_{what}ed"] += b - a
+        fences = ctx.packing if fn is pack else ctx.unpacking
+        fences.append((c, s, _Fence(self.device_type, self._events)))
+        self._span("~fence", t0)
 
     # -- progress -----------------------------------------------------------------------------
     def pump(self, now: float) -> None:
@@ -886,7 +868,7 @@ class StagedEngine:
             kind, ctx, c = self.todo.popleft()
             if ctx.req.rid not in self.ep._requests or ctx.req.staged.get(ctx.peer.name) is not ctx:
                 continue  # the request ended; finish() released its slots
-            t0 = time.perf_counter() if self.trace is not None else 0.0
+            t0 = self._t()
             if kind == "read":
                 if c not in ctx.to_read:
                     continue
@@ -898,9 +880,10 @@ class StagedEngine:
             else:
                 if c not in ctx.landed:
                     continue
-                self._unpack(ctx, c)
-            if self.trace is not None:
-                self.trace.append((kind, t0, time.perf_counter()))
+                ctx.landed.discard(c)
+                # (the slot stays the context's: finish() frees it on failure)
+                self._launch(ctx, c, ctx.grants[c], unpack)
+            self._span(kind, t0)
             budget -= 1
         return budget
 
@@ -1027,10 +1010,9 @@ class StagedEngine:
                 s = self.pool.take()
             c = ctx.next_pack
             ctx.next_pack += 1
-            t0 = time.perf_counter() if self.trace is not None else 0.0
-            self._pack(ctx, c, s)
-            if self.trace is not None:
-                self.trace.append(("pack", t0, time.perf_counter()))
+            t0 = self._t()
+            self._launch(ctx, c, s, pack)
+            self._span("pack", t0)
             budget -= 1
         self._prune(self.src)
 
@@ -1111,43 +1093,49 @@ class StagedEngine:
         clean = True
         until = now + self.ep.timeout_s
         for ctx in req.staged.values():
-            _discard(self.active, ctx)
-            _discard(self.src, ctx)
-            _discard(self.dst, ctx)
-            hold = failed and ctx.peer.alive
-            for x in ctx.writes.values():
-                if x.state == "PROC" and ctx.peer.alive:
-                    clean = False
-            for xs in (ctx.reads, ctx.writes):
-                for x in xs.values():
-                    self._release(x)
-            held: set[int] = set()
-            free: set[int] = set()
-            if ctx.role == "dst":
-                unpacking = {s for _, s, _ in ctx.unpacking}
-                for s in ctx.grants.values():
-                    (held if hold and s not in unpacking else free).add(s)
-            else:
-                free.update(s for _, s, _ in ctx.packing)
-                free.update(ctx.packed.values())
-                free.update(x.slot for x in ctx.writes.values())
-                free.update(s for s, _ in ctx.to_write.values())
-                for s in ctx.waiting_ack.values():
-                    (held if hold else free).add(s)
-            for s in free - held:
-                self.pool.give(s)
-            for s in held:
-                self.pool.hold(s, until, ctx.peer.name, req.rid)
-            ctx.reads.clear()
-            ctx.writes.clear()
-            ctx.grants.clear()
-            ctx.unpacking.clear()
-            ctx.packing.clear()
-            ctx.packed.clear()
-            ctx.waiting_ack.clear()
-            ctx.to_write.clear()
-            ctx.to_read.clear()
-            ctx.landed.clear()
+            clean = self._release_ctx(ctx, failed and ctx.peer.alive, until) and clean
+        return clean
+
+    def _release_ctx(self, ctx: StagedCtx, hold: bool, until: float) -> bool:
+        """Take ``ctx`` out of the queues, release its transfer handles and its slots (those
+        the peer may still touch held back until ``until`` when ``hold``); True when none of
+        its WRITEs into the peer's slots is still running."""
+        for q in (self.active, self.src, self.dst):
+            _discard(q, ctx)
+        clean = not any(x.state == "PROC" for x in ctx.writes.values()) or not ctx.peer.alive
+        for xs in (ctx.reads, ctx.writes):
+            for x in xs.values():
+                self._release(x)
+        held: set[int] = set()
+        free: set[int] = set()
+        if ctx.role == "dst":
+            unpacking = {s for _, s, _ in ctx.unpacking}
+            for s in ctx.grants.values():
+                (held if hold and s not in unpacking else free).add(s)
+        else:
+            free.update(s for _, s, _ in ctx.packing)
+            free.update(ctx.packed.values())
+            free.update(x.slot for x in ctx.writes.values())
+            free.update(s for s, _ in ctx.to_write.values())
+            for s in ctx.waiting_ack.values():
+                (held if hold else free).add(s)
+        for s in free - held:
+            self.pool.give(s)
+        for s in held:
+            self.pool.hold(s, until, ctx.peer.name, ctx.req.rid)
+        for part in (
+            ctx.reads,
+            ctx.writes,
+            ctx.grants,
+            ctx.unpacking,
+            ctx.packing,
+            ctx.packed,
+            ctx.waiting_ack,
+            ctx.to_write,
+            ctx.to_read,
+            ctx.landed,
+        ):
+            part.clear()
         return clean
 
     def peer_gone(self, name: str) -> None:
