@@ -555,12 +555,10 @@ class Endpoint:
         if not t.is_contiguous():
             raise ValueError(f"{self.label}: layer {i} page {page!r}: tensor is not contiguous")
         on_gpu = t.device.type == "cuda"
-        if on_gpu != (self.mem_type == "VRAM"):
-            raise ValueError(
-                f"{self.label}: layer {i} page {page!r}: tensor on {t.device} but the endpoint "
-                f"was created with device={self.device!r}"
-            )
-        if on_gpu and self.device.startswith("cuda:") and t.device.index != int(self.device[5:]):
+        wrong_gpu = (
+            on_gpu and self.device.startswith("cuda:") and t.device.index != int(self.device[5:])
+        )
+        if on_gpu != (self.mem_type == "VRAM") or wrong_gpu:
             raise ValueError(
                 f"{self.label}: layer {i} page {page!r}: tensor on {t.device} but the endpoint "
                 f"was created with device={self.device!r}"
@@ -703,17 +701,19 @@ class Endpoint:
         self._peers[name] = peer
         return peer
 
-    def _drop_peer(self, peer: _Peer, reason: str = "") -> None:
-        """Fail the peer's requests, release its prepped lists, unload its metadata."""
+    def _drop_peer(self, peer: _Peer, reason: str = "", *, unload: bool = True) -> None:
+        """Fail the peer's requests, release its prepped lists and staging state, unload its
+        metadata (``unload``; not when NIXL's listener is replacing it)."""
         if reason:
             self._peer_dead(peer, reason, error_cls=PeerDisconnectedError)
         self._release_prepped(peer)
         if self._staged is not None:
             self._staged.forget_peer(peer.name)
-        try:
-            self.agent.remove_remote_agent(peer.name)
-        except nixl_compat.nixl_errors():
-            pass
+        if unload:
+            try:
+                self.agent.remove_remote_agent(peer.name)
+            except nixl_compat.nixl_errors():
+                pass
         self._peers.pop(peer.name, None)
 
     def _release_prepped(self, peer: _Peer) -> None:
@@ -873,18 +873,9 @@ class Endpoint:
             if peer.name == sender or same_slot:
                 # a restarted peer: its requests fail; the listener replaces its metadata
                 # (after the peer invalidated the old one), so only our state goes.
-                self._peer_dead(
-                    peer, f"{peer.label} re-handshaked (restarted)", error_cls=PeerDisconnectedError
+                self._drop_peer(
+                    peer, f"{peer.label} re-handshaked (restarted)", unload=peer.name != sender
                 )
-                self._release_prepped(peer)
-                if self._staged is not None:
-                    self._staged.forget_peer(peer.name)
-                if peer.name != sender:
-                    try:
-                        self.agent.remove_remote_agent(peer.name)
-                    except nixl_compat.nixl_errors():
-                        pass
-                self._peers.pop(peer.name, None)
         try:
             self._send(sender, {"t": "HDR", "h": self.header(), "reply": True})
         except nixl_compat.nixl_errors():
@@ -1040,19 +1031,14 @@ class Endpoint:
         if len({p.engine for p in peers}) != 1:
             return  # no reader, or readers of several engines: which one pulls is unknown
         runs = block_runs(local, local)  # (the readers' ids are unknown: assume they match)
-        with self._staged.on_device():
-            for peer in peers:
-                table = self._pair_table(peer)
-                if table is None:
-                    continue
-                rows = table.rows_for_layers(None)
-                n_posted = posted_count(table, local, local, rows, runs)
-                choice = self._choose(
-                    peer, table, rows, local, local, None, self.strategy, n_posted
-                )
-                if choice == "staged":
-                    self._staged.pack_ahead(req, peer, local)
-                    self._staged.pack_now(1)  # its first chunk now; the rest as polls go
+        for peer in peers:
+            table = self._pair_table(peer)
+            if table is None:
+                continue
+            choice, _, _ = self._choose(peer, table, local, local, None, self.strategy, runs)
+            if choice == "staged":
+                self._staged.pack_ahead(req, peer, local)
+                self._staged.pack_now(1)  # its first chunk now (on its GPU); the rest as polls go
 
     def local_block_ids(
         self, blocks: Any, rid: str, *, peer: str | None = None, unique: bool = False
@@ -1212,7 +1198,7 @@ class Endpoint:
         if local.shape[0] == 0:
             return  # nothing to move; completes (and notifies) on the next poll
         if eng is not None:
-            eng._span("start-checks", t_start)
+            eng._span("~start-checks", t_start)
             t_start = eng._t()
         staged: list[tuple[Any, np.ndarray]] = []
         runs = block_runs(local, remote)  # consecutive on both sides: what NIXL merges
@@ -1221,9 +1207,7 @@ class Endpoint:
             table = self._pair_table(peer)
             if table is None:
                 continue
-            rows = table.rows_for_layers(sel)
-            n_posted = posted_count(table, local, remote, rows, runs)
-            choice = self._choose(peer, table, rows, local, remote, sel, strategy, n_posted)
+            choice, rows, n_posted = self._choose(peer, table, local, remote, sel, strategy, runs)
             if choice is None:
                 continue  # no bytes from this peer in these layers
             req.strategies[peer.label] = choice
@@ -1291,7 +1275,7 @@ class Endpoint:
                 )
                 return
         if eng is not None:
-            eng._span("start-choose", t_start)
+            eng._span("~start-choose", t_start)
             t_start = eng._t()
         if staged and rid in self._requests:
             assert self._staged is not None
@@ -1304,38 +1288,40 @@ class Endpoint:
                 except nixl_compat.nixl_errors() as e:
                     self._xfer_exception(req, ctx.peer, e, "requesting")
                     return
-            self._staged._span("start-sreq", t_start)
+            self._staged._span("~start-sreq", t_start)
 
     def _choose(
         self,
         peer: _Peer,
         table: PairTable,
-        rows: np.ndarray | slice,
         local: np.ndarray,
         remote: np.ndarray,
         sel: np.ndarray | None,
         strategy: str,
-        n_posted: int,
-    ) -> str | None:
-        """The strategy of one (request, peer): ``None`` when no byte moves.  ``n_posted``:
-        the descriptors zero-copy would post (after NIXL's merges)."""
+        runs: Any,
+    ) -> tuple[str | None, np.ndarray | slice, int]:
+        """The strategy of one (request, peer) -- ``None`` when no byte moves -- with the
+        table rows of the selected layers and the descriptors zero-copy would post (after
+        NIXL's merges; ``runs``: the request's :func:`block_runs`)."""
+        rows = table.rows_for_layers(sel)
+        n_posted = posted_count(table, local, remote, rows, runs)
         row_nbytes = table.row_nbytes[rows]
         nblk = int(local.shape[0])
         nbytes = int(row_nbytes.sum()) * nblk
         if nbytes == 0:
-            return None
+            return None, rows, n_posted
         chunk = None if self._staged is None else self._staged.chunk_bytes(peer)
         if strategy == "zero-copy" or chunk is None:
-            return "zero-copy"
+            return "zero-copy", rows, n_posted
         if strategy == "staged":
-            return "staged"
+            return "staged", rows, n_posted
         n_rows = int(row_nbytes.shape[0])
         n_chunks = -(-nbytes // chunk)
         lay, _ = self._staged.layout_for(peer)
         g = lay.groups_for_layers(sel)
         n_groups = lay.num_groups if g is None else int(g.shape[0])
         n_ops = _count_ops(self._kernel(), n_rows, n_groups, n_chunks)
-        return self.cost_model.choose(n_posted, nbytes, n_chunks, n_ops)
+        return self.cost_model.choose(n_posted, nbytes, n_chunks, n_ops), rows, n_posted
 
     def _kernel(self) -> str:
         """How pack/unpack run here (for the cost model's count of kernel calls)."""
