@@ -45,6 +45,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .procs import end_process
+
 __all__ = ["BenchConfig", "run_bench", "KEYS"]
 
 MiB = 1 << 20
@@ -957,12 +959,7 @@ class _Worker:
             except (OSError, EOFError, BrokenPipeError):
                 pass
             self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
+        end_process(self.proc, 5)
         self.conn.close()
 
 

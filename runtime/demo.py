@@ -40,6 +40,7 @@ import numpy as np
 
 from .errors import LayoutcRuntimeError
 from .plan import Plan
+from .procs import end_process
 
 INJECTIONS = ("kill-prefill", "kill-decode", "bad-blocks", "spec-mismatch")
 MODES = ("pull", "push")
@@ -723,12 +724,7 @@ def run_demo(
         for c in children:
             c.proc.join(max(0.0, end - time.monotonic()))
         for c in children:
-            if c.proc.is_alive():
-                c.proc.terminate()
-                c.proc.join(2)
-            if c.proc.is_alive():
-                c.proc.kill()
-                c.proc.join(2)
+            end_process(c.proc, 2)
             c.conn.close()
 
 
