@@ -370,6 +370,36 @@ def connect_all(prefill: list[Worker], decode: list[Worker]) -> None:
             r.call("add_peer", h)
 
 
+def run_requests(pre, dec, mode, pb, db, *, prefix="r", expect_ids=None, **start_kw):
+    """Requests ``prefix{i}``: tag the prefill ranks' pages of ``pb[i]``, ``expect`` on the
+    passive side (prefill ranks with ``blocks=expect_ids[i]`` when given), start ``mode``
+    (``pull``/``push``, with ``start_kw``) on the initiators, wait for every rank.  Returns
+    (completion infos by rank label, in request order; bytes verified by decode rank label)."""
+    nreq = pb.shape[0]
+    for r in pre:
+        for i in range(nreq):
+            r.call("tag", i, pb[i])
+    initiators, passive = (dec, pre) if mode == "pull" else (pre, dec)
+    local, remote = (db, pb) if mode == "pull" else (pb, db)
+    for r in passive:
+        for i in range(nreq):
+            kw = {}
+            if expect_ids is not None and r.role == "prefill":
+                kw["blocks"] = expect_ids[i]
+            r.call("expect", f"{prefix}{i}", **kw)
+    for r in initiators:
+        for i in range(nreq):
+            r.call(mode, f"{prefix}{i}", local[i], remote[i], **start_kw)
+    infos = {
+        r.label: [r.call("wait", f"{prefix}{i}") for i in range(nreq)] for r in initiators + passive
+    }
+    layers = start_kw.get("layers")
+    verified = {
+        r.label: r.call("verify", [(i, db[i]) for i in range(nreq)], layers=layers) for r in dec
+    }
+    return infos, verified
+
+
 # --------------------------------------------------------------------------------------------
 # pytest fixture (imported by the test modules; this folder has no conftest.py so that it
 # does not shadow another folder's ``from conftest import ...``)

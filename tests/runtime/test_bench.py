@@ -100,11 +100,22 @@ def test_cli_bench_usage_errors():
         assert msg in r.stderr and "Traceback" not in r.stderr
 
 
+def _run_section(section, cfg, out, *extra) -> None:
+    """Run one bench section as ``run_bench`` would, every wait for a worker bounded (150 s)."""
+    import time
+
+    end = time.monotonic() + 150
+    bench._DEADLINE[0] = end
+    try:
+        section(_compile, cfg, out, lambda msg: None, end, *extra)
+    finally:
+        bench._DEADLINE[0] = float("inf")
+
+
 def test_gpu_bench_flow_on_host_memory(tmp_path):
     """The `--device cuda` section's code path (three processes, scattered auto / per-block /
     staged runs verified, contiguous 1 -> 1, cost-model fit), run on host memory with tiny
     sizes: the numbers mean nothing here, the flow must complete."""
-    import time
 
     cfg = bench.BenchConfig(
         quick=True,
@@ -119,11 +130,7 @@ def test_gpu_bench_flow_on_host_memory(tmp_path):
     )
     out: dict = {"card": None}
     cm: dict = {}
-    bench._DEADLINE[0] = time.monotonic() + 150
-    try:
-        bench.bench_gpu(_compile, cfg, out, lambda msg: None, time.monotonic() + 150, cm)
-    finally:
-        bench._DEADLINE[0] = float("inf")
+    _run_section(bench.bench_gpu, cfg, out, cm)
     for key in (
         "gpu_scattered_fraction_of_copy",
         "gpu_scattered_speedup_vs_per_block",
@@ -146,7 +153,6 @@ def test_cross_gpu_bench_flow_on_host_memory():
     two others; 1 -> 2 and 2 -> 1 pulled and pushed, zero-copy forced, a contiguous 1 -> 1;
     each variant verified against the pattern of its source rank), run on host memory with
     tiny sizes: the numbers mean nothing here, the flow must complete."""
-    import time
 
     cfg = bench.BenchConfig(
         quick=True,
@@ -161,11 +167,7 @@ def test_cross_gpu_bench_flow_on_host_memory():
         extra={"xgpu_devices": ("cpu", "cpu")},
     )
     out: dict = {}
-    bench._DEADLINE[0] = time.monotonic() + 150
-    try:
-        bench.bench_cross_gpu(_compile, cfg, out, lambda msg: None, time.monotonic() + 150)
-    finally:
-        bench._DEADLINE[0] = float("inf")
+    _run_section(bench.bench_cross_gpu, cfg, out)
     for pair in ("1to2", "2to1"):
         for key in ("pull", "push", "pull_zero_copy"):
             assert out[f"xgpu_{pair}_{key}_GBps"] > 0, (pair, key)

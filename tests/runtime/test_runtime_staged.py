@@ -18,7 +18,7 @@ from layoutc.runtime.errors import (
     TransferTimeoutError,
 )
 from rt_plans import GQA4, HYBRID, compiled
-from rt_workers import connect_all, ranks_fixture  # noqa: F401 (the `ranks` fixture)
+from rt_workers import connect_all, ranks_fixture, run_requests  # noqa: F401 (`ranks`)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,25 +59,11 @@ def _setup(ranks, plan, *, layers=3, nb_p=NB_P, nb_d=NB_D, **kw):
 
 
 def _transfer(pre, dec, mode, pb, db, *, strategy=None, prefix="r"):
-    """Tag, expect, start and wait for every request; return the infos per rank label."""
-    nreq = pb.shape[0]
-    for r in pre:
-        for i in range(nreq):
-            r.call("tag", i, pb[i])
-    initiators, passive = (dec, pre) if mode == "pull" else (pre, dec)
-    local, remote = (db, pb) if mode == "pull" else (pb, db)
-    for r in passive:
-        for i in range(nreq):
-            r.call("expect", f"{prefix}{i}")
+    """Run the requests (``rt_workers.run_requests``); every decode rank got bytes, all
+    verified.  Returns the infos per rank label."""
     kw = {} if strategy is None else {"strategy": strategy}
-    for r in initiators:
-        for i in range(nreq):
-            r.call(mode, f"{prefix}{i}", local[i], remote[i], **kw)
-    infos: dict[str, list[dict]] = {}
-    for r in initiators + passive:
-        infos[r.label] = [r.call("wait", f"{prefix}{i}") for i in range(nreq)]
-    for r in dec:
-        assert r.call("verify", [(i, db[i]) for i in range(nreq)]) > 0
+    infos, verified = run_requests(pre, dec, mode, pb, db, prefix=prefix, **kw)
+    assert all(v > 0 for v in verified.values()), verified
     return infos
 
 
@@ -128,31 +114,19 @@ def _pull_packed_ahead(pre, dec, pb, db, *, expect_ids=None, prefix="h", **pull_
     """Prefill ranks ``expect`` with their block ids (``expect_ids``, default ``pb``), decode
     ranks pull ``pb`` into ``db``; every byte verified.  Returns the prefill ranks' stats."""
     expect_ids = pb if expect_ids is None else expect_ids
-    nreq = pb.shape[0]
-    for r in pre:
-        for i in range(nreq):
-            r.call("tag", i, pb[i])
-            r.call("expect", f"{prefix}{i}", blocks=expect_ids[i])
-    for r in dec:
-        for i in range(nreq):
-            r.call("pull", f"{prefix}{i}", db[i], pb[i], **pull_kw)
-    chunks = {r.label: 0 for r in pre}
-    for r in dec + pre:
-        for i in range(nreq):
-            info = r.call("wait", f"{prefix}{i}")
-            assert info["ok"]
-            if r.role == "prefill":
-                chunks[r.label] += info["chunks"]
-    layers = pull_kw.get("layers")
-    for r in dec:
-        assert r.call("verify", [(i, db[i]) for i in range(nreq)], layers=layers) > 0
+    infos, verified = run_requests(
+        pre, dec, "pull", pb, db, prefix=prefix, expect_ids=expect_ids, **pull_kw
+    )
+    assert all(info["ok"] for label in infos for info in infos[label])
+    assert all(v > 0 for v in verified.values()), verified
     out = []
     for r in pre + dec:
         st = r.call("stats")
         assert st["xfer_handles_open"] == 0
         assert st["staging_slots_free"] == 4 and st["staging_slots_held"] == 0
         if r.role == "prefill":
-            out.append(dict(st, request_chunks=chunks[r.label]))
+            chunks = sum(info["chunks"] for info in infos[r.label])
+            out.append(dict(st, request_chunks=chunks))
     return out
 
 

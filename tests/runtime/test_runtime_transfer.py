@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from rt_plans import GQA4, GQA6, HYBRID, MLA, compiled
-from rt_workers import connect_all, ranks_fixture  # noqa: F401 (the `ranks` fixture)
+from rt_workers import connect_all, ranks_fixture, run_requests  # noqa: F401 (`ranks`)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,20 +57,10 @@ def test_every_byte_arrives(ranks, case, mode):
     plan = compiled(spec, p_tp, d_tp, sets)
     pre, dec = _setup(ranks, plan, layers=3)
     pb, db = _block_ids(hash(case) % 1000)
-    for r in pre:
-        for i in range(REQUESTS):
-            r.call("tag", i, pb[i])
-    initiators, passive = (dec, pre) if mode == "pull" else (pre, dec)
-    local_ids, remote_ids = (db, pb) if mode == "pull" else (pb, db)
-    for r in passive:
-        for i in range(REQUESTS):
-            r.call("expect", f"r{i}")
-    for r in initiators:
-        for i in range(REQUESTS):
-            r.call(mode, f"r{i}", local_ids[i], remote_ids[i])
-    for r in initiators + passive:
-        for i in range(REQUESTS):
-            info = r.call("wait", f"r{i}")
+    infos, verified = run_requests(pre, dec, mode, pb, db)
+    initiators = dec if mode == "pull" else pre
+    for r in pre + dec:
+        for info in infos[r.label]:
             assert info["ok"]
             if r.role == "prefill" and mode == "pull":
                 # completion accounting: exactly the plan's readers notified this rank
@@ -80,10 +70,7 @@ def test_every_byte_arrives(ranks, case, mode):
                 assert info["peers"] == [f"prefill rank {p}" for p in srcs]
             if r in initiators:
                 assert info["bytes"] > 0 or r.role == "prefill"
-    total = 0
-    for r in dec:
-        total += r.call("verify", [(i, db[i]) for i in range(REQUESTS)])
-    assert total > 0
+    assert sum(verified.values()) > 0
     posted = sum(r.call("stats")["descriptors_posted"] for r in initiators)
     assert posted > 0
 
