@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -101,12 +102,17 @@ class Split:
 
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """One named piece of a dim: a plain dim is one segment, a `concat` dim several."""
+    """One named piece of a dim: a plain dim is one segment, a `concat` dim several.
+
+    A *structured* segment (`K { dim 128  token 16 paged }`) is a small array of its own: it
+    has `dims` instead of a size and a split.
+    """
 
     name: str
-    size: Expr
+    size: Expr | None
     split: Split | None
     span: Span
+    dims: tuple[Dim, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +158,16 @@ class Layer:
 class KernelBlocks:
     value: Expr
     span: Span
+
+
+def plain_segments(dims: tuple[Dim, ...]) -> Iterator[Segment]:
+    """Every sized segment of `dims`, structured segments' own dims included."""
+    for d in dims:
+        for seg in d.segments:
+            if seg.size is None:
+                yield from plain_segments(seg.dims)
+            else:
+                yield seg
 
 
 Item = Use | Param | Let | State | Page | Stride | Layer | KernelBlocks

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from . import ast
 from .diagnostics import Sink
 from .ir import DTYPES, BoundSpec, DimIR, LayerIR, PageIR, SegmentIR, StateIR, Unit
+from .limits import flag_of
 
 Value = int | str
 
@@ -29,10 +32,19 @@ def parse_value(unit: Unit, name: str, text: str) -> Value:
                 f"--set {name}={text}: not a dtype (dtypes: {', '.join(sorted(DTYPES))})"
             )
         return text
+    digits = text.replace("_", "")
+    if len(digits) > 40:
+        raise UsageError(f"--set {name}: the value has {len(digits)} digits; not an integer here")
     try:
-        return int(text.replace("_", ""), 0)
+        value = int(digits, 0)
     except ValueError:
         raise UsageError(f"--set {name}={text}: '{text}' is not an integer") from None
+    if not unit.limits.int_ok(value):
+        raise UsageError(
+            f"--set {name}={text}: does not fit in {unit.limits.max_int_bits} bits "
+            f"({flag_of('max_int_bits')})"
+        )
+    return value
 
 
 class Evaluator:
@@ -82,6 +94,18 @@ class Evaluator:
         raise _Poison  # unknown names were reported by the resolve pass
 
     def eval(self, e: ast.Expr) -> Value:
+        value = self._eval(e)
+        if isinstance(value, int) and not self.unit.limits.int_ok(value):
+            self.sink.error(
+                f"value {_short(value)} does not fit in {self.unit.limits.max_int_bits} bits "
+                f"({flag_of('max_int_bits')})",
+                e.span,
+                "E065",
+            )
+            raise _Poison
+        return value
+
+    def _eval(self, e: ast.Expr) -> Value:
         if isinstance(e, ast.Int):
             return e.value
         if isinstance(e, ast.Name):
@@ -147,6 +171,52 @@ class Evaluator:
             return None
 
 
+def _bind_dims(ev: Evaluator, dims: tuple[ast.Dim, ...], sink: Sink) -> tuple[DimIR, ...]:
+    out = []
+    for d in dims:
+        segs = []
+        for seg in d.segments:
+            if seg.size is None:  # structured: its own dims, split inside them
+                sub = _bind_dims(ev, seg.dims, sink)
+                n = 1
+                for x in sub:
+                    n *= x.size
+                segs.append(SegmentIR(seg.name, n, None, seg.span, sub))
+                continue
+            size = ev.positive(seg.size, f"size of '{seg.name}'")
+            unit_ = None
+            if seg.split is not None:
+                unit_ = 1
+                if seg.split.unit is not None:
+                    unit_ = ev.positive(seg.split.unit, f"split unit of '{seg.name}'")
+                if size is not None and unit_ is not None and size % unit_:
+                    sink.error(
+                        f"'{seg.name}' has {size} elements, not a multiple of its split "
+                        f"unit {unit_}",
+                        seg.split.span,
+                        "E054",
+                    )
+            if d.paged and seg.split is not None:
+                sink.error(f"paged dim '{d.name}' cannot be split over tp", seg.span, "E055")
+            if size is not None and (seg.split is None or unit_ is not None):
+                segs.append(SegmentIR(seg.name, size, unit_, seg.span))
+        out.append(DimIR(d.name, tuple(segs), d.paged, d.span))
+    return tuple(out)
+
+
+def _all_dims(dims: tuple[DimIR, ...]) -> Iterator[DimIR]:
+    for d in dims:
+        yield d
+        for s in d.segments:
+            yield from _all_dims(s.dims)
+
+
+def _short(value: int) -> str:
+    text = str(abs(value))
+    sign = "-" if value < 0 else ""
+    return sign + (text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)")
+
+
 def bind(unit: Unit, overrides: dict[str, Value], sink: Sink) -> BoundSpec:
     ev = Evaluator(unit, overrides, sink)
     params = []
@@ -167,28 +237,17 @@ def bind(unit: Unit, overrides: dict[str, Value], sink: Sink) -> BoundSpec:
         dtype = ev.maybe(st.dtype)
         if isinstance(dtype, str) and dtype not in DTYPES:
             sink.error(f"unknown dtype '{dtype}'", st.dtype.span, "E042")
-        dims = []
-        for d in st.dims:
-            segs = []
-            for seg in d.segments:
-                size = ev.positive(seg.size, f"size of '{seg.name}'")
-                unit_ = None
-                if seg.split is not None:
-                    unit_ = 1
-                    if seg.split.unit is not None:
-                        unit_ = ev.positive(seg.split.unit, f"split unit of '{seg.name}'")
-                    if size is not None and unit_ is not None and size % unit_:
-                        sink.error(
-                            f"'{seg.name}' has {size} elements, not a multiple of its split "
-                            f"unit {unit_}",
-                            seg.split.span,
-                            "E054",
-                        )
-                if d.paged and seg.split is not None:
-                    sink.error(f"paged dim '{d.name}' cannot be split over tp", seg.span, "E055")
-                if size is not None and (seg.split is None or unit_ is not None):
-                    segs.append(SegmentIR(seg.name, size, unit_, seg.span))
-            dims.append(DimIR(d.name, tuple(segs), d.paged, d.span))
+        dims = _bind_dims(ev, st.dims, sink)
+        paged = [(d, s) for d in _all_dims(dims) if d.paged for s in d.segments]
+        structured = any(d.structured for d in dims)  # else two paged dims are E030
+        if structured and len({s.size for _, s in paged}) > 1:
+            sizes = ", ".join(f"'{d.name}' {s.size}" for d, s in paged)
+            sink.error(
+                f"state '{st.name}' has paged dims of different sizes ({sizes}); its tokens "
+                "per kernel block must be one number",
+                paged[1][0].span,
+                "E056",
+            )
         if isinstance(dtype, str) and dtype in DTYPES:
             states.append(
                 StateIR(
@@ -201,7 +260,7 @@ def bind(unit: Unit, overrides: dict[str, Value], sink: Sink) -> BoundSpec:
     layers = []
     for ly in unit.layers.values():
         count = ev.positive(ly.count, f"count of layer '{ly.name}'") if ly.count else None
-        layers.append(LayerIR(ly.name, tuple(p.name for p in ly.pages), count))
+        layers.append(LayerIR(ly.name, tuple(p.name for p in ly.pages), count, ly.span))
     kb = 1
     if unit.kernel_blocks is not None:
         kb = ev.positive(unit.kernel_blocks.value, "`kernel_blocks`") or 1

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jinja2
 
 from .. import __version__
+from ..runtime.layout import DimDesc
 from ..runtime.plan import PLAN_FORMAT, Plan, RunGroup, SideLayout
 from .ir import Unit
 from .pyfmt import fmt
@@ -24,7 +26,30 @@ def _env() -> jinja2.Environment:
     )
 
 
-def _side_table(side: SideLayout) -> tuple:
+def _dims_table(dims: tuple[DimDesc, ...]) -> tuple[Any, ...]:
+    return tuple(
+        (
+            d.name,
+            d.paged,
+            tuple(
+                (g.name, g.size, g.unit, _dims_table(g.dims))
+                if g.dims
+                else (g.name, g.size, g.unit)
+                for g in d.segments
+            ),
+        )
+        for d in dims
+    )
+
+
+def module_format(plans: list[Plan]) -> tuple[int, int]:
+    """The oldest plan format that holds `plans` (1.1 only for structured segments), so a
+    module is readable by every runtime that can read it."""
+    structured = any(d.structured for pl in plans for s in pl.decode.states for d in s.dims)
+    return PLAN_FORMAT if structured else (1, 0)
+
+
+def _side_table(side: SideLayout) -> tuple[Any, ...]:
     return (
         side.tp,
         side.kernel_blocks,
@@ -37,10 +62,7 @@ def _side_table(side: SideLayout) -> tuple:
                 s.offset,
                 s.nbytes,
                 s.itemsize,
-                tuple(
-                    (d.name, d.paged, tuple((g.name, g.size, g.unit) for g in d.segments))
-                    for d in s.dims
-                ),
+                _dims_table(s.dims),
             )
             for s in side.states
         ),
@@ -97,7 +119,7 @@ def render_module(unit: Unit, source: str, plans: list[Plan], command: str) -> s
         "pairs_text": ", ".join(f"{p}:{d}" for p, d in pairs),
         "first_pair": next(iter(pairs)),
         "command": command,
-        "plan_format": fmt(PLAN_FORMAT),
+        "plan_format": fmt(module_format(plans)),
         "spans": spans,
         "spans_dict": fmt(dict(spans), 0, "SPANS = "),
         "params": fmt(params, 0, "PARAMS = "),

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import ast
+from .diagnostics import Diagnostic
+from .limits import DEFAULT, Limits
 
 DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 PAGE_UNITS = ("kernel_block", "logical_block")
@@ -33,7 +35,8 @@ class Unit:
     stride: ast.Stride | None = None
     kernel_blocks: ast.KernelBlocks | None = None
     state_page: dict[str, str] = field(default_factory=dict)
-    pending: list = field(default_factory=list)  # diagnostics of the unit passes, not yet raised
+    pending: list[Diagnostic] = field(default_factory=list)  # unit-pass errors, not yet raised
+    limits: Limits = DEFAULT
 
 
 # --- bound (values known, TP not yet) ---------------------------------------------------------
@@ -42,9 +45,10 @@ class Unit:
 @dataclass(frozen=True)
 class SegmentIR:
     name: str
-    size: int  # global elements
+    size: int  # global elements (of one kernel block, for a paged dim)
     unit: int | None  # None: replicated; else split over tp in units of `unit` elements
     span: ast.Span
+    dims: tuple[DimIR, ...] = ()  # a structured segment's own dims (then `unit` is None)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,10 @@ class DimIR:
     @property
     def size(self) -> int:
         return sum(s.size for s in self.segments)
+
+    @property
+    def structured(self) -> bool:
+        return any(s.dims for s in self.segments)
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,7 @@ class LayerIR:
     name: str
     pages: tuple[str, ...]
     count: int | None
+    span: ast.Span | None = None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import reduce
 from itertools import product
-from typing import Union
+from typing import Any, Union
 
 IntTuple = Union[int, tuple["IntTuple", ...]]  # noqa: UP007 - a recursive alias
 
@@ -46,7 +46,7 @@ class Layout:
         return Layout(tuple(shape), tuple(reversed(strides)))
 
     @staticmethod
-    def from_tensor(t) -> Layout:
+    def from_tensor(t: Any) -> Layout:
         return Layout(tuple(t.shape), tuple(t.stride()))
 
     def size(self) -> int:
@@ -74,7 +74,7 @@ class Layout:
         return off
 
     def __str__(self) -> str:
-        def fmt(t):
+        def fmt(t: IntTuple) -> str:
             return str(t) if isinstance(t, int) else "(" + ",".join(fmt(e) for e in t) + ")"
 
         return f"{fmt(self.shape)}:{fmt(self.stride)}"
@@ -101,7 +101,9 @@ def coalesce(layout: Layout) -> Layout:
     return _make(out)
 
 
-def coalesce_joint(shape: tuple[int, ...], *strides: tuple[int, ...]):
+def coalesce_joint(
+    shape: tuple[int, ...], *strides: tuple[int, ...]
+) -> tuple[tuple[int, ...], ...]:
     """Coalesce a domain mapped into several codomains at once (modes innermost first).
 
     Two neighbouring modes merge only when they are contiguous in *every* codomain.  Returns

@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
-from lark import Lark, Token, Transformer, UnexpectedInput, v_args
+from lark import Lark, Token, Transformer, Tree, UnexpectedInput, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken, VisitError
 
 from . import ast
 from .diagnostics import Diagnostic, LayoutSyntaxError
+from .limits import DEFAULT, Limits, flag_of
 
 # Friendly names for terminals in "expected ..." messages.
 _TERMINAL_NAMES = {
@@ -128,6 +129,10 @@ class _Build(Transformer):
     def segment(self, meta, ch):
         split = ch[2] if len(ch) > 2 else None
         return ast.Segment(str(ch[0]), ch[1], split, self._s(meta))
+
+    def struct_segment(self, meta, ch):
+        dims = tuple(c for c in ch if isinstance(c, ast.Dim))
+        return ast.Segment(str(ch[0]), None, None, self._s(meta), dims)
 
     def plain_dim(self, meta, ch):
         split = next((c for c in ch[2:] if isinstance(c, ast.Split)), None)
@@ -291,12 +296,65 @@ def decode_source(path: str, data: bytes, sources=None) -> str:
     return text
 
 
-def parse(path: str, text: str) -> ast.Module:
+#: Rules of the grammar that build an expression (their nesting is what `max_expr_depth` bounds).
+_EXPR_RULES = frozenset(
+    {"add", "sub", "mul", "floordiv", "exactdiv", "mod", "neg", "call", "paren", "args"}
+)
+
+
+def _tree_span(path: str, node: Tree | Token) -> ast.Span:
+    if isinstance(node, Token):
+        return _tok_span(path, node)
+    return _span(path, node.meta)
+
+
+def _check_tree(path: str, tree: Tree, limits: Limits) -> None:
+    """Expression depth and integer literals, before anything recursive walks the tree."""
+    diags: list[Diagnostic] = []
+    max_digits = len(str(1 << limits.max_int_bits))
+    stack: list[tuple[Tree | Token, int]] = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Token):
+            if node.type == "INT":
+                digits = str(node).replace("_", "")
+                if len(digits) > max_digits or not limits.int_ok(int(digits)):
+                    shown = (
+                        digits if len(digits) <= 24 else f"{digits[:12]}...({len(digits)} digits)"
+                    )
+                    diags.append(
+                        Diagnostic(
+                            f"integer {shown} does not fit in {limits.max_int_bits} bits "
+                            f"({flag_of('max_int_bits')})",
+                            _tok_span(path, node),
+                            "E065",
+                        )
+                    )
+            continue
+        if node.data in _EXPR_RULES and node.data != "args":
+            depth += 1
+            if depth > limits.max_expr_depth:
+                diags.append(
+                    Diagnostic(
+                        f"expression nested more than {limits.max_expr_depth} deep "
+                        f"({flag_of('max_expr_depth')})",
+                        _tree_span(path, node),
+                        "E066",
+                    )
+                )
+                continue
+        stack.extend((c, depth) for c in node.children)
+    if diags:
+        raise LayoutSyntaxError(diags[:20])
+
+
+def parse(path: str, text: str, limits: Limits = DEFAULT) -> ast.Module:
     """Parse one file; raise LayoutSyntaxError with a located diagnostic."""
     try:
         tree = parser().parse(text)
     except UnexpectedInput as exc:
         raise _syntax_error(path, text, exc) from None
+    _check_tree(path, tree, limits)
     try:
         items = _Build(path).transform(tree)
     except VisitError as exc:  # pragma: no cover - the builder does not raise

@@ -17,6 +17,7 @@ from . import ast
 from .bind import Value, bind, parse_value
 from .diagnostics import LayoutSemanticError, Sink, Sources
 from .ir import BoundSpec, RankedSpec, Unit
+from .limits import DEFAULT, Limits
 from .parse import decode_source, parse
 from .passes.resolve import resolve
 from .passes.shapes import rank
@@ -85,8 +86,9 @@ def _split_set(item: str) -> tuple[str, str]:
 class Compiler:
     """Loads specs (with `use` resolution against -I dirs and the built-in family specs)."""
 
-    def __init__(self, include_dirs: list[str] | tuple[str, ...] = ()):
+    def __init__(self, include_dirs: list[str] | tuple[str, ...] = (), limits: Limits = DEFAULT):
         self.include_dirs = list(include_dirs)
+        self.limits = limits
         self.sources = Sources()
         self._hash_parts: list[bytes] = []
 
@@ -94,21 +96,49 @@ class Compiler:
         text = decode_source(display, data, self.sources)
         self.sources.add(display, text)
         self._hash_parts.append(display.rsplit("/", 1)[-1].encode() + b"\0" + data + b"\0")
-        return parse(display, text)
+        return parse(display, text, self.limits)
 
-    def _find(self, name: str, from_display: str) -> tuple[str, bytes] | None:
+    def _roots(self, top: str) -> list[str]:
+        """Folders a `use` may resolve into: the top spec's, the -I ones, the built-in specs."""
+        roots = [] if top.startswith(BUILTIN) else [os.path.dirname(top) or "."]
+        roots += self.include_dirs
+        builtin = builtin_specs_dir()
+        if isinstance(builtin, Path):
+            roots.append(str(builtin))
+        return [os.path.realpath(r) for r in roots]
+
+    def _find(self, name: str, from_display: str, top: str) -> tuple[str, bytes] | str:
+        """(display path, bytes) of the spec `use "name"` means, or why there is none."""
+        if not name.endswith(".layout"):
+            return f"cannot use '{name}': a family spec is a .layout file"
         here = os.path.dirname(from_display) if not from_display.startswith(BUILTIN) else None
         candidates = []
         if here is not None:
             candidates.append(os.path.join(here, name) if here else name)
         candidates += [os.path.join(d, name) for d in self.include_dirs]
+        roots = self._roots(top)
+        outside = None
         for c in candidates:
-            if os.path.isfile(c):
+            if not os.path.isfile(c):
+                continue
+            real = os.path.realpath(c)
+            if any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
                 return os.path.normpath(c), Path(c).read_bytes()
-        builtin = builtin_specs_dir().joinpath(name)
-        if builtin.is_file():
-            return f"{BUILTIN}/specs/{name}", builtin.read_bytes()
-        return None
+            outside = outside or real
+        parts = Path(name).parts
+        if not os.path.isabs(name) and ".." not in parts:
+            builtin = builtin_specs_dir().joinpath(name)
+            if builtin.is_file():
+                return f"{BUILTIN}/specs/{name}", builtin.read_bytes()
+        if outside is not None or os.path.isabs(name) or ".." in parts:
+            return (
+                f"cannot use '{name}'"
+                + (f" ({outside})" if outside else "")
+                + ": a family spec must lie in the spec's folder, an -I folder or the built-in "
+                "specs"
+            )
+        where = ", ".join([os.path.dirname(from_display) or "."] + self.include_dirs)
+        return f"cannot find family spec '{name}' (looked in {where} and the built-in specs)"
 
     def load(self, path: str, data: bytes | None = None) -> Unit:
         """Parse and check a spec file; raise LayoutError with every diagnostic."""
@@ -118,15 +148,10 @@ class Compiler:
         module = self._read(path, data)
         sink = Sink()
 
-        def loader(name: str, span: ast.Span, from_display: str):
-            found = self._find(name, from_display)
-            if found is None:
-                where = ", ".join([os.path.dirname(from_display) or "."] + self.include_dirs)
-                sink.error(
-                    f"cannot find family spec '{name}' (looked in {where} and the built-in specs)",
-                    span,
-                    "E015",
-                )
+        def loader(name: str, span: ast.Span, from_display: str) -> tuple[ast.Module, str] | None:
+            found = self._find(name, from_display, path)
+            if isinstance(found, str):
+                sink.error(found, span, "E015")
                 return None
             display, fdata = found
             try:
@@ -135,7 +160,7 @@ class Compiler:
                 sink.diagnostics.extend(e.diagnostics)
                 return None
 
-        unit = resolve(module, "", loader, sink)
+        unit = resolve(module, "", loader, sink, self.limits)
         for p in PASSES:
             p(unit, sink)
         unit.sha256 = hashlib.sha256(b"".join(self._hash_parts)).hexdigest()
@@ -191,8 +216,8 @@ class Compiler:
 
     def plan(self, unit: Unit, p: BoundSpec, d: BoundSpec, ptp: int, dtp: int) -> Plan:
         pr, dr = self.rank_pair(p, d, ptp, dtp)
-        result = make_plan(spec_name(unit.path), unit.sha256, pr, dr)
-        verify_plan(result)
+        result = make_plan(spec_name(unit.path), unit.sha256, pr, dr, self.limits)
+        verify_plan(result, self.limits)
         return result
 
 

@@ -1,7 +1,7 @@
 """Logical identity of every element of a state on one rank.
 
 The distribution rule (DESIGN.md §3), shared by the planner and by anything that checks
-bytes (the compiler's tag simulation, the demo's verification):
+bytes (the compiler's verifier, the demo's tag check):
 
 * replicated: every rank holds the whole segment;
 * ``split tp [by unit]`` with ``u = size / unit`` units: when ``u % tp == 0`` rank ``r`` holds
@@ -12,10 +12,16 @@ A state's *global* element index is its row-major index in the TP=1 layout of on
 block, with ``concat`` dims laid out segment after segment, a ``paged`` dim spanning all kernel
 blocks of the logical block (``kernel_blocks * size`` tokens), and, for a per-kernel-block
 state with no paged dim, the kernel block as an extra outermost dim.
+
+A ``concat`` segment may be a small array of its own (a *structured* segment, e.g. vLLM's CPU
+page keeps K as ``[dim][token]`` and V as ``[token][dim]`` inside each head).  Such a state is
+a sum of :class:`Component` s: the dims before the structured dim, one segment's own dims, then
+the dims after it; each component is row-major within itself, placed at the segment's offset.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,8 +49,9 @@ def shard(size: int, unit: int | None, tp: int, rank: int) -> tuple[int, int]:
 @dataclass(frozen=True)
 class SegmentDesc:
     name: str
-    size: int  # global elements
+    size: int  # global elements (of one kernel block for a paged sub-dim)
     unit: int  # 0: replicated
+    dims: tuple[DimDesc, ...] = ()  # a structured segment: its own dims (then unit is 0)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,10 @@ class DimDesc:
     def size(self) -> int:
         return sum(s.size for s in self.segments)
 
+    @property
+    def structured(self) -> bool:
+        return any(s.dims for s in self.segments)
+
 
 def _unit(seg: SegmentDesc) -> int | None:
     return seg.unit or None
@@ -67,21 +78,120 @@ def local_dim(dim: DimDesc, tp: int, rank: int) -> list[tuple[int, int, int]]:
 
     ``global_start`` counts in the dim's global index space (segments laid end to end).
     For a paged dim, the local extent is one kernel block (``size`` tokens); the caller adds
-    ``k * size`` to the global start for kernel block ``k``.
+    ``k * size`` to the global start for kernel block ``k``.  A structured segment is one piece
+    of its elements (local and global element counts differ only through its own splits).
     """
     out = []
     gbase = 0
     lbase = 0
     for seg in dim.segments:
-        g0, n = shard(seg.size, _unit(seg), tp, rank)
-        out.append((gbase + g0, lbase, n))
+        if seg.dims:
+            n = math.prod(local_size(d, tp) for d in seg.dims)
+            out.append((gbase, lbase, n))
+        else:
+            g0, n = shard(seg.size, _unit(seg), tp, rank)
+            out.append((gbase + g0, lbase, n))
         gbase += seg.size
         lbase += n
     return out
 
 
+def local_size(dim: DimDesc, tp: int) -> int:
+    """Elements of a dim held by any rank (every rank holds as many)."""
+    return sum(p[2] for p in local_dim(dim, tp, 0))
+
+
 def local_shape(dims: tuple[DimDesc, ...], tp: int, rank: int) -> tuple[int, ...]:
     return tuple(sum(p[2] for p in local_dim(d, tp, rank)) for d in dims)
+
+
+@dataclass(frozen=True)
+class Component:
+    """A plain (unstructured) part of a state: its dims and where its elements sit.
+
+    Element with local coordinates ``x`` (per dim, in the dim's local index space) sits at
+    ``local_base + sum(x * local_strides)`` within the state on a rank; its global identity is
+    ``global_base + sum(g(x) * global_strides)`` with ``g`` the dim's local-to-global map
+    (:func:`local_dim`; a paged dim's global extent spans ``paged_factor`` kernel blocks).
+    """
+
+    dims: tuple[DimDesc, ...]
+    local_base: int
+    local_strides: tuple[int, ...]
+    global_base: int
+    global_strides: tuple[int, ...]
+
+
+def _row_major(sizes: list[int], inner: int = 1) -> tuple[int, ...]:
+    out = []
+    acc = inner
+    for n in reversed(sizes):
+        out.append(acc)
+        acc *= n
+    return tuple(reversed(out))
+
+
+def _global_size(dim: DimDesc, paged_factor: int) -> int:
+    return dim.size * (paged_factor if dim.paged else 1)
+
+
+def components(dims: tuple[DimDesc, ...], tp: int, paged_factor: int) -> tuple[Component, ...]:
+    """The components of a state at TP ``tp`` (one, unless a dim has structured segments).
+
+    ``paged_factor`` is the number of kernel blocks a paged dim spans in the identity (the
+    side's ``kernel_blocks`` for a per-kernel-block page, else 1).
+    """
+    j = next((i for i, d in enumerate(dims) if d.structured), None)
+    if j is None:
+        local = [local_size(d, tp) for d in dims]
+        glob = [_global_size(d, paged_factor) for d in dims]
+        return (Component(tuple(dims), 0, _row_major(local), 0, _row_major(glob)),)
+    outer, struct, inner = dims[:j], dims[j], dims[j + 1 :]
+    il = math.prod(local_size(d, tp) for d in inner)
+    ig = math.prod(_global_size(d, paged_factor) for d in inner)
+    inner_l, inner_g = (
+        _row_major([local_size(d, tp) for d in inner]),
+        _row_major([_global_size(d, paged_factor) for d in inner]),
+    )
+    subs = []
+    for seg in struct.segments:
+        sub = seg.dims or (DimDesc(seg.name, (SegmentDesc(seg.name, seg.size, seg.unit),)),)
+        subs.append(sub)
+    seg_l = [math.prod(local_size(d, tp) for d in sub) for sub in subs]
+    seg_g = [math.prod(_global_size(d, paged_factor) for d in sub) for sub in subs]
+    outer_l = _row_major([local_size(d, tp) for d in outer], sum(seg_l) * il)
+    outer_g = _row_major([_global_size(d, paged_factor) for d in outer], sum(seg_g) * ig)
+    out = []
+    off_l = off_g = 0
+    for sub, nl, ng in zip(subs, seg_l, seg_g):
+        sub_l = _row_major([local_size(d, tp) for d in sub], il)
+        sub_g = _row_major([_global_size(d, paged_factor) for d in sub], ig)
+        out.append(
+            Component(
+                (*outer, *sub, *inner),
+                off_l * il,
+                (*outer_l, *sub_l, *inner_l),
+                off_g * ig,
+                (*outer_g, *sub_g, *inner_g),
+            )
+        )
+        off_l += nl
+        off_g += ng
+    return tuple(out)
+
+
+def global_elements(dims: tuple[DimDesc, ...], paged_factor: int) -> int:
+    """Elements of one copy of a state in the identity (TP 1, paged dims extended)."""
+    return sum(
+        math.prod(_global_size(d, paged_factor) for d in c.dims)
+        for c in components(dims, 1, paged_factor)
+    )
+
+
+def has_paged(dims: tuple[DimDesc, ...]) -> bool:
+    return any(d.paged for d in dims) or any(
+        sd.paged for d in dims for s in d.segments for sd in s.dims
+    )
 
 
 def element_ids(
@@ -91,29 +201,34 @@ def element_ids(
 
     ``copies`` is ``kernel_blocks`` for a per-kernel-block state (row ``k`` describes the state
     in kernel block ``k`` of the logical block) and 1 for a per-logical-block state.
-    Elements are in the state's local row-major (byte) order.
+    Elements are in the state's local (byte) order.
     """
-    has_paged = any(d.paged for d in dims)
+    factor = kernel_blocks if per_kernel else 1
+    comps = components(dims, tp, factor)
     copies = kernel_blocks if per_kernel else 1
-    gsizes = [d.size * (kernel_blocks if (d.paged and per_kernel) else 1) for d in dims]
-    extra = kernel_blocks if (per_kernel and not has_paged) else 1
-    gstrides = [0] * len(dims)
-    acc = 1
-    for i in range(len(dims) - 1, -1, -1):
-        gstrides[i] = acc
-        acc *= gsizes[i]
-    total_one_copy = acc
+    extra = per_kernel and not has_paged(dims)
+    total_one_copy = global_elements(dims, factor)
+    n_local = sum(math.prod(local_size(d, tp) for d in c.dims) for c in comps)
     rows = []
     for k in range(copies):
-        ids = np.zeros(1, dtype=np.int64)
-        for dim, gs in zip(dims, gstrides):
-            idx = np.concatenate(
-                [np.arange(g0, g0 + n, dtype=np.int64) for g0, _, n in local_dim(dim, tp, rank)]
-            )
-            if dim.paged and per_kernel:
-                idx = idx + k * dim.size
-            ids = (ids[:, None] + idx[None, :] * gs).reshape(-1)
-        if extra > 1:
+        ids = np.zeros(n_local, dtype=np.int64)
+        for c in comps:
+            loc = np.array([c.local_base], dtype=np.int64)
+            gid = np.array([c.global_base], dtype=np.int64)
+            for dim, ls, gs in zip(c.dims, c.local_strides, c.global_strides):
+                pieces = local_dim(dim, tp, rank)
+                lidx = np.concatenate(
+                    [np.arange(l0, l0 + n, dtype=np.int64) for _, l0, n in pieces]
+                )
+                gidx = np.concatenate(
+                    [np.arange(g0, g0 + n, dtype=np.int64) for g0, _, n in pieces]
+                )
+                if dim.paged and per_kernel:
+                    gidx = gidx + k * dim.size
+                loc = (loc[:, None] + lidx[None, :] * ls).reshape(-1)
+                gid = (gid[:, None] + gidx[None, :] * gs).reshape(-1)
+            ids[loc] = gid
+        if extra:
             ids = ids + k * total_one_copy
         rows.append(ids)
     return np.stack(rows)

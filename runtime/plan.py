@@ -30,8 +30,9 @@ import numpy as np
 
 from .layout import DimDesc, SegmentDesc, element_ids
 
-#: (major, minor) of the table format generated modules are written in.
-PLAN_FORMAT = (1, 0)
+#: (major, minor) of the table format this runtime reads.  1.1 adds structured segments
+#: (a segment table ``(name, size, unit, dims)``); modules without them are written as 1.0.
+PLAN_FORMAT = (1, 1)
 
 
 class PlanFormatError(RuntimeError):
@@ -388,6 +389,22 @@ class Plan:
 # and readable; these functions turn them back into Plan objects.
 
 
+def _dims_from_table(dims: tuple) -> tuple[DimDesc, ...]:
+    """``(name, paged, segments)`` rows -> DimDesc; a segment row is ``(name, size, unit)`` or,
+    for a structured segment, ``(name, size, unit, dims)``."""
+    return tuple(
+        DimDesc(
+            dname,
+            tuple(
+                SegmentDesc(s[0], s[1], s[2], _dims_from_table(s[3]) if len(s) > 3 else ())
+                for s in segs
+            ),
+            paged,
+        )
+        for dname, paged, segs in dims
+    )
+
+
 def _side_from_table(role: str, t: tuple, params: dict[str, Any]) -> SideLayout:
     tp, kernel_blocks, pages_t, states_t = t
     pages = tuple(
@@ -402,10 +419,7 @@ def _side_from_table(role: str, t: tuple, params: dict[str, Any]) -> SideLayout:
             offset,
             nbytes,
             itemsize,
-            tuple(
-                DimDesc(dname, tuple(SegmentDesc(*s) for s in segs), paged)
-                for dname, paged, segs in dims
-            ),
+            _dims_from_table(dims),
         )
         for name, page, dtype, offset, nbytes, itemsize, dims in states_t
     )

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from .. import ast
 from ..diagnostics import Sink
 from ..ir import DTYPES, Unit
+from ..limits import DEFAULT, Limits, flag_of
 
 FUNCTIONS = {"max": (1, None), "min": (1, None), "ceil_div": (2, 2), "align": (2, 2)}
 
@@ -46,7 +47,14 @@ def _calls_in(expr: ast.Expr):
         yield from _calls_in(expr.operand)
 
 
-def _collect(module: ast.Module, unit: Unit, sink: Sink, load: Loader, stack: tuple[str, ...]):
+def _collect(
+    module: ast.Module,
+    unit: Unit,
+    sink: Sink,
+    load: Loader,
+    stack: tuple[str, ...],
+    limits: Limits,
+) -> None:
     seen: dict[str, ast.Span] = {}
     seen_layers: dict[str, ast.Span] = {n: ly.span for n, ly in unit.layers.items()}
     for kind in ("params", "lets", "states", "pages"):
@@ -66,6 +74,13 @@ def _collect(module: ast.Module, unit: Unit, sink: Sink, load: Loader, stack: tu
     for extra in uses[1:]:
         sink.error("a spec may `use` one family spec only", extra.span, "E011")
     for use in uses[:1]:
+        if len(stack) > limits.max_use_depth:
+            sink.error(
+                f"`use` chain longer than {limits.max_use_depth} ({flag_of('max_use_depth')})",
+                use.span,
+                "E067",
+            )
+            continue
         loaded = load(use.path, use.span, module.path)
         if loaded is None:
             continue
@@ -73,7 +88,7 @@ def _collect(module: ast.Module, unit: Unit, sink: Sink, load: Loader, stack: tu
         if resolved in stack:
             sink.error(f"`use` cycle: {' -> '.join(stack + (resolved,))}", use.span, "E012")
             continue
-        _collect(family, unit, sink, load, stack + (resolved,))
+        _collect(family, unit, sink, load, stack + (resolved,), limits)
         seen.update({n: unit.params[n].span for n in unit.params})
         for kind in ("lets", "states", "pages"):
             for name, node in getattr(unit, kind).items():
@@ -162,43 +177,42 @@ def _check_refs(unit: Unit, sink: Sink) -> None:
             check_expr(unit.lets[name].value, earlier, f"'let {name}'")
     for st in unit.states.values():
         check_expr(st.dtype, values, f"the dtype of state '{st.name}'")
-        dim_names: dict[str, ast.Span] = {}
-        paged = [d for d in st.dims if d.paged]
-        for d in st.dims:
-            misplaced = [x for x in (d, *d.segments) if x.name in _DIM_KEYWORDS]
-            if misplaced:
-                # `head 8 paged split tp` parses `split` as the name of a new dim
-                sink.error(
-                    f"'{misplaced[0].name}' is out of place in state '{st.name}': a dim reads "
-                    "`NAME SIZE [split tp [by UNIT]] [paged]`",
-                    misplaced[0].span,
-                    "E023",
-                )
-                continue
-            if d.name in dim_names:
-                sink.error(f"duplicate dim '{d.name}' in state '{st.name}'", d.span, "E010")
-            dim_names[d.name] = d.span
-            seg_names: set[str] = set()
-            for seg in d.segments:
-                if d.is_concat and seg.name in seg_names:
-                    sink.error(
-                        f"duplicate segment '{seg.name}' in dim '{d.name}'", seg.span, "E010"
-                    )
-                seg_names.add(seg.name)
-                check_expr(seg.size, values, f"the size of '{seg.name}'")
-                if seg.split is not None:
-                    check_expr(seg.split.unit, values, f"the split unit of '{seg.name}'")
-        split_dims = [d for d in st.dims if any(seg.split is not None for seg in d.segments)]
-        if len(split_dims) > 1:
-            a, b = split_dims[0], split_dims[1]
+        _check_dims(st, st.dims, f"state '{st.name}'", values, check_expr, sink)
+        structured = [d for d in st.dims if any(seg.dims for seg in d.segments)]
+        for extra in structured[1:]:
             sink.error(
-                f"state '{st.name}' is split over tp in two dims ('{a.name}' and '{b.name}'); "
-                "a state can be split in one dim only (the ranks would not hold all of it)",
-                b.span,
-                "E035",
+                f"state '{st.name}' has a second dim with structured segments ('{extra.name}'); "
+                "a state may have one",
+                extra.span,
+                "E036",
             )
-        if len(paged) > 1:
-            sink.error(f"state '{st.name}' has more than one paged dim", paged[1].span, "E030")
+        comps = component_dims(st)
+        reported: set[tuple[ast.Span, ...]] = set()
+        for dims in comps:
+            split_dims = [d for d in dims if any(seg.split is not None for seg in d.segments)]
+            if len(split_dims) > 1 and (split_dims[0].span, split_dims[1].span) not in reported:
+                reported.add((split_dims[0].span, split_dims[1].span))
+                a, b = split_dims[0], split_dims[1]
+                sink.error(
+                    f"state '{st.name}' is split over tp in two dims ('{a.name}' and "
+                    f"'{b.name}'); a state can be split in one dim only (the ranks would not "
+                    "hold all of it)",
+                    b.span,
+                    "E035",
+                )
+            paged = [d for d in dims if d.paged]
+            if len(paged) > 1 and (paged[1].span,) not in reported:
+                reported.add((paged[1].span,))
+                sink.error(f"state '{st.name}' has more than one paged dim", paged[1].span, "E030")
+        with_paged = [any(d.paged for d in dims) for dims in comps]
+        if any(with_paged) and not all(with_paged):
+            seg = structured[0].segments[with_paged.index(False)]
+            sink.error(
+                f"state '{st.name}': segment '{seg.name}' has no paged dim but another segment "
+                "of the state does; give each structured segment its token dim, or none",
+                seg.span,
+                "E030",
+            )
         if not st.dims:
             sink.error(f"state '{st.name}' has no dims", st.span, "E031")
     for pg in unit.pages.values():
@@ -226,9 +240,73 @@ def _check_refs(unit: Unit, sink: Sink) -> None:
         check_expr(unit.kernel_blocks.value, values, "`kernel_blocks`")
 
 
-def resolve(module: ast.Module, sha256: str, load: Loader, sink: Sink) -> Unit:
-    unit = Unit(path=module.path, sha256=sha256)
-    _collect(module, unit, sink, load, (module.path,))
+def component_dims(st: ast.State) -> list[tuple[ast.Dim, ...]]:
+    """The dims of each component of a state: one list, or one per structured segment (the dims
+    before the structured dim, the segment's own dims, the dims after it)."""
+    j = next((i for i, d in enumerate(st.dims) if any(seg.dims for seg in d.segments)), None)
+    if j is None:
+        return [st.dims]
+    outer, inner = st.dims[:j], st.dims[j + 1 :]
+    out = []
+    for seg in st.dims[j].segments:
+        sub = seg.dims or (ast.Dim(seg.name, (seg,), False, False, seg.span),)
+        out.append((*outer, *sub, *inner))
+    return out
+
+
+def _check_dims(
+    st: ast.State,
+    dims: tuple[ast.Dim, ...],
+    where: str,
+    values: set[str],
+    check_expr: Callable[[ast.Expr | None, set[str], str], None],
+    sink: Sink,
+) -> None:
+    """Names, sizes and split units of `dims` (a state's, or a structured segment's own)."""
+    dim_names: dict[str, ast.Span] = {}
+    for d in dims:
+        misplaced: list[ast.Dim | ast.Segment] = [
+            x for x in (d, *d.segments) if x.name in _DIM_KEYWORDS
+        ]
+        if misplaced:
+            # `head 8 paged split tp` parses `split` as the name of a new dim
+            sink.error(
+                f"'{misplaced[0].name}' is out of place in {where}: a dim reads "
+                "`NAME SIZE [split tp [by UNIT]] [paged]`",
+                misplaced[0].span,
+                "E023",
+            )
+            continue
+        if d.name in dim_names:
+            sink.error(f"duplicate dim '{d.name}' in {where}", d.span, "E010")
+        dim_names[d.name] = d.span
+        seg_names: set[str] = set()
+        for seg in d.segments:
+            if d.is_concat and seg.name in seg_names:
+                sink.error(f"duplicate segment '{seg.name}' in dim '{d.name}'", seg.span, "E010")
+            seg_names.add(seg.name)
+            if seg.size is None:  # structured: its own dims
+                if not seg.dims:
+                    sink.error(f"segment '{seg.name}' of '{d.name}' has no dims", seg.span, "E031")
+                _check_dims(
+                    st,
+                    seg.dims,
+                    f"segment '{seg.name}' of state '{st.name}'",
+                    values,
+                    check_expr,
+                    sink,
+                )
+                continue
+            check_expr(seg.size, values, f"the size of '{seg.name}'")
+            if seg.split is not None:
+                check_expr(seg.split.unit, values, f"the split unit of '{seg.name}'")
+
+
+def resolve(
+    module: ast.Module, sha256: str, load: Loader, sink: Sink, limits: Limits = DEFAULT
+) -> Unit:
+    unit = Unit(path=module.path, sha256=sha256, limits=limits)
+    _collect(module, unit, sink, load, (module.path,), limits)
     _check_refs(unit, sink)
     if not unit.states and not sink.diagnostics:
         sink.error(

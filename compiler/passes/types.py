@@ -74,11 +74,10 @@ def check_types(unit: Unit, sink: Sink) -> None:
         t.env[name] = t.of(let.value)
     for st in unit.states.values():
         t.want(st.dtype, "dtype", f"the dtype of state '{st.name}'")
-        for d in st.dims:
-            for seg in d.segments:
-                t.want(seg.size, "int", f"the size of '{seg.name}'")
-                if seg.split is not None and seg.split.unit is not None:
-                    t.want(seg.split.unit, "int", f"the split unit of '{seg.name}'")
+        for seg in ast.plain_segments(st.dims):
+            t.want(seg.size, "int", f"the size of '{seg.name}'")
+            if seg.split is not None and seg.split.unit is not None:
+                t.want(seg.split.unit, "int", f"the split unit of '{seg.name}'")
     for ly in unit.layers.values():
         t.want(ly.count, "int", f"the count of layer '{ly.name}'")
     if unit.stride is not None:

@@ -51,7 +51,8 @@ LAYER_KINDS = (("attention", ("attention",)),)
 # (role, tp): (tp, kernel_blocks, pages, states)
 #   page:  (name, states, bytes, per, kernel_stride)
 #   state: (name, page, dtype, offset, bytes, itemsize, dims)
-#   dim:   (name, paged, segments); segment: (name, global size, split unit or 0 = replicated)
+#   dim:   (name, paged, segments); segment: (name, global size, split unit or 0 = replicated
+#          [, dims of a structured segment])
 SIDES = {
     ("decode", 1): (
         1,
