@@ -25,7 +25,6 @@ def compile_plan(
         unit = c.load(spec)
     else:
         unit = c.load("<string>.layout", spec.encode())
-    if isinstance(sets, dict):
-        sets = {k: str(v) for k, v in sets.items()}
-    p, d = c.bind(unit, SideSets.parse(sets))
+    items = {k: str(v) for k, v in sets.items()} if isinstance(sets, dict) else sets
+    p, d = c.bind(unit, SideSets.parse(items))
     return c.plan(unit, p, d, prefill_tp, decode_tp)

@@ -8,8 +8,13 @@ by the config's architecture:
 * grouped-query / multi-head attention (Llama, Mistral, Qwen2/3, ...): `vllm_flashinfer.layout`
   (blocks-first K|V page), or `vllm_flash_attn.layout` with `attention_backend="flash_attn"`;
 * MLA (DeepSeek-V2/V3): `vllm_mla.layout`;
-* hybrid attention + Mamba2 (Nemotron-H, Granite-4.0-H): `vllm_hybrid_mamba2.layout`, the
-  layer kinds counted from the config's layer pattern.
+* hybrid attention + Mamba2 (Nemotron-H, Granite-4.0-H) and the parallel hybrid Falcon-H1
+  (attention and Mamba2 in every layer): `vllm_hybrid_mamba2.layout`;
+* hybrid attention + gated DeltaNet (Qwen3-Next, Qwen3.5): `vllm_hybrid_gdn.layout`;
+* hybrid attention + Mamba1 (Jamba): `vllm_hybrid_mamba1.layout`.
+
+Hybrids count their layer kinds from the config's layer pattern (kept, in order, in the spec's
+header) and size the logical block so that attention pages hold the other kind's state.
 
 Every value can still be overridden at compile time with `--set NAME=VALUE`.  The text is
 checked by loading it with the compiler before it is returned, so `init` never writes a spec
@@ -21,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .bind import UsageError
 from .diagnostics import LayoutError, Sink
@@ -29,6 +35,20 @@ ENGINES = ("vllm",)
 ATTENTION_BACKENDS = ("flashinfer", "flash_attn")
 
 GQA, MLA, HYBRID = "grouped-query attention", "MLA", "hybrid attention + Mamba2"
+PARALLEL = "parallel hybrid attention + Mamba2"
+GDN = "hybrid attention + gated DeltaNet"
+MAMBA1 = "hybrid attention + Mamba1"
+#: Kinds whose layers keep an attention page and a per-logical-block state page.
+HYBRIDS = (HYBRID, PARALLEL, GDN, MAMBA1)
+
+#: The family spec of each kind (attention: see `attention_backend`).
+FAMILIES = {
+    MLA: "vllm_mla.layout",
+    HYBRID: "vllm_hybrid_mamba2.layout",
+    PARALLEL: "vllm_hybrid_mamba2.layout",
+    GDN: "vllm_hybrid_gdn.layout",
+    MAMBA1: "vllm_hybrid_mamba1.layout",
+}
 
 #: Architectures `init` knows, and the kind of cache each one keeps.
 ARCHITECTURES: dict[str, str] = {
@@ -46,6 +66,17 @@ ARCHITECTURES: dict[str, str] = {
     "DeepseekV3ForCausalLM": MLA,
     "NemotronHForCausalLM": HYBRID,
     "GraniteMoeHybridForCausalLM": HYBRID,
+    "FalconH1ForCausalLM": PARALLEL,
+    "Qwen3NextForCausalLM": GDN,
+    "Qwen3_5ForCausalLM": GDN,
+    "Qwen3_5MoeForCausalLM": GDN,
+    "JambaForCausalLM": MAMBA1,
+}
+
+#: Multimodal architectures whose language model is described by `text_config` (unwrapped).
+TEXT_WRAPPERS = {
+    "Qwen3_5ForConditionalGeneration": "Qwen3_5ForCausalLM",
+    "Qwen3_5MoeForConditionalGeneration": "Qwen3_5MoeForCausalLM",
 }
 
 #: `model_type` -> architecture, for configs without an `architectures` list.
@@ -64,19 +95,24 @@ MODEL_TYPES = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "nemotron_h": "NemotronHForCausalLM",
     "granitemoehybrid": "GraniteMoeHybridForCausalLM",
+    "falcon_h1": "FalconH1ForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM",
+    "qwen3_5_text": "Qwen3_5ForCausalLM",
+    "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
+    "jamba": "JambaForCausalLM",
 }
 
 #: Architectures we know but cannot describe yet, and why (named in the error).
 NOT_YET = {
-    "Qwen3NextForCausalLM": "gated DeltaNet layers (conv Q|K|V + recurrent state) have no family spec yet",
-    "Qwen3_5ForCausalLM": "gated DeltaNet layers (conv Q|K|V + recurrent state) have no family spec yet",
-    "Qwen3_5MoeForCausalLM": "gated DeltaNet layers (conv Q|K|V + recurrent state) have no family spec yet",
-    "JambaForCausalLM": "Mamba1 layers have no family spec yet",
-    "MambaForCausalLM": "Mamba1 layers have no family spec yet",
-    "FalconMambaForCausalLM": "Mamba1 layers have no family spec yet",
-    "Mamba2ForCausalLM": "a pure Mamba2 model has no attention layers; the hybrid family needs both kinds",
-    "FalconH1ForCausalLM": "parallel hybrid (attention and Mamba2 in every layer) has no family spec yet",
-    "DeepseekV32ForCausalLM": "the sparse-attention indexer cache next to the MLA latent has no family spec yet",
+    "MambaForCausalLM": "a pure Mamba1 model keeps no attention page; the hybrid family needs "
+    "both kinds (examples/mamba1.layout in the layoutc repository describes the state alone)",
+    "FalconMambaForCausalLM": "a pure Mamba1 model keeps no attention page; the hybrid family "
+    "needs both kinds (examples/mamba1.layout in the layoutc repository describes the state "
+    "alone)",
+    "Mamba2ForCausalLM": "a pure Mamba2 model has no attention layers; the hybrid family needs "
+    "both kinds",
+    "DeepseekV32ForCausalLM": "the sparse-attention indexer cache next to the MLA latent has no "
+    "family spec yet",
 }
 
 #: `torch_dtype` / `dtype` / `--kv-dtype` names -> layoutc dtype names.
@@ -96,6 +132,9 @@ DTYPE_NAMES = {
     "float8_e5m2": "fp8",
 }
 
+#: More layers than this is a broken config, not a model (and would take init's memory).
+MAX_LAYERS = 100_000
+
 #: TP sizes `init` checks the shapes against (the ones `layoutc compile` tries by default).
 TP_SIZES = (1, 2, 4, 8)
 
@@ -108,6 +147,7 @@ LAYER_WORDS = {
     "attention": "attention",
     "full_attention": "attention",
     "attn": "attention",
+    "linear_attention": "linear_attention",
     "mlp": "mlp",
     "moe": "moe",
 }
@@ -120,7 +160,7 @@ class InitError(Exception):
 @dataclass
 class _Binding:
     name: str
-    value: int | str
+    value: int | str | None  # None only while a config error is pending
     source: str
 
 
@@ -171,11 +211,31 @@ class _Config:
     def fail_if_any(self) -> None:
         parts = []
         if self.missing:
-            parts.append(f"missing key(s): {', '.join(self.missing)}")
+            parts.append(f"missing key(s): {', '.join(dict.fromkeys(self.missing))}")
         if self.bad:
-            parts.append("; ".join(self.bad))
+            parts.append("; ".join(dict.fromkeys(self.bad)))
         if parts:
             raise InitError(f"{self.arch} config: " + "; ".join(parts))
+
+
+def _unwrap_text_config(config: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """A multimodal config's language model (`text_config`) for the architectures that have
+    one, with the outer config's dtype and name; other configs unchanged."""
+    archs = config.get("architectures")
+    outer = (
+        next((a for a in archs or () if a in TEXT_WRAPPERS), None)
+        if isinstance(archs, list)
+        else None
+    )
+    text = config.get("text_config")
+    if outer is None or not isinstance(text, dict):
+        return config, None
+    inner = dict(text)
+    inner["architectures"] = [TEXT_WRAPPERS[outer]]
+    for key in ("torch_dtype", "dtype", "_name_or_path", "_layoutc_notes"):
+        if key in config and key not in inner:
+            inner[key] = config[key]
+    return inner, f"the language model of {outer} (its text_config) is described"
 
 
 def _architecture(config: dict) -> str:
@@ -252,47 +312,11 @@ def _kv_heads(cfg: _Config) -> tuple[int | None, str]:
     return v, "config: num_attention_heads (no num_key_value_heads: multi-head attention)"
 
 
-def _layer_kinds(cfg: _Config) -> tuple[list[str] | None, str]:
-    """Per-layer kinds ('attention', 'mamba', 'mlp', 'moe') and the key they came from."""
-    c = cfg.c
-    if c.get("hybrid_override_pattern") is not None:
-        pat = c["hybrid_override_pattern"]
-        if not isinstance(pat, str) or not pat:
-            cfg.bad.append(f"'hybrid_override_pattern' must be a non-empty string, got {pat!r}")
-            return None, ""
-        unknown = sorted(set(pat) - set(PATTERN_KINDS))
-        if unknown:
-            cfg.bad.append(
-                f"'hybrid_override_pattern' has unknown layer character(s) "
-                f"{', '.join(repr(u) for u in unknown)} (known: 'M' mamba, '*' attention, "
-                "'-' MLP, 'E' MoE)"
-            )
-            return None, ""
-        return [PATTERN_KINDS[ch] for ch in pat], "hybrid_override_pattern"
-    for key in ("layers_block_type", "layer_types"):
-        seq = c.get(key)
-        if seq is None:
-            continue
-        if not isinstance(seq, list) or not seq or not all(isinstance(s, str) for s in seq):
-            cfg.bad.append(f"'{key}' must be a non-empty list of layer-type names, got {seq!r}")
-            return None, ""
-        unknown = sorted({s for s in seq if s.lower() not in LAYER_WORDS})
-        if unknown:
-            cfg.bad.append(
-                f"'{key}' has unknown layer type(s) {', '.join(unknown)} "
-                f"(known: {', '.join(sorted(LAYER_WORDS))})"
-            )
-            return None, ""
-        return [LAYER_WORDS[s.lower()] for s in seq], key
-    cfg.missing.append("hybrid_override_pattern (or layers_block_type / layer_types)")
-    return None, ""
-
-
-# --- the three kinds ---------------------------------------------------------------------------
-
-
 def _attention_bindings(
-    cfg: _Config, kv_dtype: tuple[str, str], layers_key: str | None, layers: tuple[int, str] | None
+    cfg: _Config,
+    kv_dtype: tuple[str, str],
+    layers_key: str | None,
+    layers: tuple[int | None, str] | None,
 ) -> list[_Binding]:
     kv, kv_src = _kv_heads(cfg)
     hd, hd_src = _head_dim(cfg, ("head_dim", "attention_head_dim"))
@@ -325,31 +349,183 @@ def _mla_bindings(cfg: _Config, kv_dtype: tuple[str, str]) -> tuple[list[_Bindin
     ], notes
 
 
-def _hybrid_bindings(
-    cfg: _Config, kv_dtype: tuple[str, str], model_dtype: tuple[str, str]
-) -> tuple[list[_Binding], list[str]]:
-    kinds, kinds_key = _layer_kinds(cfg)
-    n_attn = n_mamba = None
-    notes: list[str] = []
-    if kinds is not None:
-        n_attn = kinds.count("attention")
-        n_mamba = kinds.count("mamba")
-        other = len(kinds) - n_attn - n_mamba
-        n_layers, _ = cfg.int("num_hidden_layers", required=False)
-        if n_layers is not None and n_layers != len(kinds):
+def _listed_kinds(cfg: _Config, keys: tuple[str, ...]) -> tuple[list[str] | None, str | None]:
+    """Per-layer kinds from the first of `keys` the config has (a list of layer-type words)."""
+    for key in keys:
+        seq = cfg.c.get(key)
+        if seq is None:
+            continue
+        if not isinstance(seq, list) or not seq or not all(isinstance(x, str) for x in seq):
+            cfg.bad.append(f"'{key}' must be a non-empty list of layer-type names, got {seq!r}")
+            return None, key
+        unknown = sorted({x for x in seq if x.lower() not in LAYER_WORDS})
+        if unknown:
             cfg.bad.append(
-                f"num_hidden_layers is {n_layers} but '{kinds_key}' describes {len(kinds)} layers"
+                f"'{key}' has unknown layer type(s) {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(LAYER_WORDS))})"
             )
-        if n_attn == 0 or n_mamba == 0:
+            return None, key
+        return [LAYER_WORDS[x.lower()] for x in seq], key
+    return None, None
+
+
+def _layer_kinds(cfg: _Config, kind: str) -> tuple[list[str] | None, str]:
+    """Per-layer kinds ('attention', 'mamba', 'linear_attention', 'parallel', 'mlp', 'moe'),
+    in the config's order, and where they came from."""
+    c = cfg.c
+    n, _ = cfg.int("num_hidden_layers", required=kind == PARALLEL)
+    if n is not None and n > MAX_LAYERS:
+        cfg.bad.append(f"num_hidden_layers {n} is more than {MAX_LAYERS}")
+        return None, ""
+    if kind == PARALLEL:  # Falcon-H1: attention and Mamba2 side by side in every layer
+        return (None if n is None else ["parallel"] * n), "num_hidden_layers"
+    if kind == HYBRID and c.get("hybrid_override_pattern") is not None:
+        pat = c["hybrid_override_pattern"]
+        if not isinstance(pat, str) or not pat:
+            cfg.bad.append(f"'hybrid_override_pattern' must be a non-empty string, got {pat!r}")
+            return None, ""
+        unknown = sorted(set(pat) - set(PATTERN_KINDS))
+        if unknown:
             cfg.bad.append(
-                f"'{kinds_key}' has {n_attn} attention and {n_mamba} Mamba layers; the hybrid "
-                "family needs at least one of each"
+                f"'hybrid_override_pattern' has unknown layer character(s) "
+                f"{', '.join(repr(u) for u in unknown)} (known: 'M' mamba, '*' attention, "
+                "'-' MLP, 'E' MoE)"
             )
-        notes.append(
-            f"{kinds_key}: {len(kinds)} layers = {n_attn} attention + {n_mamba} Mamba2 + "
-            f"{other} MLP/MoE (no cache)"
+            return None, ""
+        return [PATTERN_KINDS[ch] for ch in pat], "hybrid_override_pattern"
+    kinds, key = _listed_kinds(cfg, ("layers_block_type", "layer_types"))
+    if key is not None:
+        return kinds, key
+    if kind == GDN and n is not None:
+        # transformers' Qwen3-Next / Qwen3.5 default: every `full_attention_interval`-th layer
+        interval, _ = cfg.int("full_attention_interval")
+        if interval is None:
+            return None, ""
+        out = ["attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n)]
+        return out, f"full_attention_interval = {interval}"
+    if kind == MAMBA1 and n is not None:
+        # transformers' Jamba: layer i is attention when i % attn_layer_period == offset
+        period, _ = cfg.int("attn_layer_period")
+        offset = cfg.c.get("attn_layer_offset")
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            cfg.bad.append(f"'attn_layer_offset' must be an integer >= 0, got {offset!r}")
+            return None, ""
+        if period is None:
+            return None, ""
+        out = ["attention" if i % period == offset else "mamba" for i in range(n)]
+        return out, f"attn_layer_period = {period}, attn_layer_offset = {offset}"
+    keys = {
+        HYBRID: "hybrid_override_pattern (or layers_block_type / layer_types)",
+        GDN: "layer_types (or num_hidden_layers and full_attention_interval)",
+        MAMBA1: "layers_block_type (or num_hidden_layers, attn_layer_period, attn_layer_offset)",
+    }
+    cfg.missing.append(keys[kind])
+    return None, ""
+
+
+#: One character per layer kind in the layer order written into a spec's header.
+ORDER_CHARS = {
+    "attention": "*",
+    "mamba": "M",
+    "linear_attention": "L",
+    "parallel": "P",
+    "mlp": "-",
+    "moe": "E",
+}
+ORDER_WORDS = {
+    "attention": "attention",
+    "mamba": "Mamba",
+    "linear_attention": "gated DeltaNet",
+    "parallel": "attention and Mamba2",
+    "mlp": "MLP",
+    "moe": "MoE",
+}
+
+
+def _order_text(kinds: list[str], key: str) -> str:
+    """The layer order, one character per layer (a repeated unit is written once)."""
+    chars = "".join(ORDER_CHARS[k] for k in kinds)
+    unit = next(
+        chars[:n]
+        for n in range(1, len(chars) + 1)
+        if len(chars) % n == 0 and chars[:n] * (len(chars) // n) == chars
+    )
+    shown = chars if unit == chars else f"({unit}) x {len(chars) // len(unit)}"
+    legend = ", ".join(f"{ORDER_CHARS[k]} {ORDER_WORDS[k]}" for k in ORDER_CHARS if k in set(kinds))
+    return f"layer order ({key}, {len(kinds)} layers): {shown} ({legend})"
+
+
+def _hybrid_layers(
+    cfg: _Config, kind: str, other: str, other_text: str
+) -> tuple[int | None, int | None, str, list[str]]:
+    """Attention layers, `other`-kind layers, where they came from, and header notes."""
+    kinds, key = _layer_kinds(cfg, kind)
+    if kinds is None:
+        return None, None, key, []
+    n_attn = sum(k in ("attention", "parallel") for k in kinds)
+    n_other = sum(k in (other, "parallel") for k in kinds)
+    n_layers, _ = cfg.int("num_hidden_layers", required=False)
+    if n_layers is not None and n_layers != len(kinds):
+        cfg.bad.append(f"num_hidden_layers is {n_layers} but '{key}' describes {len(kinds)} layers")
+    if n_attn == 0 or n_other == 0:
+        cfg.bad.append(
+            f"'{key}' has {n_attn} attention and {n_other} {other_text} layers; the hybrid "
+            "family needs at least one of each"
         )
-    layers = (n_attn, f"derived: count of attention layers in {kinds_key}")
+    rest = len(kinds) - sum(k in ("attention", other, "parallel") for k in kinds)
+    if kind == PARALLEL:
+        count = f"{len(kinds)} layers, each with attention and Mamba2"
+    else:
+        count = f"{len(kinds)} layers = {n_attn} attention + {n_other} {other_text}"
+        count += f" + {rest} MLP/MoE (no cache)" if rest else ""
+    notes = [f"{key}: {count}", _order_text(kinds, key)]
+    return n_attn, n_other, key, notes
+
+
+def _state_dtype(
+    cfg: _Config, name: str, conv_dtype: tuple[str, str], keys: tuple[str, ...]
+) -> _Binding:
+    """The recurrent/SSM state dtype: the config's (vLLM's mamba_ssm_cache_dtype), NemotronH's
+    fp32 default, else vLLM's 'auto' (the conv state dtype)."""
+    for key in keys:
+        v = cfg.c.get(key)
+        if v is None:
+            continue
+        try:
+            return _Binding(name, dtype_name(v, f"config '{key}'"), f'config: {key} = "{v}"')
+        except UsageError as e:
+            cfg.bad.append(str(e))
+            return _Binding(name, conv_dtype[0], "")
+    if cfg.arch == "NemotronHForCausalLM":
+        return _Binding(
+            name,
+            "fp32",
+            "default: fp32, vLLM's NemotronH config hook when the config names no "
+            "mamba_ssm_cache_dtype (uncertain; check the engine's --mamba-ssm-cache-dtype)",
+        )
+    return _Binding(
+        name,
+        conv_dtype[0],
+        "default: vLLM's mamba_ssm_cache_dtype 'auto' = the conv state dtype "
+        "(check the engine's --mamba-ssm-cache-dtype)",
+    )
+
+
+def _conv_dtype(model_dtype: tuple[str, str]) -> _Binding:
+    return _Binding(
+        "conv_dtype",
+        model_dtype[0],
+        f"{model_dtype[1]} (vLLM's mamba_cache_dtype 'auto' = the model dtype; not --kv-dtype)",
+    )
+
+
+def _hybrid_bindings(
+    cfg: _Config, kind: str, kv_dtype: tuple[str, str], model_dtype: tuple[str, str]
+) -> tuple[list[_Binding], list[str]]:
+    """Hybrid attention + Mamba2 (Nemotron-H, Granite-4.0-H) and Falcon-H1."""
+    n_attn, n_mamba, key, notes = _hybrid_layers(cfg, kind, "mamba", "Mamba2")
+    where = "every layer: " if kind == PARALLEL else "count of attention layers in "
+    layers = (n_attn, f"derived: {where}{key}")
     out = _attention_bindings(cfg, kv_dtype, None, layers)
     heads, hk = cfg.int("mamba_num_heads", "mamba_n_heads")
     hdim, hdk = None, None
@@ -357,7 +533,7 @@ def _hybrid_bindings(
         # Granite-4.0-H: d_head "auto" = expand * hidden_size / mamba_n_heads
         expand, _ = cfg.int("mamba_expand", "expand")
         hidden, _ = cfg.int("hidden_size")
-        if None not in (expand, hidden, heads):
+        if expand is not None and hidden is not None and heads is not None:
             if (expand * hidden) % heads:
                 cfg.bad.append(
                     f"mamba_expand * hidden_size = {expand * hidden} is not divisible by {hk} {heads}"
@@ -368,6 +544,8 @@ def _hybrid_bindings(
     else:
         hdim, k = cfg.int("mamba_head_dim", "mamba_d_head")
         hdk = f"config: {k}"
+    if heads is not None and hdim is not None:
+        _check_inner(cfg, heads * hdim, f"heads x head dim ({heads} x {hdim})")
     groups, gk = cfg.int("n_groups", "mamba_n_groups")
     state, sk = cfg.int("ssm_state_size", "mamba_d_state")
     if cfg.has("conv_kernel") or cfg.has("mamba_d_conv"):
@@ -375,9 +553,9 @@ def _hybrid_bindings(
         conv_src = f"config: {ck}"
     else:
         conv, conv_src = 4, "default: 4 (the config names no conv_kernel / mamba_d_conv)"
-    out[3:3] = [
-        _Binding("num_mamba_layers", n_mamba, f"derived: count of Mamba2 layers in {kinds_key}")
-    ]
+    where = "every layer: " if kind == PARALLEL else "count of Mamba2 layers in "
+    out[3:3] = [_Binding("num_mamba_layers", n_mamba, f"derived: {where}{key}")]
+    conv_dtype = _conv_dtype(model_dtype)
     out += [
         _Binding("mamba_num_heads", heads, f"config: {hk}"),
         _Binding("mamba_head_dim", hdim, hdk or ""),
@@ -385,49 +563,113 @@ def _hybrid_bindings(
         _Binding("ssm_state_size", state, f"config: {sk}"),
         _Binding("conv_kernel", conv, conv_src),
         _Binding("num_speculative_tokens", 0, "default: no speculative decoding (adds conv rows)"),
-        _Binding(
-            "conv_dtype",
-            model_dtype[0],
-            f"{model_dtype[1]} (vLLM's mamba_cache_dtype 'auto' = the model dtype; not --kv-dtype)",
+        conv_dtype,
+        _state_dtype(
+            cfg, "ssm_dtype", (model_dtype[0], ""), ("mamba_ssm_cache_dtype", "mamba_ssm_dtype")
         ),
     ]
-    ssm = cfg.c.get("mamba_ssm_cache_dtype")
-    if ssm is not None:
-        try:
-            out.append(
-                _Binding(
-                    "ssm_dtype",
-                    dtype_name(ssm, "config 'mamba_ssm_cache_dtype'"),
-                    f'config: mamba_ssm_cache_dtype = "{ssm}"',
-                )
-            )
-        except UsageError as e:
-            cfg.bad.append(str(e))
-    elif cfg.arch == "NemotronHForCausalLM":
-        out.append(
-            _Binding(
-                "ssm_dtype",
-                "fp32",
-                "default: fp32, vLLM's NemotronH config hook when the config names no "
-                "mamba_ssm_cache_dtype (uncertain; check the engine's --mamba-ssm-cache-dtype)",
-            )
+    return out, notes
+
+
+def _check_inner(cfg: _Config, inner: int, what: str) -> None:
+    """vLLM sizes the Mamba2 x columns from the intermediate size (`mamba_d_ssm`, else
+    `mamba_expand * hidden_size`) and the SSM state from heads x head dim: they must agree."""
+    if cfg.has("mamba_d_ssm"):
+        d_ssm, _ = cfg.int("mamba_d_ssm")
+        if d_ssm is not None and d_ssm != inner:
+            cfg.bad.append(f"mamba_d_ssm is {d_ssm} but {what} is {inner}")
+        return
+    expand, hidden = cfg.c.get("mamba_expand"), cfg.c.get("hidden_size")
+    if isinstance(expand, int) and isinstance(hidden, int) and expand * hidden != inner:
+        if cfg.arch in ("FalconH1ForCausalLM", "GraniteMoeHybridForCausalLM"):
+            cfg.bad.append(f"mamba_expand * hidden_size is {expand * hidden} but {what} is {inner}")
+
+
+def _gdn_bindings(
+    cfg: _Config, kv_dtype: tuple[str, str], model_dtype: tuple[str, str]
+) -> tuple[list[_Binding], list[str]]:
+    """Hybrid attention + gated DeltaNet (Qwen3-Next, Qwen3.5)."""
+    n_attn, n_lin, key, notes = _hybrid_layers(cfg, GDN, "linear_attention", "gated DeltaNet")
+    out = _attention_bindings(
+        cfg, kv_dtype, None, (n_attn, f"derived: count of attention layers in {key}")
+    )
+    out[3:3] = [
+        _Binding(
+            "num_linear_attention_layers",
+            n_lin,
+            f"derived: count of linear_attention layers in {key}",
         )
+    ]
+    for name in (
+        "linear_num_key_heads",
+        "linear_num_value_heads",
+        "linear_key_head_dim",
+        "linear_value_head_dim",
+    ):
+        v, _ = cfg.int(name)
+        out.append(_Binding(name, v, f"config: {name}"))
+    if cfg.has("linear_conv_kernel_dim"):
+        conv, _ = cfg.int("linear_conv_kernel_dim")
+        out.append(_Binding("linear_conv_kernel_dim", conv, "config: linear_conv_kernel_dim"))
     else:
         out.append(
             _Binding(
-                "ssm_dtype",
-                model_dtype[0],
-                "default: vLLM's mamba_ssm_cache_dtype 'auto' = the conv state dtype "
-                "(check the engine's --mamba-ssm-cache-dtype)",
+                "linear_conv_kernel_dim",
+                4,
+                "default: 4 (the config names no linear_conv_kernel_dim)",
             )
         )
+    conv_dtype = _conv_dtype(model_dtype)
+    out += [
+        _Binding("num_speculative_tokens", 0, "default: no speculative decoding (adds conv rows)"),
+        conv_dtype,
+        _state_dtype(
+            cfg,
+            "recurrent_dtype",
+            (model_dtype[0], ""),
+            ("mamba_ssm_cache_dtype", "mamba_ssm_dtype"),
+        ),
+    ]
+    return out, notes
+
+
+def _mamba1_bindings(
+    cfg: _Config, kv_dtype: tuple[str, str], model_dtype: tuple[str, str]
+) -> tuple[list[_Binding], list[str]]:
+    """Hybrid attention + Mamba1 (Jamba)."""
+    n_attn, n_mamba, key, notes = _hybrid_layers(cfg, MAMBA1, "mamba", "Mamba1")
+    out = _attention_bindings(
+        cfg, kv_dtype, None, (n_attn, f"derived: count of attention layers in {key}")
+    )
+    out[3:3] = [_Binding("num_mamba_layers", n_mamba, f"derived: count of Mamba1 layers in {key}")]
+    expand, _ = cfg.int("mamba_expand")
+    hidden, _ = cfg.int("hidden_size")
+    inner = None if expand is None or hidden is None else expand * hidden
+    state, sk = cfg.int("mamba_d_state", "ssm_state_size")
+    if cfg.has("mamba_d_conv"):
+        conv, _ = cfg.int("mamba_d_conv")
+        conv_src = "config: mamba_d_conv"
+    else:
+        conv, conv_src = 4, "default: 4 (the config names no mamba_d_conv)"
+    conv_dtype = _conv_dtype(model_dtype)
+    out += [
+        _Binding(
+            "mamba_intermediate_size",
+            inner,
+            f"derived: mamba_expand * hidden_size = {expand} * {hidden}",
+        ),
+        _Binding("ssm_state_size", state, f"config: {sk}"),
+        _Binding("conv_kernel", conv, conv_src),
+        conv_dtype,
+        _state_dtype(cfg, "ssm_dtype", (model_dtype[0], ""), ("mamba_ssm_cache_dtype",)),
+    ]
     return out, notes
 
 
 # --- text -------------------------------------------------------------------------------------
 
 
-def _fmt_value(v: int | str) -> str:
+def _fmt_value(v: int | str | None) -> str:
     return f"{v:_}" if isinstance(v, int) and v >= 100_000 else str(v)
 
 
@@ -498,6 +740,7 @@ def init_from_hf(
     if not isinstance(config, dict):
         raise InitError(f"the config must be a JSON object, got {type(config).__name__}")
 
+    config, unwrapped = _unwrap_text_config(config)
     arch = _architecture(config)
     kind = ARCHITECTURES[arch]
     cfg = _Config(config, arch)
@@ -509,13 +752,15 @@ def init_from_hf(
             f"{arch} config: {model_dtype[1]}; pass --kv-dtype to choose the cache dtype"
         )
     else:
-        kvd = model_dtype
-    if kind == HYBRID and model_dtype[0] is None:
+        kvd = (model_dtype[0], model_dtype[1])
+    if kind in HYBRIDS and model_dtype[0] is None:
         raise InitError(
             f"{arch} config: {model_dtype[1]}; the Mamba conv state is kept in the model dtype, "
             "so init needs one it knows (bfloat16, float16, float32)"
         )
-    notes: list[str] = []
+    notes: list[str] = [unwrapped] if unwrapped else []
+    family = FAMILIES.get(kind, "")
+    mdt = (model_dtype[0] or "bf16", model_dtype[1])  # known for every kind that reads it
     if kind == GQA:
         family = (
             "vllm_flashinfer.layout"
@@ -524,11 +769,15 @@ def init_from_hf(
         )
         bindings = _attention_bindings(cfg, kvd, "num_layers", None)
     elif kind == MLA:
-        family = "vllm_mla.layout"
-        bindings, notes = _mla_bindings(cfg, kvd)
+        bindings, more = _mla_bindings(cfg, kvd)
+    elif kind == GDN:
+        bindings, more = _gdn_bindings(cfg, kvd, mdt)
+    elif kind == MAMBA1:
+        bindings, more = _mamba1_bindings(cfg, kvd, mdt)
     else:
-        family = "vllm_hybrid_mamba2.layout"
-        bindings, notes = _hybrid_bindings(cfg, kvd, model_dtype)
+        bindings, more = _hybrid_bindings(cfg, kind, kvd, mdt)
+    if kind != GQA:
+        notes += more
     cfg.fail_if_any()
 
     if block_size is not None:
@@ -549,7 +798,7 @@ def init_from_hf(
     # Block geometry first: the grammar lexes `kernel_blocks` as its keyword after an
     # expression, so a `kernel_blocks = N` binding must open the `use` block.
     kb = _Binding("kernel_blocks", 1, "default: one kernel block per scheduler block")
-    bindings[:0] = [kb, bs] if kind == HYBRID else [bs]
+    bindings[:0] = [kb, bs] if kind in HYBRIDS else [bs]
 
     # Check the text with the compiler; for hybrids, size the logical block from the ranked pages.
     from .pipeline import Compiler
@@ -560,20 +809,23 @@ def init_from_hf(
         bound = _load(c, text)
         ranked = {tp: _ranked(bound, tp) for tp in TP_SIZES}
         ok_tps = [tp for tp, r in ranked.items() if r is not None]
-        if kind == HYBRID and ok_tps:
+        if kind in HYBRIDS and ok_tps:
+            other = "linear_attention" if kind == GDN else "mamba"
             need = {}
             for tp in ok_tps:
                 r = ranked[tp]
-                attn, mamba = r.page("attention").nbytes, r.page("mamba").nbytes
-                need[tp] = (-(-mamba // attn), mamba, attn)
+                assert r is not None
+                attn, state = r.page("attention").nbytes, r.page(other).nbytes
+                need[tp] = (-(-state // attn), state, attn)
             worst = max(ok_tps, key=lambda t: (need[t][0], -t))
-            blocks, mamba, attn = need[worst]
+            blocks, state, attn = need[worst]
             kb.value = blocks
-            tokens = blocks * bs.value
+            tokens = blocks * int(bs.value or 1)
+            what = "gated DeltaNet" if kind == GDN else "Mamba"
             kb.source = (
                 f"derived: a {tokens}-token logical block, the smallest whose attention pages "
-                f"hold one Mamba page at TP {', '.join(map(str, ok_tps))} (TP {worst}: "
-                f"ceil({mamba} / {attn})); run vLLM with --block-size {tokens} on both engines"
+                f"hold one {what} page at TP {', '.join(map(str, ok_tps))} (TP {worst}: "
+                f"ceil({state} / {attn})); run vLLM with --block-size {tokens} on both engines"
             )
             _load(c, _render(family, [], bindings))
     except LayoutError as e:  # the values bound do not fit the family spec
@@ -664,6 +916,20 @@ def _family_text(family: str, kind: str, backend: str) -> str:
             "Family vllm_mla.layout: one latent vector (kv_lora_rank + qk_rope_head_dim) per "
             "token, replicated on every rank, state `latent`."
         )
+    elif family == "vllm_hybrid_gdn.layout":
+        text = (
+            "Family vllm_hybrid_gdn.layout: attention layers keep a blocks-first K|V page (`kv`) "
+            "per kernel block; gated DeltaNet layers keep conv (DS layout, q|k|v) then recurrent "
+            "state (`conv`, `recurrent`) once per logical block; both share one page stride. "
+            "vLLM needs VLLM_SSM_CONV_STATE_LAYOUT=DS on both engines."
+        )
+    elif family == "vllm_hybrid_mamba1.layout":
+        text = (
+            "Family vllm_hybrid_mamba1.layout: attention layers keep a blocks-first K|V page "
+            "(`kv`) per kernel block; Mamba1 layers keep conv (DS layout, x only) then SSM state "
+            "(`conv`, `ssm`) once per logical block; both share one page stride. vLLM needs "
+            "VLLM_SSM_CONV_STATE_LAYOUT=DS on both engines."
+        )
     else:
         text = (
             "Family vllm_hybrid_mamba2.layout: attention layers keep a blocks-first K|V page "
@@ -671,6 +937,11 @@ def _family_text(family: str, kind: str, backend: str) -> str:
             "(`conv`, `ssm`) once per logical block; both share one page stride. vLLM needs "
             "VLLM_SSM_CONV_STATE_LAYOUT=DS on both engines."
         )
+        if kind == PARALLEL:
+            text += (
+                " Every layer has both an attention and a Mamba2 mixer; vLLM keeps their caches "
+                "as two layers, so both counts are num_hidden_layers."
+            )
     if backend != "flashinfer":
         text += f" (--attention-backend {backend} does not change this layout.)"
     return text

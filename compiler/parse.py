@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from importlib import resources
+from typing import Any
 
 from lark import Lark, Token, Transformer, Tree, UnexpectedInput, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken, VisitError
@@ -61,12 +62,12 @@ def parser() -> Lark:
     return Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=False)
 
 
-def _span(path: str, meta) -> ast.Span:
+def _span(path: str, meta: Any) -> ast.Span:
     return ast.Span(path, meta.line, meta.column, meta.end_line, meta.end_column)
 
 
 def _tok_span(path: str, tok: Token) -> ast.Span:
-    return ast.Span(path, tok.line, tok.column, tok.end_line, tok.end_column)
+    return ast.Span(path, tok.line or 1, tok.column or 1, tok.end_line or 1, tok.end_column or 1)
 
 
 @v_args(meta=True)
@@ -253,7 +254,8 @@ def _syntax_error(path: str, text: str, exc: UnexpectedInput) -> LayoutSyntaxErr
             width = max(1, len(str(tok)))
             msg = f"unexpected {_describe(tok)}" + _expected(exc)
     elif isinstance(exc, UnexpectedCharacters):
-        ch = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else ""
+        pos = exc.pos_in_stream or 0
+        ch = text[pos] if pos < len(text) else ""
         msg = f"unexpected character {ch!r}"
         if ch == '"':
             msg = "unterminated string: a quoted path must end on the same line"

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..runtime.plan import Plan
 from . import ast
 from .bind import Value, bind, parse_value
-from .diagnostics import LayoutSemanticError, Sink, Sources
+from .diagnostics import Diagnostic, LayoutSemanticError, Sink, Sources
 from .ir import BoundSpec, RankedSpec, Unit
 from .limits import DEFAULT, Limits
 from .parse import decode_source, parse
@@ -201,7 +201,7 @@ class Compiler:
         pr = rank(p, ptp, sink, "prefill")
         dr = rank(d, dtp, sink, "decode")
         # the same error on both sides (same parameters, same TP) is reported once
-        uniq = []
+        uniq: list[Diagnostic] = []
         for diag in sink.diagnostics:
             same = diag.message.replace("decode tp", "prefill tp")
             if not any(

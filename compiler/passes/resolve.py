@@ -265,9 +265,8 @@ def _check_dims(
     """Names, sizes and split units of `dims` (a state's, or a structured segment's own)."""
     dim_names: dict[str, ast.Span] = {}
     for d in dims:
-        misplaced: list[ast.Dim | ast.Segment] = [
-            x for x in (d, *d.segments) if x.name in _DIM_KEYWORDS
-        ]
+        parts: list[ast.Dim | ast.Segment] = [d, *d.segments]
+        misplaced = [x for x in parts if x.name in _DIM_KEYWORDS]
         if misplaced:
             # `head 8 paged split tp` parses `split` as the name of a new dim
             sink.error(

@@ -29,6 +29,10 @@ STATES = {
     "deepseek_v3": ["latent"],
     "nemotron_h_8b": ["kv", "conv", "ssm"],
     "nemotron_3_nano_30b_a3b": ["kv", "conv", "ssm"],
+    "granite_4_0_h_small": ["kv", "conv", "ssm"],
+    "falcon_h1_7b": ["kv", "conv", "ssm"],
+    "jamba_v0_1": ["kv", "conv", "ssm"],
+    "qwen3_next_80b_a3b": ["kv", "conv", "recurrent"],
 }
 REQUIRED = {
     "llama_3_1_8b",
@@ -37,12 +41,19 @@ REQUIRED = {
     "deepseek_v3",
     "nemotron_h_8b",
     "nemotron_3_nano_30b_a3b",
+    "granite_4_0_h_small",
+    "falcon_h1_7b",
+    "jamba_v0_1",
+    "qwen3_next_80b_a3b",
 }
 SUPPORTED_NAMES = (
     "LlamaForCausalLM",
     "Qwen3ForCausalLM",
     "DeepseekV3ForCausalLM",
     "NemotronHForCausalLM",
+    "FalconH1ForCausalLM",
+    "Qwen3NextForCausalLM",
+    "JambaForCausalLM",
 )
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -110,20 +121,42 @@ def test_cli_writes_the_same_text_as_the_function(tmp_path, capsys, monkeypatch)
 # --- init, then plan 2 -> 4 ----------------------------------------------------------------------
 
 
+def _get(config: dict, *keys: str) -> int:
+    return next(config[k] for k in keys if k in config)
+
+
+def _heads(n: int, tp: int) -> int:
+    """Units a rank holds: n / tp, or one (replicated) when tp > n."""
+    return max(1, n // tp)
+
+
 def expected_bytes(config: dict, name: str, tp: int) -> dict[str, int]:
-    """Per-rank bytes of one page of each state, from the config alone."""
+    """Per-rank bytes of one page of each state, from the config alone (vLLM's formulas)."""
     e = DTYPE_BYTES[config["torch_dtype"]]
     if STATES[name] == ["latent"]:  # block 64 (FlashMLA), replicated
         return {"latent": 64 * (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * e}
     k = config["num_key_value_heads"]
     hd = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    out = {"kv": 2 * max(1, k // tp) * 16 * hd * e}
-    if "conv" in STATES[name]:
-        heads, hdim = config["mamba_num_heads"], config["mamba_head_dim"]
-        gss = config["n_groups"] * config["ssm_state_size"]
-        rows = config["conv_kernel"] - 1
-        out["conv"] = (heads * hdim // tp + 2 * gss // tp) * rows * e
-        out["ssm"] = heads // tp * hdim * config["ssm_state_size"] * 4  # fp32 SSM state
+    out = {"kv": 2 * _heads(k, tp) * 16 * hd * e}
+    if "recurrent" in STATES[name]:  # GDN: conv q | k | v, recurrent [v head][v dim][k dim]
+        nk, nv = config["linear_num_key_heads"], config["linear_num_value_heads"]
+        dk, dv = config["linear_key_head_dim"], config["linear_value_head_dim"]
+        rows = config["linear_conv_kernel_dim"] - 1
+        out["conv"] = (2 * _heads(nk, tp) * dk + _heads(nv, tp) * dv) * rows * e
+        out["recurrent"] = _heads(nv, tp) * dv * dk * e  # 'auto': the conv dtype
+    elif config["architectures"] == ["JambaForCausalLM"]:  # Mamba1: x and [channel][state]
+        inner = config["mamba_expand"] * config["hidden_size"]
+        out["conv"] = inner // tp * (config["mamba_d_conv"] - 1) * e
+        out["ssm"] = inner // tp * config["mamba_d_state"] * e
+    elif "conv" in STATES[name]:  # Mamba2: conv x | B | C, ssm [head][head dim][state]
+        heads = _get(config, "mamba_num_heads", "mamba_n_heads")
+        hdim = _get(config, "mamba_head_dim", "mamba_d_head")
+        groups = _get(config, "n_groups", "mamba_n_groups")
+        state = _get(config, "ssm_state_size", "mamba_d_state")
+        rows = _get(config, "conv_kernel", "mamba_d_conv") - 1
+        out["conv"] = (_heads(heads, tp) * hdim + 2 * _heads(groups, tp) * state) * rows * e
+        ssm_e = 4 if config["architectures"] == ["NemotronHForCausalLM"] else e
+        out["ssm"] = _heads(heads, tp) * hdim * state * ssm_e
     return out
 
 
@@ -144,7 +177,7 @@ def test_init_then_plan_2_to_4(name, tmp_path, capsys):
             assert p == d  # replicated: the same page on every rank
         elif state == "kv" and config["num_key_value_heads"] < 4:
             assert p == d  # one (replicated) head per rank at TP 2 and at TP 4
-        else:
+        elif state != "conv":  # (a conv page keeps replicated B/C groups)
             assert p == 2 * d  # sharded: halves from TP 2 to TP 4
     # every decode rank reads what it holds from the prefill rank(s) that hold it
     for r in plan["decode_ranks"]:
@@ -386,9 +419,10 @@ def test_unknown_architecture_lists_supported(tmp_path, capsys):
 
 
 def test_known_but_unsupported_architecture_says_why(tmp_path, capsys):
-    path = write_config(tmp_path, {"architectures": ["Qwen3NextForCausalLM"]})
+    path = write_config(tmp_path, {"architectures": ["MambaForCausalLM"]})
     rc, _, err = run(capsys, "init", "--from-hf", path)
-    assert rc == 1 and "DeltaNet" in err and "NemotronHForCausalLM" in err
+    assert rc == 1 and "pure Mamba1" in err and "examples/mamba1.layout" in err
+    assert "NemotronHForCausalLM" in err and "Qwen3NextForCausalLM" in err
 
 
 def test_no_architecture_at_all(tmp_path, capsys):
@@ -402,6 +436,9 @@ def test_no_architecture_at_all(tmp_path, capsys):
         ("llama_3_1_8b", ["num_hidden_layers", "num_key_value_heads", "num_attention_heads"]),
         ("deepseek_v3", ["kv_lora_rank", "qk_rope_head_dim"]),
         ("nemotron_h_8b", ["mamba_num_heads", "n_groups", "hybrid_override_pattern"]),
+        ("qwen3_next_80b_a3b", ["linear_num_value_heads", "full_attention_interval"]),
+        ("jamba_v0_1", ["mamba_d_state", "attn_layer_period"]),
+        ("falcon_h1_7b", ["mamba_n_heads", "mamba_d_head"]),
     ],
 )
 def test_missing_keys_are_named(name, drop, tmp_path, capsys):
