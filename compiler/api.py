@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..runtime.plan import Plan
-from .pipeline import Compiler, SideSets
+from .pipeline import Compiler, SideSets, find_builtin
 
 
 def compile_plan(
@@ -15,13 +15,17 @@ def compile_plan(
     sets: dict[str, object] | list[str] | None = None,
     include_dirs: tuple[str, ...] = (),
 ) -> Plan:
-    """Compile `spec` (a path, or the text of a spec) for one TP pair and return its Plan.
+    """Compile `spec` (a path, a built-in spec's name, or the text of a spec) for one TP pair
+    and return its Plan.
 
     `sets` binds parameters like `--set`: ``{"num_key_value_heads": 8, "decode.block_size": 32}``.
     Raises :class:`layoutc.compiler.diagnostics.LayoutError` for spec errors.
     """
     c = Compiler(include_dirs)
-    if os.path.exists(spec) or spec.endswith(".layout") and "\n" not in spec:
+    builtin = None if os.path.exists(spec) or "\n" in spec else find_builtin(spec)
+    if builtin is not None:
+        unit = c.load(builtin.display, builtin.read())
+    elif os.path.exists(spec) or spec.endswith(".layout") and "\n" not in spec:
         unit = c.load(spec)
     else:
         unit = c.load("<string>.layout", spec.encode())

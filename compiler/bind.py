@@ -48,7 +48,13 @@ def parse_value(unit: Unit, name: str, text: str) -> Value:
 
 
 class Evaluator:
-    def __init__(self, unit: Unit, overrides: dict[str, Value], sink: Sink, extra=None):
+    def __init__(
+        self,
+        unit: Unit,
+        overrides: dict[str, Value],
+        sink: Sink,
+        extra: dict[str, int] | None = None,
+    ):
         self.unit = unit
         self.overrides = overrides
         self.sink = sink

@@ -1,4 +1,4 @@
-"""`layoutc` command line: compile, check, plan, explain, demo, bench, doctor, init.
+"""`layoutc` command line: compile, check, plan, explain, specs, init (and demo, bench, doctor).
 
 `main(argv) -> int`: 0 ok, 1 spec errors / stale output / failed run, 2 usage errors,
 3 internal errors (compiler bugs).  Never a traceback for bad input.
@@ -12,15 +12,21 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
 
 from .. import __version__
+from ..runtime.plan import Plan
 from .bind import UsageError
 from .diagnostics import InternalError, LayoutError, render
-from .fsutil import write_atomically
-from .pipeline import BUILTIN, Compiler, SideSets, spec_name
+from .fsutil import write_all_atomically
+from .limits import FLAGS, Limits
+from .pipeline import BUILTIN, Compiler, SideSets, builtin_specs, find_builtin, spec_name
+
+#: Codes of the compiler's limits (compiler/limits.py): never a pair the shapes refuse.
+LIMIT_CODES = frozenset({"E063", "E064", "E065", "E066", "E067"})
 
 DEFAULT_TPS = (1, 2, 4, 8)
 MAX_TP = 1024
@@ -51,6 +57,8 @@ def _pairs(text: str | None) -> list[tuple[int, int]] | None:
 
 def _display_source(path: str, include_dirs: list[str]) -> str:
     """The spec path as written into generated headers: relative to -I, never absolute."""
+    if path.startswith(BUILTIN):
+        return path
     ap = os.path.abspath(path)
     for d in include_dirs:
         ad = os.path.abspath(d)
@@ -84,9 +92,14 @@ def _portable_unit(unit, spec: str, source: str, include_dirs: list[str]):
     return out
 
 
-def _command(args, spec: str, source: str) -> str:
+def _command(args: argparse.Namespace, spec: str, source: str) -> str:
     """The command that regenerates one module, as written into it (no absolute paths)."""
-    given = source if os.path.isabs(spec) else os.path.normpath(spec).replace(os.sep, "/")
+    if os.path.isabs(spec):
+        given = source
+    elif not os.path.isfile(spec):  # a built-in spec, by the name the user gave
+        given = spec
+    else:
+        given = os.path.normpath(spec).replace(os.sep, "/")
     parts = ["layoutc", "compile", given]
     out = args.output if not os.path.isabs(args.output) else "OUTDIR"
     parts += ["-o", out]
@@ -107,10 +120,10 @@ def _generate(args, compiler: Compiler) -> dict[str, str]:
     from .codegen import render_module
 
     units = []
-    for spec in args.specs:
-        if not os.path.isfile(spec):
-            raise UsageError(f"{spec}: no such spec file")
-        units.append((spec, compiler.load(spec)))
+    for arg in args.specs:
+        spec, data = spec_source(arg)
+        units.append((spec, compiler.load(spec, data)))
+    arg_of = {spec: arg for (spec, _), arg in zip(units, args.specs)}
     declared = set().union(*(u.params for _, u in units))
     for name in sorted(set(sets.common) | set(sets.prefill) | set(sets.decode)):
         if name not in declared:
@@ -127,21 +140,21 @@ def _generate(args, compiler: Compiler) -> dict[str, str]:
             try:
                 plans.append(compiler.plan(unit, p_bound, d_bound, p, d))
             except LayoutError as e:
-                if explicit:
-                    raise
+                if explicit or any(x.code in LIMIT_CODES for x in e.diagnostics):
+                    raise  # a limit is never a pair the shapes do not allow
                 refused.append(((p, d), e))
         if not plans:
             # no default pair works: a spec error, shown with the reason of the first pair
-            (p, d), e = refused[0]
+            (p, d), why = refused[0]
             note = (
                 f"no TP pair of {{{', '.join(map(str, DEFAULT_TPS))}}} can be compiled with these "
                 f"values; this is why prefill TP {p} -> decode TP {d} cannot"
             )
-            first = dataclasses.replace(e.diagnostics[0], notes=(*e.diagnostics[0].notes, note))
-            raise type(e)([first, *e.diagnostics[1:]])
+            first = dataclasses.replace(why.diagnostics[0], notes=(*why.diagnostics[0].notes, note))
+            raise type(why)([first, *why.diagnostics[1:]])
         source = _display_source(spec, args.include)
         portable = _portable_unit(unit, spec, source, args.include)
-        text = render_module(portable, source, plans, _command(args, spec, source))
+        text = render_module(portable, source, plans, _command(args, arg_of[spec], source))
         target = os.path.join(args.output, spec_name(spec) + ".py")
         if target in out:
             raise UsageError(f"two specs would both write {target}; rename one")
@@ -149,23 +162,31 @@ def _generate(args, compiler: Compiler) -> dict[str, str]:
     return out
 
 
-def _write_atomic(path: str, text: str) -> bool:
-    """Write only when changed; refuse to overwrite a file layoutc did not generate."""
-    p = Path(path)
-    if p.exists():
-        old = p.read_text("utf-8", errors="replace")
-        if old == text:
-            return False
-        if "# @generated" not in old.splitlines()[:3]:
-            raise UsageError(f"{path} exists and was not generated by layoutc; not overwriting it")
-    write_atomically(p, text)
-    return True
+def _changed_outputs(outputs: dict[str, str]) -> dict[str, str]:
+    """The outputs whose file differs; refuse (before anything is written) to overwrite a file
+    layoutc did not generate."""
+    changed = {}
+    for path, text in outputs.items():
+        p = Path(path)
+        if p.exists():
+            old = p.read_text("utf-8", errors="replace")
+            if old == text:
+                continue
+            if "# @generated" not in old.splitlines()[:3]:
+                raise UsageError(
+                    f"{path} exists and was not generated by layoutc; not overwriting it"
+                )
+        changed[path] = text
+    return changed
 
 
-def cmd_compile(args, compiler: Compiler) -> int:
-    for path, text in _generate(args, compiler).items():
-        changed = _write_atomic(path, text)
-        print(f"{'wrote' if changed else 'unchanged'} {path}", file=sys.stderr)
+def cmd_compile(args: argparse.Namespace, compiler: Compiler) -> int:
+    """Every module or none: all are generated, checked and staged before any is replaced."""
+    outputs = _generate(args, compiler)
+    changed = _changed_outputs(outputs)
+    write_all_atomically(changed)
+    for path in outputs:
+        print(f"{'wrote' if path in changed else 'unchanged'} {path}", file=sys.stderr)
     return 0
 
 
@@ -205,13 +226,26 @@ def cmd_check(args, compiler: Compiler) -> int:
     return 0
 
 
-def _one_plan(args, compiler: Compiler):
+def spec_source(arg: str) -> tuple[str, bytes | None]:
+    """A SPEC argument -> (its path as diagnostics show it, its bytes for a built-in spec).
+
+    A file wins; otherwise a built-in spec's name (`layoutc specs` lists them)."""
+    if os.path.isfile(arg):
+        return arg, None
+    found = find_builtin(arg)
+    if found is None:
+        raise UsageError(
+            f"{arg}: no such spec file or built-in spec (`layoutc specs` lists the built-ins)"
+        )
+    return found.display, found.read()
+
+
+def _one_plan(args: argparse.Namespace, compiler: Compiler) -> Plan:
     for flag, tp in (("--prefill-tp", args.prefill_tp), ("--decode-tp", args.decode_tp)):
         if not 0 < tp <= MAX_TP:
             raise UsageError(f"{flag} {tp}: TP sizes must be in 1..{MAX_TP}")
-    if not os.path.isfile(args.spec):
-        raise UsageError(f"{args.spec}: no such spec file")
-    unit = compiler.load(args.spec)
+    spec, data = spec_source(args.spec)
+    unit = compiler.load(spec, data)
     p, d = compiler.bind(unit, SideSets.parse(args.set))
     return compiler.plan(unit, p, d, args.prefill_tp, args.decode_tp)
 
@@ -239,6 +273,55 @@ def cmd_explain(args, compiler: Compiler) -> int:
     else:
         print(render_text(plan, args.decode_rank))
     return 0
+
+
+def cmd_specs(args: argparse.Namespace, compiler: Compiler) -> int:
+    """The built-in specs: name, kind, what it holds, and the folder they are installed in."""
+    from .pipeline import builtin_specs_dir
+
+    rows = []
+    for b in builtin_specs():
+        data = b.read().decode("utf-8", errors="replace")
+        uses = re.search(r'^use "([^"]+)"', data, re.M)
+        if b.kind == "family":
+            unit = Compiler().load(b.display, b.read())
+            what = "states " + ", ".join(unit.states)
+        else:
+            what = "uses " + (uses.group(1) if uses else "?")
+        rows.append({"name": b.name, "kind": b.kind, "path": b.relpath, "holds": what})
+    where = str(builtin_specs_dir())
+    if args.format == "json":
+        print(json.dumps({"folder": where, "specs": rows}, indent=2))
+        return 0
+    print(f"built-in specs, installed in {where}")
+    print("(give any SPEC argument by name: layoutc plan vllm_mla --prefill-tp 2 --decode-tp 4)")
+    for kind, title in (("family", "family specs"), ("model", "model specs")):
+        print(f"\n{title}:")
+        wn = max(len(r["name"]) for r in rows)
+        wp = max(len(r["path"]) for r in rows)
+        for r in rows:
+            if r["kind"] == kind:
+                print(f"  {r['name']:<{wn}}  {r['path']:<{wp}}  {r['holds']}")
+    return 0
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    """The compiler limits of this command (its --max-* flags; defaults otherwise)."""
+    values = {}
+    for flag, attr, top, _ in FLAGS:
+        v = getattr(args, attr, None)
+        if v is None:
+            continue
+        if not 0 < v <= top:
+            raise UsageError(f"{flag} {v}: must be in 1..{top}")
+        values[attr] = v
+    return Limits(**values)
+
+
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("compiler limits (a spec beyond one is a located error)")
+    for flag, attr, _, hlp in FLAGS:
+        group.add_argument(flag, dest=attr, type=int, metavar="N", help=hlp)
 
 
 def _add_spec_options(p: argparse.ArgumentParser) -> None:
@@ -274,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("check", cmd_check, "fail (exit 1, with a diff) if modules are stale"),
     ):
         p = sub.add_parser(name, help=hlp)
-        p.add_argument("specs", nargs="+", metavar="SPEC")
+        p.add_argument("specs", nargs="+", metavar="SPEC", help="a .layout file or a built-in name")
         p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
         p.add_argument(
             "--tp-pairs",
@@ -282,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="pairs to compile (default: every P, D in {1,2,4,8} the shapes allow)",
         )
         _add_spec_options(p)
+        _add_limit_options(p)
         p.set_defaults(func=fn)
 
     for name, fn, hlp in (
@@ -289,16 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
         ("explain", cmd_explain, "draw one pair's plan (SVG/PNG) or print it"),
     ):
         p = sub.add_parser(name, help=hlp)
-        p.add_argument("spec", metavar="SPEC")
+        p.add_argument("spec", metavar="SPEC", help="a .layout file or a built-in name")
         p.add_argument("--prefill-tp", type=int, required=True, metavar="P")
         p.add_argument("--decode-tp", type=int, required=True, metavar="D")
         _add_spec_options(p)
+        _add_limit_options(p)
         if name == "plan":
             p.add_argument("--format", choices=["text", "json"], default="text")
         else:
             p.add_argument("--decode-rank", type=int, metavar="R")
             p.add_argument("-o", "--output", metavar="FILE.svg|FILE.png")
         p.set_defaults(func=fn)
+
+    p = sub.add_parser("specs", help="list the built-in specs and where they are installed")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_specs)
 
     from . import cli_init, cli_runtime
 
@@ -317,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help(sys.stderr)
             return 2
         compiler.include_dirs = list(getattr(args, "include", []) or [])
-        return args.func(args, compiler)
+        compiler.limits = _limits(args)
+        return int(args.func(args, compiler))
     except LayoutError as e:
         print(render(e, compiler.sources, "gcc" if fmt == "gcc" else fmt), file=sys.stderr)
         return 1
@@ -334,4 +424,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     except OSError as e:
         print(f"layoutc: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(
+            "layoutc: error: out of memory; lower the sizes, or the compiler limits "
+            "(--max-bytes, --max-runs)",
+            file=sys.stderr,
+        )
+        return 1
+    except RecursionError:
+        print("layoutc: error: input nested too deeply", file=sys.stderr)
         return 1

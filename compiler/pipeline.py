@@ -10,6 +10,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from importlib import resources
+from importlib.abc import Traversable
 from pathlib import Path
 
 from ..runtime.plan import Plan
@@ -30,8 +31,48 @@ PASSES = [check_types]  # after `resolve`, which builds the unit
 BUILTIN = "<layoutc>"
 
 
-def builtin_specs_dir():
+def builtin_specs_dir() -> Traversable:
     return resources.files("layoutc").joinpath("specs")
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    """A spec installed with layoutc: a family (`vllm_mla`) or a model (`llama_3_1_8b`)."""
+
+    name: str
+    kind: str  # "family" or "model"
+    relpath: str  # under the built-in specs folder, e.g. "models/llama_3_1_8b.layout"
+
+    @property
+    def display(self) -> str:
+        return f"{BUILTIN}/specs/{self.relpath}"
+
+    def read(self) -> bytes:
+        return builtin_specs_dir().joinpath(self.relpath).read_bytes()
+
+
+def builtin_specs() -> list[BuiltinSpec]:
+    """Every built-in spec, families first, each sorted by name."""
+    root = builtin_specs_dir()
+    out = []
+    for kind, folder in (("family", root), ("model", root.joinpath("models"))):
+        if not folder.is_dir():
+            continue
+        prefix = "" if kind == "family" else "models/"
+        for f in sorted(folder.iterdir(), key=lambda t: t.name):
+            if f.is_file() and f.name.endswith(".layout"):
+                out.append(BuiltinSpec(f.name[: -len(".layout")], kind, prefix + f.name))
+    return out
+
+
+def find_builtin(name: str) -> BuiltinSpec | None:
+    """The built-in spec `name` means: `vllm_mla`, `vllm_mla.layout`, `llama_3_1_8b` or
+    `models/llama_3_1_8b[.layout]` (a family wins over a model of the same name)."""
+    key = name.removesuffix(".layout")
+    for spec in builtin_specs():
+        if key in (spec.name, spec.relpath.removesuffix(".layout")):
+            return spec
+    return None
 
 
 @dataclass
