@@ -276,15 +276,27 @@ def _state_reads(
 
 
 def _compress(
-    page: str, p: int, d_off: np.ndarray, p_off: np.ndarray, n: np.ndarray, state: str | None = None
+    page: str,
+    p: int,
+    d_arr: np.ndarray,
+    p_arr: np.ndarray,
+    n_arr: np.ndarray,
+    state: str | None = None,
 ) -> list[RunGroup]:
     """Runs (sorted by decode offset) -> 1-D strided RunGroups of equal length and step."""
+    if len(n_arr) > 2 and (n_arr == n_arr[0]).all():
+        dd, dp = np.diff(d_arr), np.diff(p_arr)
+        if (dd == dd[0]).all() and (dp == dp[0]).all():  # one family: the common case
+            count = (len(n_arr),)
+            first = (int(d_arr[0]), int(p_arr[0]), int(n_arr[0]))
+            return [RunGroup(page, p, *first, count, (int(dd[0]),), (int(dp[0]),), state)]
+    d_off, p_off, n = d_arr.tolist(), p_arr.tolist(), n_arr.tolist()  # plain ints: fast loop
     out: list[RunGroup] = []
     i, total = 0, len(n)
     while i < total:
         j = i + 1
         if j < total and n[j] == n[i]:
-            dd, dp = int(d_off[j] - d_off[i]), int(p_off[j] - p_off[i])
+            dd, dp = d_off[j] - d_off[i], p_off[j] - p_off[i]
             while (
                 j + 1 < total
                 and n[j + 1] == n[i]
@@ -292,15 +304,12 @@ def _compress(
                 and p_off[j + 1] - p_off[j] == dp
             ):
                 j += 1
-            count = j - i + 1
             out.append(
-                RunGroup(
-                    page, p, int(d_off[i]), int(p_off[i]), int(n[i]), (count,), (dd,), (dp,), state
-                )
+                RunGroup(page, p, d_off[i], p_off[i], n[i], (j - i + 1,), (dd,), (dp,), state)
             )
             i = j + 1
         else:
-            out.append(RunGroup(page, p, int(d_off[i]), int(p_off[i]), int(n[i]), state=state))
+            out.append(RunGroup(page, p, d_off[i], p_off[i], n[i], state=state))
             i += 1
     return out
 
