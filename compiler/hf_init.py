@@ -947,6 +947,33 @@ def _family_text(family: str, kind: str, backend: str) -> str:
     return text
 
 
+#: Deeper JSON than this is not a model config (and would exhaust the parser's stack).
+MAX_JSON_DEPTH = 64
+
+
+def _too_deep(text: str, limit: int) -> tuple[int, int] | None:
+    """(line, column) where `text`'s arrays/objects first nest deeper than `limit`, or None."""
+    depth, i, n, in_str = 0, 0, len(text), False
+    while i < n:
+        c = text[i]
+        if in_str:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                line = text.count("\n", 0, i) + 1
+                return line, i - (text.rfind("\n", 0, i) + 1) + 1
+        elif c in "]}":
+            depth -= 1
+        i += 1
+    return None
+
+
 def read_config(path: str) -> dict:
     """Parse a config.json; InitError with line and column for bad JSON."""
     import json
@@ -957,10 +984,18 @@ def read_config(path: str) -> dict:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise InitError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    deep = _too_deep(text, MAX_JSON_DEPTH)
+    if deep is not None:
+        raise InitError(
+            f"{path}:{deep[0]}:{deep[1]}: JSON nested more than {MAX_JSON_DEPTH} deep; "
+            "a config.json is a few levels deep"
+        )
     try:
         config = json.loads(text)
     except json.JSONDecodeError as e:
         raise InitError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except RecursionError:  # pragma: no cover - _too_deep stops such input first
+        raise InitError(f"{path}: JSON nested too deeply") from None
     if not isinstance(config, dict):
         raise InitError(f"{path}: a config.json holds a JSON object, got {type(config).__name__}")
     return config
