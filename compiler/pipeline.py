@@ -30,7 +30,7 @@ BUILTIN = "<layoutc>"
 
 
 def builtin_specs_dir():
-    return resources.files("layoutc").joinpath("specs")
+    return resources.files("layoutc.specs")
 
 
 @dataclass

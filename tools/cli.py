@@ -1,0 +1,3 @@
+from layoutc.compiler.cli import main
+
+__all__ = ["main"]
