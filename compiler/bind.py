@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
+from ..runtime.errors import UsageError
 from . import ast
 from .diagnostics import Sink
 from .ir import DTYPES, BoundSpec, DimIR, LayerIR, PageIR, SegmentIR, StateIR, Unit
 
 Value = int | str
-
-
-class UsageError(ValueError):
-    """Bad command-line input (e.g. `--set` of an unknown parameter): exit status 2."""
 
 
 class _Poison(Exception):

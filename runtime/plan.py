@@ -28,18 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from .errors import PlanError, PlanFormatError
 from .layout import DimDesc, SegmentDesc, element_ids
 
 #: (major, minor) of the table format generated modules are written in.
 PLAN_FORMAT = (1, 0)
-
-
-class PlanFormatError(RuntimeError):
-    """A generated module was written for a plan format this runtime cannot read."""
-
-
-class PlanError(ValueError):
-    """A plan was asked for something it does not hold (an uncompiled pair, a bad rank)."""
 
 
 def require_plan_format(module_format: tuple[int, int], module_name: str) -> None:
