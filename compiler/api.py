@@ -4,8 +4,35 @@ from __future__ import annotations
 
 import os
 
+from ..runtime.errors import UsageError
 from ..runtime.plan import Plan
-from .pipeline import Compiler, SideSets
+from .pipeline import BUILTIN, Compiler, SideSets, builtin_specs_dir
+
+__all__ = ["compile_builtin", "compile_plan", "resolve_spec"]
+
+
+def resolve_spec(spec: str) -> tuple[str, bytes | None]:
+    """A path, or the name of a built-in family spec (``vllm_mla``), -> (display path, the
+    spec's bytes for a built-in or None for a path)."""
+    if os.path.isfile(spec):
+        return spec, None
+    name = spec if spec.endswith(".layout") else spec + ".layout"
+    if "/" not in name and "\\" not in name:
+        f = builtin_specs_dir().joinpath(name)
+        if f.is_file():
+            return f"{BUILTIN}/specs/{name}", f.read_bytes()
+    raise UsageError(f"{spec}: no such spec file or built-in spec")
+
+
+def compile_builtin(
+    name: str, prefill_tp: int, decode_tp: int, sets: dict[str, object] | None = None
+) -> Plan:
+    """Compile the built-in spec ``name`` (e.g. ``"vllm_flashinfer"``) for one TP pair."""
+    path, data = resolve_spec(name)
+    c = Compiler()
+    unit = c.load(path, data)
+    p, d = c.bind(unit, SideSets.parse({k: str(v) for k, v in (sets or {}).items()}))
+    return c.plan(unit, p, d, prefill_tp, decode_tp)
 
 
 def compile_plan(

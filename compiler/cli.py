@@ -1,4 +1,7 @@
-"""`layoutc` command line: compile, check, plan, explain, demo, bench, doctor, init.
+"""The compiler's command line: compile, check, plan, explain, init.
+
+The ``layoutc`` console script is :func:`layoutc.tools.cli.main`, which adds the commands that
+run the runtime (demo, bench, doctor); this module never imports them.
 
 `main(argv) -> int`: 0 ok, 1 spec errors / stale output / failed run, 2 usage errors,
 3 internal errors (compiler bugs).  Never a traceback for bad input.
@@ -14,10 +17,12 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
-from .bind import UsageError
+from ..runtime.errors import LayoutcError, UsageError
 from .diagnostics import InternalError, LayoutError, render
 from .fsutil import write_atomically
 from .pipeline import BUILTIN, Compiler, SideSets, spec_name
@@ -258,7 +263,13 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: A function adding subcommands: ``(subparsers, add_spec_options) -> None``.
+Extension = Callable[[Any, Callable[[argparse.ArgumentParser], None]], None]
+
+
+def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParser:
+    """The parser of the compiler's commands, plus those ``extensions`` add (the tools' CLI
+    adds ``demo``, ``bench``, ``doctor``)."""
     ap = _Parser(prog="layoutc", description=__doc__.split("\n")[0])
     ap.add_argument("--version", action="version", version=f"layoutc {__version__}")
     ap.add_argument(
@@ -300,21 +311,26 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-o", "--output", metavar="FILE.svg|FILE.png")
         p.set_defaults(func=fn)
 
-    from . import cli_init, cli_runtime
+    from . import cli_init
 
-    cli_runtime.add_commands(sub, _add_spec_options)
     cli_init.add_commands(sub, _add_spec_options)
+    for extend in extensions:
+        extend(sub, _add_spec_options)
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, extensions: Sequence[Extension] = ()) -> int:
+    """Run one command in-process: 0 ok, 1 spec errors / stale output / failed run, 2 usage
+    errors, 3 internal errors.  Runs compile, check, plan, explain, init; ``extensions``
+    add commands (:mod:`layoutc.tools.cli` is the front door that adds the tools')."""
     compiler = Compiler()
     fmt = "human"
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser(extensions)
+        args = parser.parse_args(argv)
         fmt = args.error_format
         if not getattr(args, "func", None):
-            build_parser().print_help(sys.stderr)
+            parser.print_help(sys.stderr)
             return 2
         compiler.include_dirs = list(getattr(args, "include", []) or [])
         return args.func(args, compiler)
@@ -334,4 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     except OSError as e:
         print(f"layoutc: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except LayoutcError as e:  # a failed run of a tool (its own errors are printed by it)
+        print(f"layoutc: error: {e}", file=sys.stderr)
         return 1

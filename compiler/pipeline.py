@@ -42,14 +42,18 @@ class SideSets:
     decode: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
-    def parse(items: list[str] | dict[str, str] | None) -> SideSets:
+    def parse(
+        items: list[str] | dict[str, str] | None, defaults: dict[str, str] | None = None
+    ) -> SideSets:
+        """``--set`` items (``NAME=VALUE``, or a dict) over ``defaults`` (a dict)."""
         from .bind import UsageError
 
         out = SideSets()
-        if not items:
-            return out
-        pairs = items.items() if isinstance(items, dict) else [_split_set(i) for i in items]
-        for k, v in pairs:
+        merged = dict(defaults or {})
+        if items:
+            pairs = items.items() if isinstance(items, dict) else [_split_set(i) for i in items]
+            merged.update(pairs)
+        for k, v in merged.items():
             v = str(v)
             if k.startswith("prefill."):
                 out.prefill[k[len("prefill.") :]] = v

@@ -1,6 +1,7 @@
-"""Endpoint processes for the runtime tests, driven over a pipe by the pytest process.
+"""Endpoint processes for the runtime tests, driven by the pytest process.
 
-A :class:`Pool` keeps worker processes (multiprocessing *spawn*) alive across tests, because
+Workers are :mod:`layoutc.tools.harness` workers.  A :class:`Pool` keeps them alive across
+tests, because
 starting one (Python + torch + NIXL) costs ~2 s of CPU on the 2-core box.  A test takes
 workers with :meth:`Pool.rank`, which creates a real :class:`Endpoint` in the worker with
 sentinel-filled, registered buffers; ``rank.call("pull", rid, local, remote)`` then runs the
@@ -15,18 +16,14 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from typing import Any
 
 import numpy as np
 import pytest
+from layoutc.tools.harness import Worker as HarnessWorker
 
 SENTINEL = 0x5A  # decode bytes that nothing may write
 PREFILL_FILL = 0xC3  # prefill bytes outside tagged blocks
-
-
-class RemoteError(RuntimeError):
-    """An unexpected exception in a worker; the message carries its traceback."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,114 +172,60 @@ class _Session:
         return self.ep.stats()
 
 
-def _serve(conn) -> None:
-    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
-    import torch
+class TestRank:
+    """A test worker's handler (:mod:`layoutc.tools.harness`): one endpoint session at a
+    time; its methods and the endpoint's are called by name; between calls the endpoint is
+    polled and completions are collected."""
 
-    torch.set_num_threads(1)
-    session: _Session | None = None
-    conn.send(("ok", os.getpid()))
-    try:
-        while True:
-            if not conn.poll(0.001):
-                if session is not None:
-                    session.collect()
-                continue
-            cmd, args, kwargs = conn.recv()
-            try:
-                if cmd == "exit":
-                    out = session.close() if session else None
-                    conn.send(("ok", out))
-                    return
-                if cmd == "setup":
-                    if session is not None:
-                        session.close()
-                    session = None
-                    session = _Session(*args, **kwargs)
-                    out = session.ep.name
-                elif cmd == "teardown":
-                    out = session.close() if session else None
-                    session = None
-                elif cmd == "pid":
-                    out = os.getpid()
-                else:
-                    assert session is not None, f"{cmd}: no endpoint set up"
-                    fn = getattr(session, cmd, None) or getattr(session.ep, cmd)
-                    out = fn(*args, **kwargs)
-                conn.send(("ok", out))
-            except Exception as e:  # noqa: BLE001 - shipped to the test
-                try:
-                    conn.send(("err", e))
-                except Exception:  # noqa: BLE001 - unpicklable: send text
-                    conn.send(
-                        ("err", RemoteError(f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-                    )
-    finally:
-        conn.close()
+    def __init__(self, channel: Any) -> None:
+        self.session: _Session | None = None
+
+    def setup(self, *args: Any, **kwargs: Any) -> str:
+        if self.session is not None:
+            self.session.close()
+        self.session = None
+        self.session = _Session(*args, **kwargs)
+        return self.session.ep.name
+
+    def teardown(self) -> dict[str, int] | None:
+        out = self.session.close() if self.session else None
+        self.session = None
+        return out
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def tick(self) -> bool:
+        if self.session is not None:
+            self.session.collect()
+        return False
+
+    def close(self) -> dict[str, int] | None:
+        return self.teardown()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or self.__dict__.get("session") is None:
+            raise AttributeError(name)
+        session = self.__dict__["session"]
+        return getattr(session, name, None) or getattr(session.ep, name)
 
 
 # --------------------------------------------------------------------------------------------
 # Test side
 # --------------------------------------------------------------------------------------------
-class Worker:
-    def __init__(self, ctx) -> None:
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
-        self.proc.start()
-        child.close()
-        self.started = False
-        self.label = "worker"
+class Worker(HarnessWorker):
+    """A test worker process (the tools' harness), labelled with the rank it serves."""
+
+    def __init__(self) -> None:
+        super().__init__("rt_workers:TestRank", label="worker", device="cpu")
         self.role, self.rank = "", -1
-
-    def ready(self, timeout: float = 60.0) -> None:
-        if not self.started:
-            self.pid = self._recv(timeout, "start")
-            self.started = True
-
-    def send(self, cmd: str, *args: Any, **kwargs: Any) -> None:
-        self.ready()
-        self.conn.send((cmd, args, kwargs))
-
-    def _recv(self, timeout: float, what: str) -> Any:
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"{self.label}: no answer to {what!r} within {timeout} s")
-        status, value = self.conn.recv()
-        if status == "err":
-            raise value
-        return value
-
-    def call(self, cmd: str, *args: Any, timeout: float = 60.0, **kwargs: Any) -> Any:
-        self.send(cmd, *args, **kwargs)
-        return self._recv(timeout, cmd)
-
-    def result(self, timeout: float = 60.0, what: str = "command") -> Any:
-        return self._recv(timeout, what)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.is_alive()
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.join(5)
-
-    def stop(self) -> None:
-        if self.alive:
-            try:
-                self.call("exit", timeout=20)
-            except Exception:  # noqa: BLE001
-                pass
-            self.proc.join(5)
-        if self.alive:
-            self.kill()
 
 
 class Pool:
     """Worker processes shared by the tests of a session."""
 
-    def __init__(self, ctx, size: int) -> None:
-        self.ctx = ctx
-        self.idle = [Worker(ctx) for _ in range(size)]
+    def __init__(self, size: int) -> None:
+        self.idle = [Worker() for _ in range(size)]
         self.busy: list[Worker] = []
 
     def _take(self) -> Worker:
@@ -290,7 +233,7 @@ class Pool:
             w = self.idle.pop(0)
             if w.alive:
                 return w
-        return Worker(self.ctx)
+        return Worker()
 
     def rank(
         self,
@@ -412,9 +355,8 @@ def shared_pool() -> Pool:
     global _POOL
     if _POOL is None:
         import atexit
-        import multiprocessing as mp
 
-        _POOL = Pool(mp.get_context("spawn"), int(os.environ.get("LAYOUTC_TEST_WORKERS", "6")))
+        _POOL = Pool(int(os.environ.get("LAYOUTC_TEST_WORKERS", "6")))
         atexit.register(_POOL.close)
     return _POOL
 

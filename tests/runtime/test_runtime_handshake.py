@@ -263,8 +263,8 @@ def test_runtime_imports_no_compiler_dependencies():
     import sys
 
     code = (
-        "import sys, layoutc.runtime.endpoint, layoutc.runtime.demo, layoutc.runtime.doctor, "
-        "layoutc.runtime.tags, layoutc.runtime.handshake; "
+        "import sys, layoutc.runtime.endpoint, layoutc.runtime.staged, layoutc.runtime.tags, "
+        "layoutc.runtime.handshake, layoutc.runtime.protocol; "
         "bad = [m for m in ('lark', 'jinja2', 'layoutc.compiler') if m in sys.modules]; "
         "assert not bad, bad"
     )

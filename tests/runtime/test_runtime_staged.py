@@ -389,7 +389,7 @@ def test_posted_count_matches_nixl_telemetry():
     """``bench.nixl_posted`` (and the endpoint's cost input) count what NIXL really posts."""
     import torch
     from layoutc.runtime import nixl_compat
-    from layoutc.runtime.bench import nixl_posted
+    from layoutc.tools.bench import nixl_posted
     from layoutc.runtime.descriptors import Segment, build_pair_table, segments_by_key
 
     mod = nixl_compat.load()

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from layoutc.runtime.demo import DemoError, run_demo
-from layoutc.runtime.doctor import run_doctor
+from layoutc.tools.demo import DemoError, run_demo
+from layoutc.tools.doctor import run_doctor
 from rt_plans import HYBRID, compiled
 
 pytestmark = pytest.mark.timeout(180)
@@ -192,7 +192,7 @@ def test_doctor_reports_gpu_pairs_without_peer_access():
     for a 3-GPU host where GPU 2 reaches no other GPU directly)."""
     from types import SimpleNamespace
 
-    from layoutc.runtime.doctor import _peer_access
+    from layoutc.tools.doctor import _peer_access
 
     cuda = SimpleNamespace(can_device_access_peer=lambda i, j: 2 not in (i, j))
     lines, warnings = [], []
@@ -212,7 +212,7 @@ def test_doctor_reports_gpu_pairs_without_peer_access():
 
 
 def test_ranks_are_placed_round_robin_on_the_listed_gpus():
-    from layoutc.runtime.demo import rank_devices
+    from layoutc.tools.demo import rank_devices
 
     assert rank_devices("cuda", 4, [0, 1]) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
     assert rank_devices("cuda", 2, [1]) == ["cuda:1", "cuda:1"]
