@@ -389,8 +389,8 @@ def test_posted_count_matches_nixl_telemetry():
     """``bench.nixl_posted`` (and the endpoint's cost input) count what NIXL really posts."""
     import torch
     from layoutc.runtime import nixl_compat
-    from layoutc.tools.bench import nixl_posted
     from layoutc.runtime.descriptors import Segment, build_pair_table, segments_by_key
+    from layoutc.tools.bench import nixl_posted
 
     mod = nixl_compat.load()
     cfg = mod.nixl_agent_config(enable_prog_thread=False, backends=["UCX"], capture_telemetry=True)
