@@ -98,9 +98,11 @@ def _command(args, spec: str, source: str) -> str:
     for d in args.include:
         parts += ["-I", d if not os.path.isabs(d) else "DIR"]
     for s in args.set or []:
-        parts += ["--set", s]
-    if args.tp_pairs:
-        parts += ["--tp-pairs", args.tp_pairs]
+        k, _, v = s.partition("=")
+        parts += ["--set", f"{k.strip()}={v.strip()}"]
+    if args.tp_pairs:  # (validated by _pairs; written as given, in canonical form)
+        given_pairs = [tuple(int(x) for x in i.split(":")) for i in args.tp_pairs.split(",")]
+        parts += ["--tp-pairs", ",".join(f"{p}:{d}" for p, d in dict.fromkeys(given_pairs))]
     return shlex.join(parts)
 
 
