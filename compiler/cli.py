@@ -25,7 +25,7 @@ from .. import __version__
 from ..runtime.errors import LayoutcError, UsageError
 from .diagnostics import InternalError, LayoutError, render
 from .fsutil import write_atomically
-from .pipeline import BUILTIN, Compiler, SideSets, spec_name
+from .pipeline import BUILTIN, Compiler, SideSets, spec_name, split_set
 
 DEFAULT_TPS = (1, 2, 4, 8)
 MAX_TP = 1024
@@ -98,8 +98,8 @@ def _command(args, spec: str, source: str) -> str:
     for d in args.include:
         parts += ["-I", d if not os.path.isabs(d) else "DIR"]
     for s in args.set or []:
-        k, _, v = s.partition("=")
-        parts += ["--set", f"{k.strip()}={v.strip()}"]
+        k, v = split_set(s)
+        parts += ["--set", f"{k}={v}"]
     if args.tp_pairs:  # (validated by _pairs; written as given, in canonical form)
         given_pairs = [tuple(int(x) for x in i.split(":")) for i in args.tp_pairs.split(",")]
         parts += ["--tp-pairs", ",".join(f"{p}:{d}" for p, d in dict.fromkeys(given_pairs))]

@@ -51,7 +51,7 @@ class SideSets:
         out = SideSets()
         merged = dict(defaults or {})
         if items:
-            pairs = items.items() if isinstance(items, dict) else [_split_set(i) for i in items]
+            pairs = items.items() if isinstance(items, dict) else [split_set(i) for i in items]
             merged.update(pairs)
         for k, v in merged.items():
             v = str(v)
@@ -77,7 +77,7 @@ class SideSets:
         return {**self.common, **getattr(self, role)}
 
 
-def _split_set(item: str) -> tuple[str, str]:
+def split_set(item: str) -> tuple[str, str]:
     from .bind import UsageError
 
     if "=" not in item:

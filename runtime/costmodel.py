@@ -56,10 +56,9 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-__all__ = ["DEFAULTS", "CostModel", "ENV_VAR", "STRATEGIES"]
+__all__ = ["DEFAULTS", "CostModel", "ENV_VAR"]
 
 ENV_VAR = "LAYOUTC_COST_MODEL"
-STRATEGIES = ("zero-copy", "staged")
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ DEMO_SETS = {
 }
 
 #: Faults ``--inject`` can turn on.
-INJECTIONS = ("kill-prefill", "kill-decode", "bad-blocks", "spec-mismatch")
+KILLS = ("kill-prefill", "kill-decode")  # the faults that kill a rank half-way
+INJECTIONS = (*KILLS, "bad-blocks", "spec-mismatch")
 MODES = ("pull", "push")
 _PREFILL_FILL = 0xC3  # bytes of prefill buffers outside any request's state bytes
 _DECODE_FILL = 0x5A  # decode sentinel: what every byte nothing may write must still hold
@@ -276,7 +277,7 @@ class DemoRank:
 
 def _gate(cfg: dict[str, Any], channel: Channel, i: int) -> None:
     """With a kill injection, initiators pause half-way until the parent killed its victim."""
-    if cfg["inject"] in ("kill-prefill", "kill-decode") and i == cfg["requests"] // 2:
+    if cfg["inject"] in KILLS and i == cfg["requests"] // 2:
         channel.emit("gate", i)
         channel.wait_posted("continue", _SETUP_TIMEOUT_S)
 
@@ -522,7 +523,7 @@ def run_demo(
         raise UsageError("requests and blocks must each be below 2**21")
     if not timeout_s > 0:
         raise UsageError(f"timeout_s must be > 0, got {timeout_s}")
-    if inject in ("kill-prefill", "kill-decode") and requests < 2:
+    if inject in KILLS and requests < 2:
         raise UsageError("kill injections need at least 2 requests")
     if device != "cpu":
         import torch
@@ -610,7 +611,7 @@ def run_demo(
             c.worker.send("run")
         initiators = [c for c in ranks if (c.role == "decode") == (mode == "pull")]
         victim = None
-        if inject in ("kill-prefill", "kill-decode"):
+        if inject in KILLS:
             vrole = inject.split("-", 1)[1]
             vrank = (plan.prefill_tp if vrole == "prefill" else plan.decode_tp) - 1
             victim = next(c for c in ranks if c.role == vrole and c.rank == vrank)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from layoutc.runtime.endpoint import STRATEGIES
 from layoutc.runtime.plan import Plan
 
 from .config import BenchError, MiB, Run, put
@@ -18,6 +19,10 @@ from .flows import (
     start_workers,
     tiny_requests,
 )
+
+
+#: The strategies a request can be forced to.
+FORCED = tuple(s for s in STRATEGIES if s != "auto")
 
 
 def bench_scattered(compile_plan: Callable[..., Plan], run: Run, cm: dict[str, Any]) -> None:
@@ -43,7 +48,7 @@ def bench_scattered(compile_plan: Callable[..., Plan], run: Run, cm: dict[str, A
     pb, db = scattered_ids(nblk, pool, 7)
     total = 2 * nblk * layers * per_block
     workers = start_workers(["cpu", "cpu"], ["prefill", "decode"], deadline)
-    strategies = [cfg.strategy] + [s for s in ("zero-copy", "staged") if s != cfg.strategy]
+    strategies = [cfg.strategy] + [s for s in FORCED if s != cfg.strategy]
     results: dict[str, list[float]] = {s: [] for s in strategies}
     from_ready: list[float] = []  # cfg.strategy's requests timed from the prefill's expect
     base: dict[str, list[float]] = {"4k": [], "thp": []}
@@ -138,7 +143,7 @@ def bench_scattered(compile_plan: Callable[..., Plan], run: Run, cm: dict[str, A
         [b / t for b, t in zip(base["thp"], t_auto)],
         4,
     )
-    for strat in ("zero-copy", "staged"):
+    for strat in FORCED:
         put(
             out,
             f"cpu_scattered_{strat.replace('-', '_')}_GBps",
