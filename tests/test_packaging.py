@@ -23,7 +23,9 @@ def test_every_package_folder_is_installed():
             folder = init.parent.relative_to(ROOT).as_posix()
             if "__pycache__" in folder:
                 continue
-            assert folder in mapped, f"{folder}/ is a package but pyproject.toml does not install it"
+            assert folder in mapped, (
+                f"{folder}/ is a package but pyproject.toml does not install it"
+            )
             expected = "layoutc." + folder.replace("/", ".")
             if folder == "compiler/pkg":
                 expected = "layoutc"

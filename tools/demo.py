@@ -549,8 +549,8 @@ def run_demo(
     from layoutc.runtime.endpoint import layer_kind_sequence
     from layoutc.runtime.tags import element_ids
 
-    for side in (plan.prefill, plan.decode):
-        element_ids(side, side.states[0].name, 0)  # fail early without tag identity
+    for side_layout in (plan.prefill, plan.decode):  # fail early without tag identity
+        element_ids(side_layout, side_layout.states[0].name, 0)
     kinds = layer_kind_sequence(plan, layers)
     blk = _layout_blocks(requests, blocks, seed)
     run_id = f"{os.getpid()}-{time.monotonic_ns() % 10**9}"

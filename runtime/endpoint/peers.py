@@ -28,9 +28,10 @@ class StagingInfo:
         if not isinstance(st, dict):
             return None
         vals = [st.get(k) for k in ("addr", "nbytes", "devid", "slots", "slot_bytes")]
-        if any(type(v) is not int or v < 0 for v in vals):
+        ints = [v for v in vals if type(v) is int and v >= 0]
+        if len(ints) != len(vals):
             return None
-        info = cls(*vals)
+        info = cls(*ints)
         if info.slot_bytes <= 0 or info.slots <= 0 or info.slot_bytes * info.slots > info.nbytes:
             return None
         return info

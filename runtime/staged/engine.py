@@ -381,9 +381,8 @@ class Staged:
                     ctx.to_read[c] = msg.slot
                     self.todo.append(("read", ctx, c))
         elif isinstance(msg, Ack) and ctx.role == "src":
-            s = ctx.waiting_ack.pop(msg.chunk, None)
-            if s is not None:
-                self.pool.give(s)
+            if msg.chunk in ctx.waiting_ack:
+                self.pool.give(ctx.waiting_ack.pop(msg.chunk))
                 ctx.moved += 1
         elif isinstance(msg, Dat) and ctx.role == "dst":
             c = msg.chunk
@@ -815,7 +814,7 @@ class Staged:
                 ctx = self._next_to_pack(ahead=True)
                 if ctx is None or not self.pool.free:
                     break
-                s = self.pool.take()
+                s = self.pool.free.popleft()
             c = ctx.next_pack
             ctx.next_pack += 1
             t0 = self.tel.clock()
@@ -865,7 +864,7 @@ class Staged:
                 if not self.host.active(ctx.req):
                     continue
                 if ctx.next_grant < ctx.n and len(ctx.grants) < cap:
-                    s = self.pool.take()
+                    s = self.pool.free.popleft()  # (the loop runs while one is free)
                     c = ctx.next_grant
                     ctx.grants[c] = s
                     ctx.next_grant += 1

@@ -20,7 +20,6 @@ from .flows import (
     tiny_requests,
 )
 
-
 #: The strategies a request can be forced to.
 FORCED = tuple(s for s in STRATEGIES if s != "auto")
 

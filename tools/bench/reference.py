@@ -14,8 +14,8 @@ __all__ = ["expand_loop"]
 
 def expand_loop(
     layout: StagingLayout,
-    local_blocks: Sequence[int],
-    remote_blocks: Sequence[int],
+    local_blocks: Sequence[int] | np.ndarray,
+    remote_blocks: Sequence[int] | np.ndarray,
     layers: Sequence[int] | None = None,
     *,
     table: Any = None,
@@ -43,7 +43,8 @@ def expand_loop(
     nbytes = 0
     n_desc = 0
     n_posted = 0
-    ls = rs = None
+    ls: list[int] = []
+    rs: list[int] = []
     if table is not None:
         check_table(layout, table)
         ls = table.local_row_start.tolist()
@@ -51,7 +52,7 @@ def expand_loop(
     for r in rows:
         full = row_nbytes[r] == pstride[r] == dstride[r]
         for i in range(nblk):
-            if ls is not None:
+            if table is not None:
                 li.append(ls[r] + local[i])
                 ri.append(rs[r] + remote[i])
             nbytes += row_nbytes[r]

@@ -109,6 +109,7 @@ class BenchWorker:
         self.sessions: dict[str, _Sess] = {}
         self.raw: dict[str, Any] = {}
         self.hot_on = False
+        self.prof: Any = None  # a cProfile.Profile while profiling
 
     # -- endpoints -------------------------------------------------------------------------
     def setup(self, name, plan, role, rank, kinds, nb, ep_kwargs):
@@ -265,10 +266,10 @@ class BenchWorker:
         import pstats
 
         if on:
-            self._prof = cProfile.Profile()
-            self._prof.enable()
+            self.prof = cProfile.Profile()
+            self.prof.enable()
             return None
-        prof, self._prof = getattr(self, "_prof", None), None
+        prof, self.prof = self.prof, None
         if prof is None:
             return None
         prof.disable()

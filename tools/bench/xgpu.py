@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -38,11 +39,11 @@ def bench_cross_gpu(compile_plan: Callable[..., Plan], run: Run) -> None:
         timeout_s=60.0, staging_bytes=cfg.gpu_staging_bytes, staging_slots=cfg.gpu_staging_slots
     )
     base = (compile_plan, run, workers, runs, params, ep_kw, (src, dst))
-    parts = [
-        (key, lambda p=p, d=d, key=key: _xgpu_scattered(*base, layers, key, p, d))
+    parts: list[tuple[str, Callable[[], None]]] = [
+        (key, functools.partial(_xgpu_scattered, *base, layers, key, p, d))
         for key, p, d in (("1to2", 1, 2), ("2to1", 2, 1))
     ]
-    parts.append(("contiguous", lambda: _xgpu_contiguous(*base)))
+    parts.append(("contiguous", functools.partial(_xgpu_contiguous, *base)))
     try:
         out["xgpu_case"] = {
             "placement": "prefill ranks on GPU 0, decode ranks on GPU 1, one process per rank",
