@@ -140,7 +140,7 @@ def cmd_bench(args: argparse.Namespace, compiler: Compiler) -> int:
 def cmd_doctor(args: argparse.Namespace, compiler: Compiler) -> int:
     from .doctor import run_doctor
 
-    lines, warnings, code = run_doctor(live=not args.no_transfer)
+    lines, warnings, code, _ = run_doctor(live=not args.no_transfer)
     for line in lines:
         print(line)
     for w in warnings:

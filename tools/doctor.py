@@ -18,7 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from layoutc.runtime import nixl_compat
 
@@ -34,10 +34,22 @@ _MIN_HOST_GBPS = 1.0
 _MIN_VRAM_GBPS = 5.0
 
 
-def run_doctor(live: bool = True) -> tuple[list[str], list[str], int]:
-    """Return (report lines, warnings, exit code)."""
+class DoctorReport(NamedTuple):
+    """What the doctor found: the report lines, warnings (each says how to fix it), the exit
+    code, and the facts behind them (``nixl``: variant and version; ``live``: per device
+    kind, the measured rates, the UCX transports seen and ``verified``)."""
+
+    lines: list[str]
+    warnings: list[str]
+    code: int
+    facts: dict[str, Any]
+
+
+def run_doctor(live: bool = True) -> DoctorReport:
+    """Run every check; see :class:`DoctorReport`."""
     lines: list[str] = []
     warnings: list[str] = []
+    facts: dict[str, Any] = {"live": {}}
     lines.append(
         f"python {platform.python_version()} on {platform.system()} "
         f"{platform.machine()}, {os.cpu_count()} CPUs"
@@ -51,7 +63,7 @@ def run_doctor(live: bool = True) -> tuple[list[str], list[str], int]:
         warnings.append(
             f"cannot import numpy/torch ({e}): install layoutc[cpu] or a torch build for your CUDA"
         )
-        return lines, warnings, 1
+        return DoctorReport(lines, warnings, 1, facts)
 
     # ---- NIXL
     try:
@@ -59,7 +71,8 @@ def run_doctor(live: bool = True) -> tuple[list[str], list[str], int]:
     except nixl_compat.NixlMissingError as e:
         lines.append("NIXL: not installed")
         warnings.append(str(e).splitlines()[0])
-        return lines, warnings, 1
+        return DoctorReport(lines, warnings, 1, facts)
+    facts["nixl"] = {"variant": mod.variant, "version": mod.version}
     meta = "" if mod.name == "nixl" else " (the `nixl` meta package is not installed; fine)"
     lines.append(f"NIXL {mod.version}: imported {mod.name}._api from {mod.variant}{meta}")
     level = os.environ.get("NIXL_LOG_LEVEL", "")
@@ -78,7 +91,7 @@ def run_doctor(live: bool = True) -> tuple[list[str], list[str], int]:
             "NIXL could not create a UCX backend: check that the nixl wheel's "
             "bundled UCX loads (ldd on its plugins) and that UCX_TLS is not empty"
         )
-        return lines, warnings, 1
+        return DoctorReport(lines, warnings, 1, facts)
     plugins = sorted(agent.get_plugin_list())
     lines.append(f"backend plugins: {', '.join(plugins)}")
     try:
@@ -149,10 +162,10 @@ def run_doctor(live: bool = True) -> tuple[list[str], list[str], int]:
     if live:
         devices = ["cpu"] + (["cuda"] if cuda else [])
         for device in devices:
-            _live(device, lines, warnings)
+            facts["live"][device] = _live(device, lines, warnings)
     else:
         lines.append("live transfer: skipped")
-    return lines, warnings, (1 if warnings else 0)
+    return DoctorReport(lines, warnings, 1 if warnings else 0, facts)
 
 
 def _peer_access(torch: Any, n: int, lines: list[str], warnings: list[str]) -> None:
@@ -192,7 +205,9 @@ def _read(path: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Live transfer between two processes
 # --------------------------------------------------------------------------------------------
-def _live(device: str, lines: list[str], warnings: list[str]) -> None:
+def _live(device: str, lines: list[str], warnings: list[str]) -> dict[str, Any]:
+    """The live transfer on ``device`` ("cpu": host memory): its facts (rates, transports,
+    ``verified``), report lines and warnings."""
     mem = "host" if device == "cpu" else "device"
     with tempfile.TemporaryDirectory(prefix="layoutc-doctor-") as tmp:
         logs = [os.path.join(tmp, f"{r}.log") for r in ("target", "initiator")]
@@ -220,7 +235,7 @@ def _live(device: str, lines: list[str], warnings: list[str]) -> None:
             f"the live {mem}-memory transfer failed ({error}); run with "
             f"UCX_LOG_LEVEL=info to see why UCX could not connect"
         )
-        return
+        return {"verified": False, "error": error}
     mib = _LIVE_BYTES >> 20
     n = _LIVE_BYTES // _LIVE_PIECE
     lines.append(
@@ -250,6 +265,11 @@ def _live(device: str, lines: list[str], warnings: list[str]) -> None:
             f"{result['write1']:.2f} GB/s): UCX's cuda_ipc refuses GET without NVLink; set "
             f"UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y before the engine starts, or use push mode"
         )
+    return {
+        "verified": True,
+        **result,
+        "transports": {k: sorted(v) for k, v in transports.items()},
+    }
 
 
 _TABLE_ROW = re.compile(r"\|\s*[\d.]+(?:\.\.(?:inf|\d+))?\s*\|[^|]*\|\s*([\w/:.\-]+)")

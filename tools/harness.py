@@ -337,6 +337,19 @@ class Worker:
             self.dead = True
             self.proc.join(1)
 
+    def wait_event(
+        self, match: Callable[[tuple[Any, ...]], bool], timeout: float
+    ) -> tuple[Any, ...]:
+        """The first event (oldest first, collected or still to come) for which ``match`` is
+        true; earlier events are dropped.  :class:`WorkerTimeout` after ``timeout``."""
+        end = time.monotonic() + self._within(timeout)
+        while True:
+            while self.events:
+                ev = self.events.popleft()
+                if match(ev):
+                    return ev
+            self._read(max(0.0, end - time.monotonic()), "an event")
+
     def ready(self, timeout: float = START_TIMEOUT_S) -> int:
         """Wait until the worker started (its handler exists); returns its pid."""
         end = time.monotonic() + self._within(timeout)

@@ -32,11 +32,12 @@ PREFILL_FILL = 0xC3  # prefill bytes outside tagged blocks
 class _Session:
     """One endpoint with its buffers inside a worker."""
 
-    def __init__(self, plan, role, rank, num_blocks, kinds, ep_kwargs) -> None:
+    def __init__(self, channel, plan, role, rank, num_blocks, kinds, ep_kwargs) -> None:
         import torch  # noqa: F401
         from layoutc.runtime.endpoint import Endpoint, allocate_buffers
         from layoutc.runtime.tags import PageTagger
 
+        self.channel = channel
         self.plan, self.role, self.rank, self.num_blocks = plan, role, rank, num_blocks
         self.side = plan.prefill if role == "prefill" else plan.decode
         self.ep = Endpoint(plan, role, rank, **ep_kwargs)
@@ -140,7 +141,8 @@ class _Session:
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Post ``op`` ("pull"/"push") requests back to back, alternating the local block sets
-        ``sets``, until the first failure, ``n`` requests or ``seconds``.
+        ``sets``, until the first failure, ``n`` requests or ``seconds``; an event
+        ``("done", count)`` after each completed request.
 
         Returns {"done", "error", "failed_rid", "t_error" (monotonic), "last_set"}: the set
         written by the last request that completed (pull), for checking afterwards.
@@ -165,6 +167,7 @@ class _Session:
                     "last_set": last,
                 }
             done, last = done + 1, i % len(sets)
+            self.channel.emit("done", done)
         return {"done": done, "error": None, "failed_rid": None, "t_error": None, "last_set": last}
 
     def close(self) -> dict[str, int]:
@@ -178,13 +181,14 @@ class TestRank:
     polled and completions are collected."""
 
     def __init__(self, channel: Any) -> None:
+        self.channel = channel
         self.session: _Session | None = None
 
     def setup(self, *args: Any, **kwargs: Any) -> str:
         if self.session is not None:
             self.session.close()
         self.session = None
-        self.session = _Session(*args, **kwargs)
+        self.session = _Session(self.channel, *args, **kwargs)
         return self.session.ep.name
 
     def teardown(self) -> dict[str, int] | None:
@@ -369,3 +373,17 @@ def ranks_fixture():
     yield pool
     problems = pool.release()
     assert not problems, problems
+
+
+def requests_done(worker: Worker, count: int, timeout: float = 60.0) -> None:
+    """Wait until ``worker``'s running ``loop`` has completed ``count`` requests."""
+    worker.wait_event(lambda ev: ev[0] == "done" and ev[1] >= count, timeout)
+
+
+def wait_until(what: str, check, timeout: float = 30.0) -> None:
+    """Poll ``check()`` (a call into workers) until it is true; fail after ``timeout``."""
+    end = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > end:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        time.sleep(0.01)
