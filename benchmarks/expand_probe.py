@@ -25,14 +25,8 @@ import numpy as np
 import torch
 from layoutc.compiler.api import compile_plan
 from layoutc.runtime.descriptors import build_pair_table, synthetic_segments
-from layoutc.runtime.staging import (
-    BoundPages,
-    StagingLayout,
-    expand,
-    expand_loop,
-    pack,
-    unpack,
-)
+from layoutc.runtime.staging import BoundPages, StagingLayout, expand, pack, unpack
+from layoutc.tools.bench.reference import expand_loop
 
 SPEC = Path(__file__).resolve().parents[1] / "specs" / "vllm_hybrid_mamba2.layout"
 PARAMS = dict(

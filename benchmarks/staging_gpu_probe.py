@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from layoutc.compiler.api import compile_plan
-from layoutc.runtime import staging
 from layoutc.runtime.staging import BoundPages, StagingLayout, expand, pack, unpack
+from layoutc.runtime.staging import pages as staging_pages
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 SMALL_HYBRID = dict(
@@ -173,7 +173,7 @@ def throughput(name, spec, params, p, d, nlayers=64, blocks=1000, pool=3000):
     )
     res = {}
     for units, tag in (((16, 8, 4, 2, 1), "16 B"), ((8, 4, 2, 1), "8 B"), ((1,), "1 B")):
-        staging._UNITS = units
+        staging_pages._UNITS = units
         for grouped in (False, True):
             g = "grouped" if grouped else "per-row"
             res[f"pack   {tag:4s} {g:7s} whole"] = cuda_median(
@@ -200,7 +200,7 @@ def throughput(name, spec, params, p, d, nlayers=64, blocks=1000, pool=3000):
                     fused=False,
                 )
             )
-        staging._UNITS = (16, 8, 4, 2, 1)
+        staging_pages._UNITS = (16, 8, 4, 2, 1)
 
     for tag, bufs_, fn, ids_t in (("pack  ", P, pack, rt), ("unpack", D, unpack, lt)):
         ids = remote if fn is pack else local

@@ -4,8 +4,36 @@ from __future__ import annotations
 
 import os
 
+from ..runtime.errors import UsageError
 from ..runtime.plan import Plan
 from .pipeline import Compiler, SideSets, find_builtin
+
+__all__ = ["compile_builtin", "compile_plan", "resolve_spec"]
+
+
+def resolve_spec(spec: str) -> tuple[str, bytes | None]:
+    """A path, or the name of a built-in spec (``vllm_mla``, ``llama_3_1_8b``,
+    ``models/llama_3_1_8b.layout``), -> (display path, the spec's bytes for a built-in or None
+    for a path).  A file wins over a built-in of the same name."""
+    if os.path.isfile(spec):
+        return spec, None
+    found = find_builtin(spec)
+    if found is None:
+        raise UsageError(
+            f"{spec}: no such spec file or built-in spec (`layoutc specs` lists the built-ins)"
+        )
+    return found.display, found.read()
+
+
+def compile_builtin(
+    name: str, prefill_tp: int, decode_tp: int, sets: dict[str, object] | None = None
+) -> Plan:
+    """Compile the built-in spec ``name`` (e.g. ``"vllm_flashinfer"``) for one TP pair."""
+    path, data = resolve_spec(name)
+    c = Compiler()
+    unit = c.load(path, data)
+    p, d = c.bind(unit, SideSets.parse({k: str(v) for k, v in (sets or {}).items()}))
+    return c.plan(unit, p, d, prefill_tp, decode_tp)
 
 
 def compile_plan(

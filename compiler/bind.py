@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from ..runtime.errors import UsageError
 from . import ast
 from .diagnostics import Sink
 from .ir import DTYPES, BoundSpec, DimIR, LayerIR, PageIR, SegmentIR, StateIR, Unit
 from .limits import flag_of
 
 Value = int | str
-
-
-class UsageError(ValueError):
-    """Bad command-line input (e.g. `--set` of an unknown parameter): exit status 2."""
 
 
 class _Poison(Exception):

@@ -1,4 +1,7 @@
-"""`layoutc` command line: compile, check, plan, explain, specs, init (and demo, bench, doctor).
+"""The compiler's command line: compile, check, plan, explain, specs, init.
+
+The ``layoutc`` console script is :func:`layoutc.tools.cli.main`, which adds the commands that
+run the runtime (demo, bench, doctor); this module never imports them.
 
 `main(argv) -> int`: 0 ok, 1 spec errors / stale output / failed run, 2 usage errors,
 3 internal errors (compiler bugs).  Never a traceback for bad input.
@@ -15,15 +18,18 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
+from ..runtime.errors import LayoutcError, UsageError
 from ..runtime.plan import Plan
-from .bind import UsageError
+from .api import resolve_spec
 from .diagnostics import InternalError, LayoutError, render
 from .fsutil import write_all_atomically
 from .limits import FLAGS, Limits
-from .pipeline import BUILTIN, Compiler, SideSets, builtin_specs, find_builtin, spec_name
+from .pipeline import BUILTIN, Compiler, SideSets, builtin_specs, spec_name, split_set
 
 #: Codes of the compiler's limits (compiler/limits.py): never a pair the shapes refuse.
 LIMIT_CODES = frozenset({"E063", "E064", "E065", "E066", "E067"})
@@ -106,9 +112,11 @@ def _command(args: argparse.Namespace, spec: str, source: str) -> str:
     for d in args.include:
         parts += ["-I", d if not os.path.isabs(d) else "DIR"]
     for s in args.set or []:
-        parts += ["--set", s]
-    if args.tp_pairs:
-        parts += ["--tp-pairs", args.tp_pairs]
+        k, v = split_set(s)
+        parts += ["--set", f"{k}={v}"]
+    if args.tp_pairs:  # (validated by _pairs; written as given, in canonical form)
+        given_pairs = [tuple(int(x) for x in i.split(":")) for i in args.tp_pairs.split(",")]
+        parts += ["--tp-pairs", ",".join(f"{p}:{d}" for p, d in dict.fromkeys(given_pairs))]
     return shlex.join(parts)
 
 
@@ -121,7 +129,7 @@ def _generate(args, compiler: Compiler) -> dict[str, str]:
 
     units = []
     for arg in args.specs:
-        spec, data = spec_source(arg)
+        spec, data = resolve_spec(arg)
         units.append((spec, compiler.load(spec, data)))
     arg_of = {spec: arg for (spec, _), arg in zip(units, args.specs)}
     declared = set().union(*(u.params for _, u in units))
@@ -226,25 +234,11 @@ def cmd_check(args, compiler: Compiler) -> int:
     return 0
 
 
-def spec_source(arg: str) -> tuple[str, bytes | None]:
-    """A SPEC argument -> (its path as diagnostics show it, its bytes for a built-in spec).
-
-    A file wins; otherwise a built-in spec's name (`layoutc specs` lists them)."""
-    if os.path.isfile(arg):
-        return arg, None
-    found = find_builtin(arg)
-    if found is None:
-        raise UsageError(
-            f"{arg}: no such spec file or built-in spec (`layoutc specs` lists the built-ins)"
-        )
-    return found.display, found.read()
-
-
 def _one_plan(args: argparse.Namespace, compiler: Compiler) -> Plan:
     for flag, tp in (("--prefill-tp", args.prefill_tp), ("--decode-tp", args.decode_tp)):
         if not 0 < tp <= MAX_TP:
             raise UsageError(f"{flag} {tp}: TP sizes must be in 1..{MAX_TP}")
-    spec, data = spec_source(args.spec)
+    spec, data = resolve_spec(args.spec)
     unit = compiler.load(spec, data)
     p, d = compiler.bind(unit, SideSets.parse(args.set))
     return compiler.plan(unit, p, d, args.prefill_tp, args.decode_tp)
@@ -341,7 +335,13 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: A function adding subcommands: ``(subparsers, add_spec_options) -> None``.
+Extension = Callable[[Any, Callable[[argparse.ArgumentParser], None]], None]
+
+
+def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParser:
+    """The parser of the compiler's commands, plus those ``extensions`` add (the tools' CLI
+    adds ``demo``, ``bench``, ``doctor``)."""
     ap = _Parser(prog="layoutc", description=__doc__.split("\n")[0])
     ap.add_argument("--version", action="version", version=f"layoutc {__version__}")
     ap.add_argument(
@@ -389,21 +389,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_specs)
 
-    from . import cli_init, cli_runtime
+    from . import cli_init
 
-    cli_runtime.add_commands(sub, _add_spec_options)
     cli_init.add_commands(sub, _add_spec_options)
+    for extend in extensions:
+        extend(sub, _add_spec_options)
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, extensions: Sequence[Extension] = ()) -> int:
+    """Run one command in-process: 0 ok, 1 spec errors / stale output / failed run, 2 usage
+    errors, 3 internal errors.  Runs compile, check, plan, explain, init; ``extensions``
+    add commands (:mod:`layoutc.tools.cli` is the front door that adds the tools')."""
     compiler = Compiler()
     fmt = "human"
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser(extensions)
+        args = parser.parse_args(argv)
         fmt = args.error_format
         if not getattr(args, "func", None):
-            build_parser().print_help(sys.stderr)
+            parser.print_help(sys.stderr)
             return 2
         compiler.include_dirs = list(getattr(args, "include", []) or [])
         compiler.limits = _limits(args)
@@ -434,4 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except RecursionError:
         print("layoutc: error: input nested too deeply", file=sys.stderr)
+        return 1
+    except LayoutcError as e:  # a failed run of a tool (its own errors are printed by it)
+        print(f"layoutc: error: {e}", file=sys.stderr)
         return 1

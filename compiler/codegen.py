@@ -11,12 +11,14 @@ from .. import __version__
 from ..runtime.layout import DimDesc
 from ..runtime.plan import PLAN_FORMAT, Plan, RunGroup, SideLayout
 from .ir import Unit
-from .pyfmt import fmt
+from .pyfmt import comment, escape, fmt, string
 
 
 @functools.lru_cache(maxsize=1)
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(
+    """Every text a template places is a Python literal (``pystr``), a comment (``comment``)
+    or docstring text (``doc``): never pasted as code."""
+    env = jinja2.Environment(
         loader=jinja2.PackageLoader("layoutc.compiler", "templates"),
         trim_blocks=True,
         lstrip_blocks=True,
@@ -24,6 +26,8 @@ def _env() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         autoescape=False,
     )
+    env.filters.update(pystr=string, comment=comment, doc=escape)
+    return env
 
 
 def _dims_table(dims: tuple[DimDesc, ...]) -> tuple[Any, ...]:

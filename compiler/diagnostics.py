@@ -6,6 +6,7 @@ import json
 import unicodedata
 from dataclasses import dataclass, field
 
+from ..runtime.errors import LayoutcError
 from .ast import Span
 
 
@@ -22,7 +23,7 @@ class Diagnostic:
         return (s.file, s.line, s.col, self.message) if s else ("", 0, 0, self.message)
 
 
-class LayoutError(Exception):
+class LayoutError(LayoutcError):
     """One or more diagnostics about a spec.  Rendered by :func:`render`."""
 
     def __init__(self, diagnostics: list[Diagnostic] | Diagnostic):
@@ -40,7 +41,7 @@ class LayoutSemanticError(LayoutError):
     pass
 
 
-class InternalError(RuntimeError):
+class InternalError(LayoutcError, RuntimeError):
     """A compiler bug: an emitted plan failed verification.  Never shown as a spec error."""
 
 

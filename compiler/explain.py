@@ -436,7 +436,12 @@ def _colors(ranks: int) -> Callable[[int], Color]:
 
     n = 10 if ranks <= 10 else 20
     tab = colormaps[f"tab{n}"]
-    return lambda p: tuple(tab(p % n))  # type: ignore[return-value]
+
+    def color(p: int) -> Color:
+        r, g, b, a = tab(p % n)
+        return (float(r), float(g), float(b), float(a))
+
+    return color
 
 
 X_LIM = (-2.6, 6.6)

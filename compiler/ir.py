@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..runtime.plan import DTYPE_SIZES
 from . import ast
 from .diagnostics import Diagnostic
 from .limits import DEFAULT, Limits
 
-DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+DTYPES = DTYPE_SIZES  # dtype name -> bytes
 PAGE_UNITS = ("kernel_block", "logical_block")
 
 

@@ -58,7 +58,7 @@ for _k in _KEYWORDS:
 
 @functools.lru_cache(maxsize=1)
 def parser() -> Lark:
-    text = resources.files("layoutc").joinpath("grammar/layout.lark").read_text("utf-8")
+    text = resources.files("layoutc.grammar").joinpath("layout.lark").read_text("utf-8")
     return Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=False)
 
 

@@ -32,7 +32,7 @@ BUILTIN = "<layoutc>"
 
 
 def builtin_specs_dir() -> Traversable:
-    return resources.files("layoutc").joinpath("specs")
+    return resources.files("layoutc.specs")
 
 
 @dataclass(frozen=True)
@@ -84,14 +84,18 @@ class SideSets:
     decode: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
-    def parse(items: list[str] | dict[str, str] | None) -> SideSets:
+    def parse(
+        items: list[str] | dict[str, str] | None, defaults: dict[str, str] | None = None
+    ) -> SideSets:
+        """``--set`` items (``NAME=VALUE``, or a dict) over ``defaults`` (a dict)."""
         from .bind import UsageError
 
         out = SideSets()
-        if not items:
-            return out
-        pairs = items.items() if isinstance(items, dict) else [_split_set(i) for i in items]
-        for k, v in pairs:
+        merged = dict(defaults or {})
+        if items:
+            pairs = items.items() if isinstance(items, dict) else [split_set(i) for i in items]
+            merged.update(pairs)
+        for k, v in merged.items():
             v = str(v)
             if k.startswith("prefill."):
                 out.prefill[k[len("prefill.") :]] = v
@@ -115,7 +119,7 @@ class SideSets:
         return {**self.common, **getattr(self, role)}
 
 
-def _split_set(item: str) -> tuple[str, str]:
+def split_set(item: str) -> tuple[str, str]:
     from .bind import UsageError
 
     if "=" not in item:

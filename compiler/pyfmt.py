@@ -12,13 +12,53 @@ LINE = 100
 INDENT = "    "
 
 
+def escape(text: str) -> str:
+    """``text`` as the inside of a double-quoted Python string literal (or a docstring):
+    printable ASCII stays, backslashes and double quotes are escaped, everything else
+    (newlines, control characters, non-ASCII) becomes an escape sequence.  Pasting the result
+    between ``"..."`` (or ``\"\"\"...\"\"\"``) gives back exactly ``text``."""
+    out = []
+    for c in text:
+        o = ord(c)
+        if c == "\\":
+            out.append("\\\\")
+        elif c == '"':
+            out.append('\\"')
+        elif 0x20 <= o < 0x7F:
+            out.append(c)
+        elif c == "\n":
+            out.append("\\n")
+        elif c == "\t":
+            out.append("\\t")
+        elif c == "\r":
+            out.append("\\r")
+        elif o <= 0xFF:
+            out.append(f"\\x{o:02x}")
+        elif o <= 0xFFFF:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(f"\\U{o:08x}")
+    return "".join(out)
+
+
+def string(text: str) -> str:
+    """A Python string literal of ``text`` (double quotes, black style)."""
+    return '"' + escape(text) + '"'
+
+
+def comment(text: str) -> str:
+    """``text`` made safe for a ``#`` comment: one line, printable ASCII (escapes as in
+    :func:`escape`, quotes kept)."""
+    return escape(text).replace('\\"', '"')
+
+
 def _atom(v: Any) -> str | None:
     if isinstance(v, bool) or v is None:
         return repr(v)
     if isinstance(v, int):
         return str(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return string(v)
     return None
 
 

@@ -56,10 +56,9 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-__all__ = ["DEFAULTS", "CostModel", "ENV_VAR", "STRATEGIES"]
+__all__ = ["DEFAULTS", "CostModel", "ENV_VAR"]
 
 ENV_VAR = "LAYOUTC_COST_MODEL"
-STRATEGIES = ("zero-copy", "staged")
 
 
 @dataclass(frozen=True)
@@ -159,26 +158,38 @@ class CostModel:
             f.write("\n")
 
     # -- prediction ----------------------------------------------------------------------------
-    def predict(
-        self, n_descriptors: int, total_bytes: int, n_chunks: int = 1, n_ops: int = 0
-    ) -> dict[str, float]:
-        """Predicted seconds of each strategy for one (peer, request)."""
+    def zero_copy_s(self, n_descriptors: int, total_bytes: int) -> float:
+        """Predicted seconds of a zero-copy transfer of one (peer, request)."""
+        return (
+            self.zero_copy_request_s
+            + n_descriptors * self.descriptor_s
+            + total_bytes / self.link_Bps
+        )
+
+    def staged_s(self, total_bytes: int, n_chunks: int = 1, n_ops: int = 0) -> float:
+        """Predicted seconds of a staged transfer of one (peer, request)."""
         B = float(total_bytes)
         c = max(1, int(n_chunks))
-        wire = B / self.link_Bps
-        zero = self.zero_copy_request_s + n_descriptors * self.descriptor_s + wire
-        stages = (B / self.pack_Bps, wire, B / self.unpack_Bps)
+        stages = (B / self.pack_Bps, B / self.link_Bps, B / self.unpack_Bps)
         seq = sum(stages)
         piped = seq / c + (c - 1) / c * max(stages)
         ov = min(1.0, max(0.0, self.overlap))
-        staged = (
+        return (
             self.staged_request_s
             + c * (self.chunk_s + self.descriptor_s)
             + n_ops * self.op_s
             + (1.0 - ov) * seq
             + ov * piped
         )
-        return {"zero-copy": zero, "staged": staged}
+
+    def predict(
+        self, n_descriptors: int, total_bytes: int, n_chunks: int = 1, n_ops: int = 0
+    ) -> dict[str, float]:
+        """Predicted seconds of each strategy for one (peer, request)."""
+        return {
+            "zero-copy": self.zero_copy_s(n_descriptors, total_bytes),
+            "staged": self.staged_s(total_bytes, n_chunks, n_ops),
+        }
 
     def choose(
         self, n_descriptors: int, total_bytes: int, n_chunks: int = 1, n_ops: int = 0

@@ -52,7 +52,7 @@ def synthetic_segments(
     """Segments of ``num_blocks`` logical blocks per (layer, page) of ``side`` (a
     ``SideLayout``) at made-up, non-overlapping addresses from ``base``: descriptor tables
     for counting and planning without buffers."""
-    out = []
+    out: list[Segment] = []
     for layer, pages in enumerate(layer_pages):
         for page in pages:
             pl = side.page(page)
@@ -232,7 +232,9 @@ def merged_descriptors(
         parts.append((np.flatnonzero(dense), runs.start, runs.length))
     if not all_dense:
         parts.append((np.flatnonzero(~dense), np.arange(nblk), np.ones(nblk, np.int64)))
-    keys, locs, rems = [], [], []
+    keys: list[np.ndarray] = []
+    locs: list[np.ndarray] = []
+    rems: list[np.ndarray] = []
     for idx, starts, lens in parts:
         if starts.size == 0:
             continue

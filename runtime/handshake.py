@@ -1,11 +1,8 @@
-"""The layoutc handshake: a layout header next to NIXL's agent metadata.
+"""The layoutc handshake header and its check against a plan.
 
-Wire format of :meth:`Endpoint.handshake_bytes` (any byte channel can carry it)::
-
-    b"LAYOUTC-HS/1\\n" | u32 big-endian header length | header (UTF-8 JSON) | agent metadata
-
-The header (also sent alone, as a notification, after a metadata exchange over NIXL's
-listener) holds what the peer must agree with before any byte moves:
+The header travels next to NIXL's agent metadata (framing: :mod:`.protocol`), or alone as a
+notification after a metadata exchange over NIXL's listener.  It holds what the peer must
+agree with before any byte moves:
 
 ``format``         handshake format (1)
 ``agent``          the NIXL agent name (must match the metadata)
@@ -24,15 +21,11 @@ listener) holds what the peer must agree with before any byte moves:
 from __future__ import annotations
 
 import json
-import struct
 from typing import Any
 
 from .errors import HandshakeError
 from .plan import PLAN_FORMAT, Plan, SideLayout
-
-MAGIC = b"LAYOUTC-HS/1\n"
-FORMAT = 1
-_LEN = struct.Struct(">I")
+from .protocol import HS_FORMAT as FORMAT
 
 
 def rank_label(role: str, rank: int) -> str:
@@ -41,42 +34,6 @@ def rank_label(role: str, rank: int) -> str:
 
 def other_role(role: str) -> str:
     return "decode" if role == "prefill" else "prefill"
-
-
-def encode(header: dict[str, Any], agent_metadata: bytes) -> bytes:
-    body = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    return MAGIC + _LEN.pack(len(body)) + body + bytes(agent_metadata)
-
-
-def decode(data: bytes, *, who: str) -> tuple[dict[str, Any], bytes]:
-    """Split handshake bytes into (header, agent metadata); garbage → HandshakeError."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise HandshakeError(
-            f"{who}: handshake must be bytes, got {type(data).__name__}", field="format"
-        )
-    data = bytes(data)
-    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + _LEN.size:
-        raise HandshakeError(
-            f"{who}: not a layoutc handshake (expected it to start with {MAGIC!r}, got "
-            f"{data[:16]!r}); pass the bytes of Endpoint.handshake_bytes()",
-            field="format",
-        )
-    (n,) = _LEN.unpack_from(data, len(MAGIC))
-    start = len(MAGIC) + _LEN.size
-    if len(data) < start + n:
-        raise HandshakeError(f"{who}: truncated layoutc handshake", field="format")
-    header = parse_header(data[start : start + n], who=who)
-    return header, data[start + n :]
-
-
-def parse_header(body: bytes, *, who: str) -> dict[str, Any]:
-    try:
-        header = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HandshakeError(f"{who}: unreadable layoutc handshake header ({e})") from None
-    if not isinstance(header, dict):
-        raise HandshakeError(f"{who}: layoutc handshake header is not an object")
-    return header
 
 
 def _short(v: Any) -> str:

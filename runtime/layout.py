@@ -26,8 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import LayoutcError
 
-class ShardError(ValueError):
+
+class ShardError(LayoutcError, ValueError):
     """A segment cannot be split over the requested TP size."""
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from .errors import LayoutcError
+
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
 
 #: Import names tried, in order.  ``nixl`` is the meta package (a dispatcher).
@@ -53,7 +55,7 @@ ERROR_NAMES = (
 )
 
 
-class NixlMissingError(ImportError):
+class NixlMissingError(LayoutcError, ImportError):
     """No NIXL variant could be imported."""
 
 

@@ -28,19 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from .errors import PlanError, PlanFormatError
 from .layout import DimDesc, SegmentDesc, element_ids
 
 #: (major, minor) of the table format this runtime reads.  1.1 adds structured segments
 #: (a segment table ``(name, size, unit, dims)``); modules without them are written as 1.0.
 PLAN_FORMAT = (1, 1)
-
-
-class PlanFormatError(RuntimeError):
-    """A generated module was written for a plan format this runtime cannot read."""
-
-
-class PlanError(ValueError):
-    """A plan was asked for something it does not hold (an uncompiled pair, a bad rank)."""
 
 
 def require_plan_format(module_format: tuple[int, int], module_name: str) -> None:

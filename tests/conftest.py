@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# helpers shared by the runtime and tool tests (rt_plans, rt_workers)
+sys.path.insert(0, str(Path(__file__).parent / "runtime"))
 
 # --- compiler snapshots: error `.err` files and golden modules -------------------------------
 

@@ -24,6 +24,6 @@ rm -f "$json"
   echo "[exit $code after $(python3 -c "import time; print(round(time.time() - $start, 1))") s]"
   if [ "$code" -eq 137 ] && [ -f "$json" ]; then  # killed before it could print
     echo "# interrupted: the table from what $json holds"
-    python3 -c "import json, sys; from layoutc.runtime.bench import format_table; print(format_table(json.load(open(sys.argv[1]))))" "$json"
+    python3 -c "import json, sys; from layoutc.tools.bench import format_table; print(format_table(json.load(open(sys.argv[1]))))" "$json"
   fi
 } 2>&1 | tee "$out/h100.txt"

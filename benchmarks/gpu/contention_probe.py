@@ -57,7 +57,7 @@ def _measure(torch, n: int = 400) -> dict[str, list[float]]:
     dev = torch.device("cuda:0")
     x = torch.zeros(16, device=dev)
     host = torch.zeros(64, dtype=torch.int64, pin_memory=True)
-    kernel = staging._triton_kernel()
+    kernel = staging.triton_kernel()
     st = torch.zeros(1 << 16, dtype=torch.int64, device=dev)
     tab = torch.zeros((4, 1), dtype=torch.int64, device=dev)
     tab[0, 0] = st.data_ptr()

@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 import torch
-from layoutc.compiler.cli_runtime import _builtin_compile as compile_plan
+from layoutc.compiler.api import compile_builtin as compile_plan
 from layoutc.runtime.endpoint import allocate_buffers
-from layoutc.runtime.staging import BoundPages, StagingLayout, _triton_kernel, pack
+from layoutc.runtime.staging import BoundPages, StagingLayout, pack, triton_kernel
 
 
 def timed(fn, reps=10):
@@ -74,7 +74,7 @@ def main() -> None:
     table, cum, unit = bound.row_table(stream.groups)
     R = int(table.shape[1])
     out = torch.empty(total // 8, dtype=torch.int64, device=dev)
-    kernel = _triton_kernel()  # the runtime's fused kernel, launched with other settings
+    kernel = triton_kernel()  # the runtime's fused kernel, launched with other settings
     for warps in (4, 8, 16):
         for tile_bytes in (4096, 8192):
 

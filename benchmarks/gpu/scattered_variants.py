@@ -18,13 +18,15 @@ prefill process.  ``DEVICE=cpu MIB=8`` runs the same flow on host memory (a dry 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
+import time
 
-from layoutc.compiler.cli_runtime import _builtin_compile
-from layoutc.runtime import bench as B
+from layoutc.compiler.api import compile_builtin
+from layoutc.tools.bench.config import BenchConfig
+from layoutc.tools.bench.flows import profile_staged, run_request, start_workers
+from layoutc.tools.bench.gpu import gpu_scattered_setup
 
 
 def _variant(spec: str) -> tuple[str, dict, dict]:
@@ -49,17 +51,9 @@ def _without_ids(send):
     return wrapped
 
 
-def _workers(ctx, dev: str, env: dict) -> list:
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return [B._Worker(ctx, dev, n) for n in ("prefill", "decode-0", "decode-1")]
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def _workers(dev: str, env: dict) -> list:
+    labels = ("prefill", "decode-0", "decode-1")
+    return start_workers([dev] * 3, labels, time.monotonic() + 3600, env=env)
 
 
 def main() -> None:
@@ -67,14 +61,13 @@ def main() -> None:
     runs = int(os.environ.get("RUNS", "9"))
     dev = os.environ.get("DEVICE", "cuda")
     mib = int(os.environ.get("MIB", "512"))
-    cfg = B.BenchConfig(device=dev, gpu_bytes_per_decode_rank=mib << 20)
+    cfg = BenchConfig(device=dev, gpu_bytes_per_decode_rank=mib << 20)
     params = dict(num_key_value_heads=4, head_dim=128, block_size=16)
-    ctx = mp.get_context("spawn")
     res: dict = {"variants": {}}
     t_copy = None
     for spec in specs:
         label, kw, env = _variant(spec)
-        workers = _workers(ctx, dev, env)
+        workers = _workers(dev, env)
         if kw.get("ahead", 1) == 0:  # prefill ranks expect without their ids
             for w in workers:
                 w.send = _without_ids(w.send)
@@ -85,7 +78,7 @@ def main() -> None:
                 staging_slots=kw.get("slots", 2),
                 **({"staged_mover": kw["mover"]} if "mover" in kw else {}),
             )
-            case = B.gpu_scattered_setup(_builtin_compile, cfg, workers, params, ep_kw, tag=label)
+            case = gpu_scattered_setup(compile_builtin, cfg, workers, params, ep_kw, tag=label)
             names, dec, db, pb = case.names, case.dec, case.db, case.pb
             if t_copy is None:
                 t_copy = statistics.median(workers[0].call("copy_rate", case.total, 9))
@@ -95,7 +88,7 @@ def main() -> None:
                 if i == 1 and kw.get("cprofile"):
                     for w in workers:
                         w.call("cprofile", True)
-                t, _ = B._run_request(workers, names, f"{label}-{i}", dec, db, pb, "auto", 60.0)
+                t, _ = run_request(workers, names, f"{label}-{i}", dec, db, pb, "auto", 60.0)
                 if i == 0:  # warm-up: verified, not timed
                     for wi, ns in dec.items():
                         for nm in ns:
@@ -112,7 +105,7 @@ def main() -> None:
                 "fraction_median": round(statistics.median(fr), 4),
                 "fraction_all": [round(x, 4) for x in fr],
                 "request_ms_median": round(statistics.median(ts) * 1e3, 3),
-                "profile": B._profile_staged(workers, names, dec, db, pb, rid=f"{label}-prof"),
+                "profile": profile_staged(workers, names, dec, db, pb, rid=f"{label}-prof"),
             }
             print(
                 label,

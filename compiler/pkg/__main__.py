@@ -1,3 +1,3 @@
-from layoutc.compiler.cli import main
+from layoutc.tools.cli import main
 
 raise SystemExit(main())

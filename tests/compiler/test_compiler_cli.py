@@ -12,7 +12,6 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import layoutc
 import pytest
 from layoutc import __version__
 from layoutc.compiler import cli
@@ -58,14 +57,10 @@ def test_version(capsys):
 
 
 def test_python_dash_m_smoke():
-    env = dict(os.environ)
-    root = str(Path(layoutc.__file__).parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     r = subprocess.run(
         [sys.executable, "-m", "layoutc", "--version"],
         capture_output=True,
         text=True,
-        env=env,
         timeout=60,
     )
     assert r.returncode == 0, r.stderr

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import layoutc
 import pytest
 
 pytestmark = pytest.mark.timeout(600)
@@ -31,8 +30,6 @@ def _limit_memory() -> None:  # runs in the child before exec
 
 def layoutc_child(cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    root = str(Path(layoutc.__file__).parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return subprocess.run(
         [sys.executable, "-m", "layoutc", *argv],
         cwd=cwd,

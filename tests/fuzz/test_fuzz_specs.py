@@ -28,6 +28,11 @@ VALUES = {
     "mamba_head_dim": 8,
     "n_groups": 2,
     "ssm_state_size": 16,
+    "linear_num_key_heads": 4,
+    "linear_num_value_heads": 8,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+    "mamba_intermediate_size": 64,
 }
 LOCATED = re.compile(r"^\S+:\d+:\d+: error\[E\d+\]: ", re.M)
 
@@ -91,7 +96,7 @@ TOKENS = [
 ]
 
 
-def run_plan(tmp_path: Path, data: bytes, p: int, d: int, capsys) -> None:
+def run_plan(tmp_path: Path, data: bytes, p: int, d: int, capsys) -> int:
     spec = tmp_path / "fuzz.layout"
     spec.write_bytes(data)
     rc = main(
@@ -110,6 +115,7 @@ def run_plan(tmp_path: Path, data: bytes, p: int, d: int, capsys) -> None:
         verify_plan(c.plan(unit, pb, db, p, d))
     else:
         assert LOCATED.search(err), err
+    return rc
 
 
 @st.composite
@@ -150,8 +156,9 @@ SETTINGS = dict(
 
 
 def test_unmutated_bases_compile(tmp_path, capsys):
+    """The bases the mutations start from are valid specs: they compile (exit 0)."""
     for name in FAMILIES:
-        run_plan(tmp_path, BASES[name].encode(), 2, 4, capsys)
+        assert run_plan(tmp_path, BASES[name].encode(), 2, 4, capsys) == 0, name
 
 
 @pytest.mark.timeout(240)

@@ -215,14 +215,10 @@ def test_generated_modules_import_without_compiler_dependencies():
         print(json.dumps({"cases": out, "bad": bad}))
         """
     )
-    env = dict(os.environ)
-    pkg_root = str(Path(layoutc.__file__).parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([pkg_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     r = subprocess.run(
         [sys.executable, "-c", script, json.dumps(modules)],
         capture_output=True,
         text=True,
-        env=env,
         cwd=GOLDEN,
         timeout=60,
     )

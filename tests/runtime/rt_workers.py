@@ -1,6 +1,7 @@
-"""Endpoint processes for the runtime tests, driven over a pipe by the pytest process.
+"""Endpoint processes for the runtime tests, driven by the pytest process.
 
-A :class:`Pool` keeps worker processes (multiprocessing *spawn*) alive across tests, because
+Workers are :mod:`layoutc.tools.harness` workers.  A :class:`Pool` keeps them alive across
+tests, because
 starting one (Python + torch + NIXL) costs ~2 s of CPU on the 2-core box.  A test takes
 workers with :meth:`Pool.rank`, which creates a real :class:`Endpoint` in the worker with
 sentinel-filled, registered buffers; ``rank.call("pull", rid, local, remote)`` then runs the
@@ -15,18 +16,14 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from typing import Any
 
 import numpy as np
 import pytest
+from layoutc.tools.harness import Worker as HarnessWorker
 
 SENTINEL = 0x5A  # decode bytes that nothing may write
 PREFILL_FILL = 0xC3  # prefill bytes outside tagged blocks
-
-
-class RemoteError(RuntimeError):
-    """An unexpected exception in a worker; the message carries its traceback."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -35,11 +32,12 @@ class RemoteError(RuntimeError):
 class _Session:
     """One endpoint with its buffers inside a worker."""
 
-    def __init__(self, plan, role, rank, num_blocks, kinds, ep_kwargs) -> None:
+    def __init__(self, channel, plan, role, rank, num_blocks, kinds, ep_kwargs) -> None:
         import torch  # noqa: F401
         from layoutc.runtime.endpoint import Endpoint, allocate_buffers
         from layoutc.runtime.tags import PageTagger
 
+        self.channel = channel
         self.plan, self.role, self.rank, self.num_blocks = plan, role, rank, num_blocks
         self.side = plan.prefill if role == "prefill" else plan.decode
         self.ep = Endpoint(plan, role, rank, **ep_kwargs)
@@ -143,7 +141,8 @@ class _Session:
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Post ``op`` ("pull"/"push") requests back to back, alternating the local block sets
-        ``sets``, until the first failure, ``n`` requests or ``seconds``.
+        ``sets``, until the first failure, ``n`` requests or ``seconds``; an event
+        ``("done", count)`` after each completed request.
 
         Returns {"done", "error", "failed_rid", "t_error" (monotonic), "last_set"}: the set
         written by the last request that completed (pull), for checking afterwards.
@@ -168,6 +167,7 @@ class _Session:
                     "last_set": last,
                 }
             done, last = done + 1, i % len(sets)
+            self.channel.emit("done", done)
         return {"done": done, "error": None, "failed_rid": None, "t_error": None, "last_set": last}
 
     def close(self) -> dict[str, int]:
@@ -175,114 +175,61 @@ class _Session:
         return self.ep.stats()
 
 
-def _serve(conn) -> None:
-    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
-    import torch
+class TestRank:
+    """A test worker's handler (:mod:`layoutc.tools.harness`): one endpoint session at a
+    time; its methods and the endpoint's are called by name; between calls the endpoint is
+    polled and completions are collected."""
 
-    torch.set_num_threads(1)
-    session: _Session | None = None
-    conn.send(("ok", os.getpid()))
-    try:
-        while True:
-            if not conn.poll(0.001):
-                if session is not None:
-                    session.collect()
-                continue
-            cmd, args, kwargs = conn.recv()
-            try:
-                if cmd == "exit":
-                    out = session.close() if session else None
-                    conn.send(("ok", out))
-                    return
-                if cmd == "setup":
-                    if session is not None:
-                        session.close()
-                    session = None
-                    session = _Session(*args, **kwargs)
-                    out = session.ep.name
-                elif cmd == "teardown":
-                    out = session.close() if session else None
-                    session = None
-                elif cmd == "pid":
-                    out = os.getpid()
-                else:
-                    assert session is not None, f"{cmd}: no endpoint set up"
-                    fn = getattr(session, cmd, None) or getattr(session.ep, cmd)
-                    out = fn(*args, **kwargs)
-                conn.send(("ok", out))
-            except Exception as e:  # noqa: BLE001 - shipped to the test
-                try:
-                    conn.send(("err", e))
-                except Exception:  # noqa: BLE001 - unpicklable: send text
-                    conn.send(
-                        ("err", RemoteError(f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-                    )
-    finally:
-        conn.close()
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.session: _Session | None = None
+
+    def setup(self, *args: Any, **kwargs: Any) -> str:
+        if self.session is not None:
+            self.session.close()
+        self.session = None
+        self.session = _Session(self.channel, *args, **kwargs)
+        return self.session.ep.name
+
+    def teardown(self) -> dict[str, int] | None:
+        out = self.session.close() if self.session else None
+        self.session = None
+        return out
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def tick(self) -> bool:
+        if self.session is not None:
+            self.session.collect()
+        return False
+
+    def close(self) -> dict[str, int] | None:
+        return self.teardown()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or self.__dict__.get("session") is None:
+            raise AttributeError(name)
+        session = self.__dict__["session"]
+        return getattr(session, name, None) or getattr(session.ep, name)
 
 
 # --------------------------------------------------------------------------------------------
 # Test side
 # --------------------------------------------------------------------------------------------
-class Worker:
-    def __init__(self, ctx) -> None:
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
-        self.proc.start()
-        child.close()
-        self.started = False
-        self.label = "worker"
+class Worker(HarnessWorker):
+    """A test worker process (the tools' harness), labelled with the rank it serves."""
+
+    def __init__(self) -> None:
+        super().__init__("rt_workers:TestRank", label="worker", device="cpu")
         self.role, self.rank = "", -1
-
-    def ready(self, timeout: float = 60.0) -> None:
-        if not self.started:
-            self.pid = self._recv(timeout, "start")
-            self.started = True
-
-    def send(self, cmd: str, *args: Any, **kwargs: Any) -> None:
-        self.ready()
-        self.conn.send((cmd, args, kwargs))
-
-    def _recv(self, timeout: float, what: str) -> Any:
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"{self.label}: no answer to {what!r} within {timeout} s")
-        status, value = self.conn.recv()
-        if status == "err":
-            raise value
-        return value
-
-    def call(self, cmd: str, *args: Any, timeout: float = 60.0, **kwargs: Any) -> Any:
-        self.send(cmd, *args, **kwargs)
-        return self._recv(timeout, cmd)
-
-    def result(self, timeout: float = 60.0, what: str = "command") -> Any:
-        return self._recv(timeout, what)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.is_alive()
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.join(5)
-
-    def stop(self) -> None:
-        if self.alive:
-            try:
-                self.call("exit", timeout=20)
-            except Exception:  # noqa: BLE001
-                pass
-            self.proc.join(5)
-        if self.alive:
-            self.kill()
 
 
 class Pool:
     """Worker processes shared by the tests of a session."""
 
-    def __init__(self, ctx, size: int) -> None:
-        self.ctx = ctx
-        self.idle = [Worker(ctx) for _ in range(size)]
+    def __init__(self, size: int) -> None:
+        self.idle = [Worker() for _ in range(size)]
         self.busy: list[Worker] = []
 
     def _take(self) -> Worker:
@@ -290,7 +237,7 @@ class Pool:
             w = self.idle.pop(0)
             if w.alive:
                 return w
-        return Worker(self.ctx)
+        return Worker()
 
     def rank(
         self,
@@ -412,9 +359,8 @@ def shared_pool() -> Pool:
     global _POOL
     if _POOL is None:
         import atexit
-        import multiprocessing as mp
 
-        _POOL = Pool(mp.get_context("spawn"), int(os.environ.get("LAYOUTC_TEST_WORKERS", "6")))
+        _POOL = Pool(int(os.environ.get("LAYOUTC_TEST_WORKERS", "6")))
         atexit.register(_POOL.close)
     return _POOL
 
@@ -427,3 +373,17 @@ def ranks_fixture():
     yield pool
     problems = pool.release()
     assert not problems, problems
+
+
+def requests_done(worker: Worker, count: int, timeout: float = 60.0) -> None:
+    """Wait until ``worker``'s running ``loop`` has completed ``count`` requests."""
+    worker.wait_event(lambda ev: ev[0] == "done" and ev[1] >= count, timeout)
+
+
+def wait_until(what: str, check, timeout: float = 30.0) -> None:
+    """Poll ``check()`` (a call into workers) until it is true; fail after ``timeout``."""
+    end = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > end:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        time.sleep(0.01)

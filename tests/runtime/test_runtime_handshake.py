@@ -234,9 +234,8 @@ def test_descriptor_indices_match_a_per_block_loop(closing):
     p = endpoint(plan, "prefill", 1, layers=4, num_blocks=20)
     d = endpoint(plan, "decode", 2, layers=4, num_blocks=16)
     closing(p), closing(d)
-    d.add_peer(p.handshake_bytes())
-    peer = next(iter(d._peers.values()))
-    table = d._table(peer)
+    label = d.add_peer(p.handshake_bytes())
+    table = d.descriptor_table(label)
     rng = np.random.default_rng(1)
     lb, rb = rng.permutation(16)[:7], rng.permutation(20)[:7]
     for layers in (None, np.array([1, 3])):
@@ -253,7 +252,7 @@ def test_descriptor_indices_match_a_per_block_loop(closing):
     # and each descriptor row addresses the planned run of its (layer, page)
     runs = plan.rank(2).runs("attention", 1)
     first = table.local_rows[0]
-    seg = d._segments[(0, "attention")]
+    seg = d.pages.segments[(0, "attention")]
     assert int(first[0]) == seg.addr + int(runs.decode_offset[0])
     assert int(first[1]) == int(runs.nbytes[0])
     assert int(first[3]) == plan.decode.page("attention").logical_stride
@@ -264,8 +263,8 @@ def test_runtime_imports_no_compiler_dependencies():
     import sys
 
     code = (
-        "import sys, layoutc.runtime.endpoint, layoutc.runtime.demo, layoutc.runtime.doctor, "
-        "layoutc.runtime.tags, layoutc.runtime.handshake; "
+        "import sys, layoutc.runtime.endpoint, layoutc.runtime.staged, layoutc.runtime.tags, "
+        "layoutc.runtime.handshake, layoutc.runtime.protocol; "
         "bad = [m for m in ('lark', 'jinja2', 'layoutc.compiler') if m in sys.modules]; "
         "assert not bad, bad"
     )

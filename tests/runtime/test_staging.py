@@ -16,13 +16,8 @@ torch = pytest.importorskip("torch")
 from layoutc.compiler.api import compile_plan  # noqa: E402
 from layoutc.runtime.descriptors import build_pair_table, synthetic_segments  # noqa: E402
 from layoutc.runtime.plan import Plan  # noqa: E402
-from layoutc.runtime.staging import (  # noqa: E402
-    StagingLayout,
-    expand,
-    expand_loop,
-    pack,
-    unpack,
-)
+from layoutc.runtime.staging import StagingLayout, expand, pack, unpack  # noqa: E402
+from layoutc.tools.bench.reference import expand_loop  # noqa: E402
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 HYBRID = dict(

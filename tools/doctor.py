@@ -11,7 +11,6 @@ that says how to fix it; the exit code is 0 with no warnings, 1 otherwise.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import platform
 import re
@@ -19,10 +18,11 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
-from typing import Any
+from typing import Any, NamedTuple
 
-from . import nixl_compat
+from layoutc.runtime import nixl_compat
+
+from .harness import Worker, WorkerError
 
 _LIVE_BYTES = 64 << 20
 _LIVE_PIECE = 4096
@@ -34,10 +34,22 @@ _MIN_HOST_GBPS = 1.0
 _MIN_VRAM_GBPS = 5.0
 
 
-def run_doctor(live: bool = True) -> tuple[list[str], list[str], int]:
-    """Return (report lines, warnings, exit code)."""
+class DoctorReport(NamedTuple):
+    """What the doctor found: the report lines, warnings (each says how to fix it), the exit
+    code, and the facts behind them (``nixl``: variant and version; ``live``: per device
+    kind, the measured rates, the UCX transports seen and ``verified``)."""
+
+    lines: list[str]
+    warnings: list[str]
+    code: int
+    facts: dict[str, Any]
+
+
+def run_doctor(live: bool = True) -> DoctorReport:
+    """Run every check; see :class:`DoctorReport`."""
     lines: list[str] = []
     warnings: list[str] = []
+    facts: dict[str, Any] = {"live": {}}
     lines.append(
         f"python {platform.python_version()} on {platform.system()} "
         f"{platform.machine()}, {os.cpu_count()} CPUs"
@@ -51,7 +63,7 @@ def run_doctor(live: bool = True) -> tuple[list[str], list[str], int]:
         warnings.append(
             f"cannot import numpy/torch ({e}): install layoutc[cpu] or a torch build for your CUDA"
         )
-        return lines, warnings, 1
+        return DoctorReport(lines, warnings, 1, facts)
 
     # ---- NIXL
     try:
@@ -59,7 +71,8 @@ def run_doctor(live: bool = True) -> tuple[list[str], list[str], int]:
     except nixl_compat.NixlMissingError as e:
         lines.append("NIXL: not installed")
         warnings.append(str(e).splitlines()[0])
-        return lines, warnings, 1
+        return DoctorReport(lines, warnings, 1, facts)
+    facts["nixl"] = {"variant": mod.variant, "version": mod.version}
     meta = "" if mod.name == "nixl" else " (the `nixl` meta package is not installed; fine)"
     lines.append(f"NIXL {mod.version}: imported {mod.name}._api from {mod.variant}{meta}")
     level = os.environ.get("NIXL_LOG_LEVEL", "")
@@ -78,7 +91,7 @@ def run_doctor(live: bool = True) -> tuple[list[str], list[str], int]:
             "NIXL could not create a UCX backend: check that the nixl wheel's "
             "bundled UCX loads (ldd on its plugins) and that UCX_TLS is not empty"
         )
-        return lines, warnings, 1
+        return DoctorReport(lines, warnings, 1, facts)
     plugins = sorted(agent.get_plugin_list())
     lines.append(f"backend plugins: {', '.join(plugins)}")
     try:
@@ -149,10 +162,10 @@ def run_doctor(live: bool = True) -> tuple[list[str], list[str], int]:
     if live:
         devices = ["cpu"] + (["cuda"] if cuda else [])
         for device in devices:
-            _live(device, lines, warnings)
+            facts["live"][device] = _live(device, lines, warnings)
     else:
         lines.append("live transfer: skipped")
-    return lines, warnings, (1 if warnings else 0)
+    return DoctorReport(lines, warnings, 1 if warnings else 0, facts)
 
 
 def _peer_access(torch: Any, n: int, lines: list[str], warnings: list[str]) -> None:
@@ -192,50 +205,29 @@ def _read(path: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Live transfer between two processes
 # --------------------------------------------------------------------------------------------
-def _live(device: str, lines: list[str], warnings: list[str]) -> None:
+def _live(device: str, lines: list[str], warnings: list[str]) -> dict[str, Any]:
+    """The live transfer on ``device`` ("cpu": host memory): its facts (rates, transports,
+    ``verified``), report lines and warnings."""
     mem = "host" if device == "cpu" else "device"
     with tempfile.TemporaryDirectory(prefix="layoutc-doctor-") as tmp:
         logs = [os.path.join(tmp, f"{r}.log") for r in ("target", "initiator")]
-        ctx = mp.get_context("spawn")
-        saved = os.environ.get("UCX_PROTO_INFO")
-        os.environ["UCX_PROTO_INFO"] = "y"  # read by UCX in the children at start-up
-        try:
-            tconn, tchild = ctx.Pipe()
-            iconn, ichild = ctx.Pipe()
-            target = ctx.Process(
-                target=_child, args=("target", device, tchild, logs[0]), daemon=True
-            )
-            init = ctx.Process(
-                target=_child, args=("initiator", device, ichild, logs[1]), daemon=True
-            )
-            target.start()
-            init.start()
-        finally:
-            if saved is None:
-                os.environ.pop("UCX_PROTO_INFO", None)
-            else:
-                os.environ["UCX_PROTO_INFO"] = saved
-        tchild.close()
-        ichild.close()
+        env = {"UCX_PROTO_INFO": "y"}  # read by UCX at start-up: protocol tables in the logs
+        dev = "cuda:0" if device == "cuda" else "cpu"
+        workers = [
+            Worker(_HANDLER, role, device, log, label=f"doctor {role}", device=dev, env=env)
+            for role, log in zip(("target", "initiator"), logs)
+        ]
         result: dict[str, Any] | None = None
         error = None
         try:
-            md = _expect(tconn, "md")
-            iconn.send(("md", md[1], md[2]))
-            result = _expect(iconn, "result")[1]
-        except Exception as e:  # noqa: BLE001 - reported as the finding
-            error = str(e)
+            target, init = workers
+            md, addr = target.call("serve", timeout=_LIVE_TIMEOUT_S)
+            result = init.call("measure", md, addr, timeout=_LIVE_TIMEOUT_S)
+        except WorkerError as e:  # reported as the finding
+            error = str(e).splitlines()[0]
         finally:
-            for c in (tconn, iconn):
-                try:
-                    c.send(("exit",))
-                except OSError:
-                    pass
-            for p in (init, target):
-                p.join(10)
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
+            for w in workers:
+                w.stop(10)
         transports = _transports(logs)
     if error is not None or result is None:
         lines.append(f"live transfer ({mem} memory, 2 processes): FAILED: {error}")
@@ -243,7 +235,7 @@ def _live(device: str, lines: list[str], warnings: list[str]) -> None:
             f"the live {mem}-memory transfer failed ({error}); run with "
             f"UCX_LOG_LEVEL=info to see why UCX could not connect"
         )
-        return
+        return {"verified": False, "error": error}
     mib = _LIVE_BYTES >> 20
     n = _LIVE_BYTES // _LIVE_PIECE
     lines.append(
@@ -273,19 +265,11 @@ def _live(device: str, lines: list[str], warnings: list[str]) -> None:
             f"{result['write1']:.2f} GB/s): UCX's cuda_ipc refuses GET without NVLink; set "
             f"UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y before the engine starts, or use push mode"
         )
-
-
-def _expect(conn, want: str) -> tuple:
-    if not conn.poll(_LIVE_TIMEOUT_S):
-        raise TimeoutError(
-            f"no {want!r} from the doctor's transfer process within {_LIVE_TIMEOUT_S:.0f} s"
-        )
-    msg = conn.recv()
-    if msg[0] == "error":
-        raise RuntimeError(msg[1])
-    if msg[0] != want:
-        raise RuntimeError(f"unexpected {msg[0]!r}")
-    return msg
+    return {
+        "verified": True,
+        **result,
+        "transports": {k: sorted(v) for k, v in transports.items()},
+    }
 
 
 _TABLE_ROW = re.compile(r"\|\s*[\d.]+(?:\.\.(?:inf|\d+))?\s*\|[^|]*\|\s*([\w/:.\-]+)")
@@ -315,99 +299,110 @@ def _transports(logs: list[str]) -> dict[str, set[str]]:
     return out
 
 
-def _child(role: str, device: str, conn, log_path: str) -> None:
-    """One side of the live transfer; UCX's protocol tables go to ``log_path``."""
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    try:
-        _child_body(role, device, conn)
-    except BaseException as e:  # noqa: BLE001
-        try:
-            conn.send(("error", f"{role}: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
-        except OSError:
-            pass
-    sys.stdout.flush()
-    os._exit(0)
+_HANDLER = "layoutc.tools.doctor:LiveSide"
 
 
-def _child_body(role: str, device: str, conn) -> None:
-    import numpy as np
-    import torch
+class LiveSide:
+    """One side of the live transfer, in its worker; UCX's output goes to ``log_path``."""
 
-    agent = nixl_compat.create_agent(f"layoutc-doctor-{role}-{os.getpid()}")
-    dev = "cuda:0" if device == "cuda" else "cpu"
-    mem = "VRAM" if device == "cuda" else "DRAM"
-    devid = 0
-    n = _LIVE_BYTES // _LIVE_PIECE
-    if role == "target":
+    def __init__(self, channel: Any, role: str, device: str, log_path: str) -> None:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        self.role = role
+        self.device = device
+        self.agent = nixl_compat.create_agent(f"layoutc-doctor-{role}-{os.getpid()}")
+        self.dev = "cuda:0" if device == "cuda" else "cpu"
+        self.mem = "VRAM" if device == "cuda" else "DRAM"
+        self.reg: Any = None
+        self.serving = False
+
+    def _pattern(self) -> Any:
+        import torch
+
         g = torch.Generator().manual_seed(1234)
-        buf = torch.randint(0, 256, (_LIVE_BYTES,), dtype=torch.uint8, generator=g).to(dev)
-        reg = agent.register_memory(buf)
-        conn.send(("md", agent.get_agent_metadata(), buf.data_ptr()))
-        while not conn.poll(0.001):
-            agent.get_new_notifs()
-        conn.recv()
-        agent.deregister_memory(reg)
-        return
-    _, md, raddr = _expect(conn, "md")
-    g = torch.Generator().manual_seed(1234)
-    expect = torch.randint(0, 256, (_LIVE_BYTES,), dtype=torch.uint8, generator=g).to(dev)
-    buf = torch.zeros(_LIVE_BYTES, dtype=torch.uint8, device=dev)
-    reg = agent.register_memory(buf)
-    peer = agent.add_remote_agent(md)
-    peer = peer.decode() if isinstance(peer, bytes) else peer
+        return torch.randint(0, 256, (_LIVE_BYTES,), dtype=torch.uint8, generator=g).to(self.dev)
 
-    def rows(base: int, count: int, size: int) -> np.ndarray:
-        a = np.empty((count, 3), dtype=np.uint64)
-        a[:, 0] = np.uint64(base) + np.arange(count, dtype=np.uint64) * np.uint64(size)
-        a[:, 1] = size
-        a[:, 2] = devid
-        return a
+    def serve(self) -> tuple[bytes, int]:
+        """Target: a registered buffer of known bytes; (agent metadata, its address)."""
+        self.buf = self._pattern()
+        self.reg = self.agent.register_memory(self.buf)
+        self.serving = True
+        return bytes(self.agent.get_agent_metadata()), int(self.buf.data_ptr())
 
-    handles = []
-    lh1 = agent.prep_xfer_dlist("NIXL_INIT_AGENT", rows(buf.data_ptr(), 1, _LIVE_BYTES), mem)
-    rh1 = agent.prep_xfer_dlist(peer, rows(raddr, 1, _LIVE_BYTES), mem)
-    lhn = agent.prep_xfer_dlist("NIXL_INIT_AGENT", rows(buf.data_ptr(), n, _LIVE_PIECE), mem)
-    rhn = agent.prep_xfer_dlist(peer, rows(raddr, n, _LIVE_PIECE), mem)
-    handles += [lh1, rh1, lhn, rhn]
-    perm = np.random.default_rng(7).permutation(n).astype(np.int64)
-    ident = np.arange(n, dtype=np.int64)
-    expect_perm = expect.view(n, _LIVE_PIECE)[torch.from_numpy(perm).to(dev)].reshape(-1)
+    def tick(self) -> bool:
+        if self.serving:
+            self.agent.get_new_notifs()  # progress UCX while the initiator connects
+        return False
 
-    def timed(op, lh, li, rh, ri, check) -> float:
-        times = []
-        for _ in range(_LIVE_RUNS + 1):
-            if check is not None:
-                buf.zero_()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            h = agent.make_prepped_xfer(op, lh, li, rh, ri)
-            try:
-                t0 = time.perf_counter()
-                st = agent.transfer(h)
-                deadline = time.monotonic() + _LIVE_TIMEOUT_S
-                while st == "PROC":
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"{op} still in progress after {_LIVE_TIMEOUT_S} s")
-                    st = agent.check_xfer_state(h)
-                t = time.perf_counter() - t0
-            finally:
-                h.release()
-            if st != "DONE":
-                raise RuntimeError(f"{op} ended in state {st}")
-            if check is not None and not torch.equal(buf, check):
-                raise RuntimeError(f"{op}: transferred bytes differ from the source")
-            times.append(t)
-        return statistics.median(times[1:])
+    def measure(self, md: bytes, raddr: int) -> dict[str, float]:
+        """Initiator: READ one descriptor, READ many scattered ones, WRITE one; verified."""
+        import numpy as np
+        import torch
 
-    r1 = timed("READ", lh1, [0], rh1, [0], expect)
-    rn = timed("READ", lhn, ident, rhn, perm, expect_perm)
-    w1 = timed("WRITE", lh1, [0], rh1, [0], None)
-    for h in handles:
-        h.release()
-    agent.remove_remote_agent(peer)
-    agent.deregister_memory(reg)
-    gb = _LIVE_BYTES / 1e9
-    conn.send(("result", {"read1": gb / r1, "readn": gb / rn, "readn_s": rn, "write1": gb / w1}))
-    conn.poll(_LIVE_TIMEOUT_S)
+        agent, dev, mem, device = self.agent, self.dev, self.mem, self.device
+        devid = 0
+        n = _LIVE_BYTES // _LIVE_PIECE
+        expect = self._pattern()
+        buf = torch.zeros(_LIVE_BYTES, dtype=torch.uint8, device=dev)
+        self.reg = agent.register_memory(buf)
+        peer = agent.add_remote_agent(md)
+        peer = peer.decode() if isinstance(peer, bytes) else peer
+
+        def rows(base: int, count: int, size: int) -> np.ndarray:
+            a = np.empty((count, 3), dtype=np.uint64)
+            a[:, 0] = np.uint64(base) + np.arange(count, dtype=np.uint64) * np.uint64(size)
+            a[:, 1] = size
+            a[:, 2] = devid
+            return a
+
+        handles = []
+        lh1 = agent.prep_xfer_dlist("NIXL_INIT_AGENT", rows(buf.data_ptr(), 1, _LIVE_BYTES), mem)
+        rh1 = agent.prep_xfer_dlist(peer, rows(raddr, 1, _LIVE_BYTES), mem)
+        lhn = agent.prep_xfer_dlist("NIXL_INIT_AGENT", rows(buf.data_ptr(), n, _LIVE_PIECE), mem)
+        rhn = agent.prep_xfer_dlist(peer, rows(raddr, n, _LIVE_PIECE), mem)
+        handles += [lh1, rh1, lhn, rhn]
+        perm = np.random.default_rng(7).permutation(n).astype(np.int64)
+        ident = np.arange(n, dtype=np.int64)
+        expect_perm = expect.view(n, _LIVE_PIECE)[torch.from_numpy(perm).to(dev)].reshape(-1)
+
+        def timed(op: str, lh: Any, li: Any, rh: Any, ri: Any, check: Any) -> float:
+            times = []
+            for _ in range(_LIVE_RUNS + 1):
+                if check is not None:
+                    buf.zero_()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                h = agent.make_prepped_xfer(op, lh, li, rh, ri)
+                try:
+                    t0 = time.perf_counter()
+                    st = agent.transfer(h)
+                    deadline = time.monotonic() + _LIVE_TIMEOUT_S
+                    while st == "PROC":
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"{op} still in progress after {_LIVE_TIMEOUT_S} s")
+                        st = agent.check_xfer_state(h)
+                    t = time.perf_counter() - t0
+                finally:
+                    h.release()
+                if st != "DONE":
+                    raise RuntimeError(f"{op} ended in state {st}")
+                if check is not None and not torch.equal(buf, check):
+                    raise RuntimeError(f"{op}: transferred bytes differ from the source")
+                times.append(t)
+            return statistics.median(times[1:])
+
+        r1 = timed("READ", lh1, [0], rh1, [0], expect)
+        rn = timed("READ", lhn, ident, rhn, perm, expect_perm)
+        w1 = timed("WRITE", lh1, [0], rh1, [0], None)
+        for h in handles:
+            h.release()
+        agent.remove_remote_agent(peer)
+        gb = _LIVE_BYTES / 1e9
+        return {"read1": gb / r1, "readn": gb / rn, "readn_s": rn, "write1": gb / w1}
+
+    def close(self) -> None:
+        if self.reg is not None:
+            self.agent.deregister_memory(self.reg)
+            self.reg = None
+        sys.stdout.flush()

@@ -1,7 +1,7 @@
 """``layoutc demo``: a real P/D transfer of tagged pages between processes, every byte checked.
 
-:func:`run_demo` spawns one process per prefill rank and per decode rank (multiprocessing
-*spawn*), each with an :class:`~layoutc.runtime.endpoint.Endpoint` over a real NIXL agent.
+:func:`run_demo` spawns one worker process per prefill rank and per decode rank
+(:mod:`.harness`), each with an :class:`~layoutc.runtime.endpoint.Endpoint` over a real NIXL agent.
 The parent is only the control plane: it carries handshake bytes between the processes
 (a plain byte channel), says "go", counts completions for the progress bar, and collects
 results.  Then:
@@ -25,33 +25,44 @@ other parameters).  Each ends in :class:`DemoError` naming the peer, ids or valu
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing as mp
 import os
-import signal
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import numpy as np
+from layoutc.runtime.endpoint import STRATEGIES
+from layoutc.runtime.errors import LayoutcError, UsageError
+from layoutc.runtime.plan import Plan
 
-from .errors import LayoutcRuntimeError
-from .plan import Plan
-from .procs import end_process
+from .harness import Channel, Worker, WorkerError, readable
 
-INJECTIONS = ("kill-prefill", "kill-decode", "bad-blocks", "spec-mismatch")
+#: The built-in demo: a small hybrid attention + Mamba2 model whose KV heads (2) and B/C groups
+#: (2) are replicated at decode TP 4, so every mechanism of the planner is exercised.
+DEMO_SPEC = "vllm_hybrid_mamba2"
+DEMO_SETS = {
+    "num_key_value_heads": "2",
+    "head_dim": "64",
+    "block_size": "16",
+    "mamba_num_heads": "8",
+    "mamba_head_dim": "16",
+    "n_groups": "2",
+    "ssm_state_size": "16",
+}
+
+#: Faults ``--inject`` can turn on.
+KILLS = ("kill-prefill", "kill-decode")  # the faults that kill a rank half-way
+INJECTIONS = (*KILLS, "bad-blocks", "spec-mismatch")
 MODES = ("pull", "push")
-STRATEGIES = ("zero-copy", "staged", "auto")
 _PREFILL_FILL = 0xC3  # bytes of prefill buffers outside any request's state bytes
 _DECODE_FILL = 0x5A  # decode sentinel: what every byte nothing may write must still hold
 _WINDOW = 4  # requests in flight per initiator
 _SETUP_TIMEOUT_S = 120.0
 
 
-class DemoError(LayoutcRuntimeError):
+class DemoError(LayoutcError):
     """The demo failed; ``errors`` holds one line per failure that a process reported."""
 
     def __init__(self, message: str, errors: list[str] | None = None) -> None:
@@ -159,90 +170,51 @@ def _rid(i: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Worker process
+# Worker process (a harness handler)
 # --------------------------------------------------------------------------------------------
-def _worker(cfg: dict[str, Any], conn: Connection) -> None:
-    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
-    code = 1
-    try:
-        code = _worker_body(cfg, conn)
-    except _Abort:
-        pass
-    except BaseException as e:  # noqa: BLE001 - everything goes to the parent
-        from .errors import LayoutcRuntimeError
-
-        msg = (
-            str(e)
-            if isinstance(e, LayoutcRuntimeError)
-            else (
-                f"{cfg['role']} rank {cfg['rank']}: {type(e).__name__}: {e}\n"
-                + traceback.format_exc(limit=8)
-            )
-        )
-        try:
-            conn.send(("error", msg))
-        except (OSError, EOFError):
-            pass
-    conn.close()
-    os._exit(code)
-
-
-class _Abort(Exception):
-    """The parent told this worker to stop."""
-
-
-def _recv(conn: Connection, want: str) -> tuple:
-    msg = conn.recv()
-    if msg[0] == "abort":
-        raise _Abort()
-    if msg[0] != want:
-        raise RuntimeError(f"protocol error: expected {want!r}, got {msg[0]!r}")
-    return msg
-
-
-def _check_abort(conn: Connection) -> None:
-    """Between polls: stop at once if the parent says so (it is giving up on the run)."""
-    if conn.poll(0):
-        _recv(conn, "abort")
-
-
 def _request_keys(layer: int, ids: np.ndarray) -> np.ndarray:
     """Tag keys of every (request, block index) of ``ids`` (requests x blocks), row-major."""
-    from .tags import block_keys
+    from layoutc.runtime.tags import block_keys
 
     nreq, nblk = ids.shape
     return block_keys(layer, np.arange(nreq)[:, None], np.arange(nblk)[None, :]).reshape(-1)
 
 
-def _worker_body(cfg: dict[str, Any], conn: Connection) -> int:
-    import torch
+class DemoRank:
+    """One prefill or decode rank of the demo, inside its worker process."""
 
-    from .endpoint import Endpoint, allocate_buffers
-    from .tags import PageTagger
+    def __init__(self, channel: Channel, cfg: dict[str, Any]) -> None:
+        self.channel = channel
+        self.cfg = cfg
+        self.ep: Any = None
+        self.finished = False
 
-    torch.set_num_threads(1)
-    if cfg["device"].startswith("cuda:"):  # one GPU per rank process, as in an engine
-        torch.cuda.set_device(int(cfg["device"].split(":", 1)[1]))
-    role, rank, plan = cfg["role"], cfg["rank"], cfg["plan"]
-    kinds, blocks = cfg["kinds"], cfg["blocks"]
-    side = plan.prefill if role == "prefill" else plan.decode
-    nb = blocks["nb_" + role]
-    my_ids = blocks[role]
-    peer_ids = blocks["decode" if role == "prefill" else "prefill"]
+    def setup(self) -> bytes:
+        """Endpoint, tagged (prefill) or sentinel-filled (decode) buffers, registration;
+        returns the handshake bytes."""
+        import torch
+        from layoutc.runtime.endpoint import Endpoint, allocate_buffers
+        from layoutc.runtime.tags import PageTagger
 
-    ep = Endpoint(
-        plan,
-        role,
-        rank,
-        name=f"demo-{cfg['run_id']}-{role}-{rank}",
-        engine=role,
-        device=cfg["device"],
-        timeout_s=cfg["timeout_s"],
-        strategy=cfg["strategy"],
-    )
-    try:
-        bufs = allocate_buffers(plan, role, kinds, nb, cfg["device"])
-        taggers = {p: PageTagger(side, rank, p) for p in side.page_names}
+        cfg = self.cfg
+        role, rank, plan = cfg["role"], cfg["rank"], cfg["plan"]
+        kinds, blocks = cfg["kinds"], cfg["blocks"]
+        self.side = side = plan.prefill if role == "prefill" else plan.decode
+        self.nb = nb = blocks["nb_" + role]
+        self.my_ids = my_ids = blocks[role]
+        self.peer_ids = blocks["decode" if role == "prefill" else "prefill"]
+        self.ep = Endpoint(
+            plan,
+            role,
+            rank,
+            name=f"demo-{cfg['run_id']}-{role}-{rank}",
+            engine=role,
+            device=cfg["device"],
+            timeout_s=cfg["timeout_s"],
+            strategy=cfg["strategy"],
+        )
+        self.bufs = bufs = allocate_buffers(plan, role, kinds, nb, cfg["device"])
+        self.taggers = {p: PageTagger(side, rank, p) for p in side.page_names}
         flat = my_ids.reshape(-1)
         for li, layer in enumerate(bufs):
             keys = _request_keys(li, my_ids)
@@ -252,55 +224,74 @@ def _worker_body(cfg: dict[str, Any], conn: Connection) -> int:
                     host = t if t.device.type == "cpu" else torch.empty_like(t, device="cpu")
                     host.fill_(_PREFILL_FILL)
                     stride = side.page(page).logical_stride
-                    taggers[page].fill(host.numpy().reshape(nb, stride), flat, keys)
+                    self.taggers[page].fill(host.numpy().reshape(nb, stride), flat, keys)
                     if host is not t:
                         t.copy_(host)
                 else:
                     t.fill_(_DECODE_FILL)
         if cfg["device"] != "cpu":
             torch.cuda.synchronize()
-        ep.register_layers(bufs, kinds)
-        conn.send(("handshake", ep.handshake_bytes()))
-        for data in _recv(conn, "peers")[1]:
-            ep.add_peer(data)
-        conn.send(("ready",))
-        _recv(conn, "go")
+        self.ep.register_layers(bufs, kinds)
+        return bytes(self.ep.handshake_bytes())
 
+    def add_peers(self, blobs: list[bytes]) -> None:
+        for data in blobs:
+            self.ep.add_peer(data)
+
+    def run(self) -> dict[str, Any]:
+        """Move every request (emitting ``("done", rid)`` per decode completion); check the
+        plan's completion counts; on a decode rank verify every byte."""
+        cfg, ep = self.cfg, self.ep
         used: dict[str, int] = {}
-        if (role == "decode") == (cfg["mode"] == "pull"):
-            completions = _run_initiator(ep, cfg, conn, my_ids, peer_ids, used)
+        if (ep.role == "decode") == (cfg["mode"] == "pull"):
+            completions = _run_initiator(ep, cfg, self.channel, self.my_ids, self.peer_ids, used)
         else:
-            completions = _run_passive(ep, cfg, conn, my_ids)
+            completions = _run_passive(ep, cfg, self.channel, self.my_ids)
         result: dict[str, Any] = {
             "stats": ep.stats(),
             "completions": completions,
             "strategies": used,
         }
-        if role == "decode":
-            result["verified_bytes"] = _verify(plan, rank, bufs, taggers, my_ids, nb, ep.label)
-        conn.send(("finished", result))
-        # keep progressing (late notifications, a peer's first message) until told to exit
-        while not conn.poll(0.002):
-            ep.poll()
-        _recv(conn, "exit")
-        open_handles = ep.stats()["xfer_handles_open"]
-        if open_handles:
-            raise RuntimeError(f"{ep.label}: {open_handles} transfer handles left open")
-    finally:
-        ep.close()
-    return 0
+        if ep.role == "decode":
+            result["verified_bytes"] = _verify(
+                cfg["plan"], cfg["rank"], self.bufs, self.taggers, self.my_ids, self.nb, ep.label
+            )
+        self.finished = True
+        return result
+
+    def tick(self) -> bool:
+        """After the run: keep progressing (late notifications, a peer's first message)."""
+        if self.finished:
+            self.ep.poll()
+        return False
+
+    def close(self) -> dict[str, Any] | None:
+        """Close the endpoint; its final counters (``xfer_handles_open`` must be 0)."""
+        if self.ep is None:
+            return None
+        stats = self.ep.stats()
+        self.ep.close()
+        self.ep = None
+        return stats
 
 
-def _gate(cfg: dict[str, Any], conn: Connection, i: int) -> None:
+def _gate(cfg: dict[str, Any], channel: Channel, i: int) -> None:
     """With a kill injection, initiators pause half-way until the parent killed its victim."""
-    if cfg["inject"] in ("kill-prefill", "kill-decode") and i == cfg["requests"] // 2:
-        conn.send(("gate", i))
-        _recv(conn, "continue")
+    if cfg["inject"] in KILLS and i == cfg["requests"] // 2:
+        channel.emit("gate", i)
+        channel.wait_posted("continue", _SETUP_TIMEOUT_S)
 
 
-def _run_initiator(ep, cfg, conn, my_ids, peer_ids, used: dict[str, int]) -> int:
+def _run_initiator(
+    ep: Any,
+    cfg: dict[str, Any],
+    channel: Channel,
+    my_ids: np.ndarray,
+    peer_ids: np.ndarray,
+    used: dict[str, int],
+) -> int:
     """Start requests (up to _WINDOW in flight) and wait for them; raise the first failure."""
-    from .errors import TransferError
+    from layoutc.runtime.errors import TransferError
 
     nreq, half = cfg["requests"], cfg["requests"] // 2
     start = ep.pull if ep.role == "decode" else ep.push
@@ -309,7 +300,7 @@ def _run_initiator(ep, cfg, conn, my_ids, peer_ids, used: dict[str, int]) -> int
     waiter = _Sleep()
     while nxt < nreq or in_flight:
         while nxt < nreq and len(in_flight) < _WINDOW and not (nxt == half and in_flight):
-            _gate(cfg, conn, nxt)  # (drained first, so a kill lands between requests)
+            _gate(cfg, channel, nxt)  # (drained first, so a kill lands between requests)
             remote = peer_ids[nxt]
             if cfg["inject"] == "bad-blocks" and nxt == half:
                 remote = remote.copy()
@@ -322,7 +313,7 @@ def _run_initiator(ep, cfg, conn, my_ids, peer_ids, used: dict[str, int]) -> int
                 raise next(iter(earlier.values()), e) from None
             in_flight.add(_rid(nxt))
             nxt += 1
-        _check_abort(conn)
+        channel.posted()  # (a posted "stop" ends the run)
         progress = ep.poll()
         for err in progress.failed.values():
             raise err
@@ -332,12 +323,12 @@ def _run_initiator(ep, cfg, conn, my_ids, peer_ids, used: dict[str, int]) -> int
             s = ep.completion_info(rid)["strategy"] or "none"
             used[s] = used.get(s, 0) + 1
             if ep.role == "decode":
-                conn.send(("done", rid))
+                channel.emit("done", rid)
         waiter.after(progress)
     return completions
 
 
-def _run_passive(ep, cfg, conn, my_ids) -> int:
+def _run_passive(ep: Any, cfg: dict[str, Any], channel: Channel, my_ids: np.ndarray) -> int:
     """Expect requests (a sliding window) until all completed; check completion counts.
     A prefill rank passes its block ids of each request, so that it packs ahead for readers
     that stage."""
@@ -356,7 +347,7 @@ def _run_passive(ep, cfg, conn, my_ids) -> int:
             ep.expect(_rid(nxt), blocks=my_ids[nxt] if ep.role == "prefill" else None)
             pending.add(_rid(nxt))
             nxt += 1
-        _check_abort(conn)
+        channel.posted()  # (a posted "stop" ends the run)
         progress = ep.poll()
         for err in progress.failed.values():
             raise err
@@ -370,7 +361,7 @@ def _run_passive(ep, cfg, conn, my_ids) -> int:
                 )
             completions += 1
             if ep.role == "decode":
-                conn.send(("done", rid))
+                channel.emit("done", rid)
         waiter.after(progress)
     return completions
 
@@ -430,33 +421,33 @@ def _state_at(side, page: str, off: int) -> str:
 # --------------------------------------------------------------------------------------------
 # Parent
 # --------------------------------------------------------------------------------------------
-class _Child:
-    """A worker process and its pipe, as the parent sees it."""
+class _Rank:
+    """A rank's worker as the demo's parent sees it."""
 
-    def __init__(self, ctx, role: str, rank: int, cfg: dict[str, Any]) -> None:
+    def __init__(self, role: str, rank: int, cfg: dict[str, Any], device: str) -> None:
         self.role, self.rank = role, rank
         self.label = f"{role} rank {rank}"
-        self.conn, child_conn = ctx.Pipe()
-        self.proc = ctx.Process(
-            target=_worker, args=(cfg, child_conn), name=f"layoutc-demo-{role}-{rank}", daemon=True
+        self.worker = Worker(
+            "layoutc.tools.demo:DemoRank", cfg, label=f"demo {self.label}", device=device
         )
-        self.proc.start()
-        child_conn.close()
         self.state = "running"  # running | finished | failed | killed | dead
         self.result: dict[str, Any] | None = None
 
-    def send(self, *msg: Any) -> None:
-        try:
-            self.conn.send(msg)
-        except (OSError, EOFError, BrokenPipeError):
-            pass
-
-    def recv(self) -> tuple | None:
-        """A message, or None when the pipe closed (the process ended)."""
-        try:
-            return self.conn.recv()
-        except (EOFError, OSError):
+    def take_return(self) -> tuple[bool, Any] | None:
+        """(ok, value) of the call that ended, if one did."""
+        w = self.worker
+        if not w.returns:
             return None
+        w.outstanding -= 1
+        kind, value = w.returns.popleft()
+        return kind == "ret", value
+
+
+def _reason(rank: _Rank, value: Any) -> str:
+    """One error line from what a rank's call raised."""
+    if isinstance(value, LayoutcError) and not isinstance(value, WorkerError):
+        return str(value)
+    return f"{rank.label}: {value}"
 
 
 def _make_progress(enabled: bool, total: int):
@@ -520,29 +511,29 @@ def run_demo(
     (default: :func:`mismatched_plan`).
     """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        raise UsageError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if inject is not None and inject not in INJECTIONS:
-        raise ValueError(f"inject must be one of {', '.join(INJECTIONS)}, got {inject!r}")
+        raise UsageError(f"inject must be one of {', '.join(INJECTIONS)}, got {inject!r}")
     for name, v in (("requests", requests), ("layers", layers), ("blocks", blocks)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            raise UsageError(f"{name} must be a positive integer, got {v!r}")
     if requests >= 1 << 21 or blocks >= 1 << 21:
-        raise ValueError("requests and blocks must each be below 2**21")
+        raise UsageError("requests and blocks must each be below 2**21")
     if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    if inject in ("kill-prefill", "kill-decode") and requests < 2:
-        raise ValueError("kill injections need at least 2 requests")
+        raise UsageError(f"timeout_s must be > 0, got {timeout_s}")
+    if inject in KILLS and requests < 2:
+        raise UsageError("kill injections need at least 2 requests")
     if device != "cpu":
         import torch
 
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+            raise UsageError(f"device {device!r} requested but torch sees no CUDA device")
         count = torch.cuda.device_count()
         for side, gpus in (("prefill", prefill_gpus), ("decode", decode_gpus)):
             if not gpus or any(not 0 <= int(g) < count for g in gpus):
-                raise ValueError(
+                raise UsageError(
                     f"{side} GPUs {list(gpus)}: torch sees {count} CUDA device(s) "
                     f"(valid: 0..{count - 1})"
                 )
@@ -555,11 +546,11 @@ def run_demo(
             f"GPU of each rank: prefill {','.join(d[5:] for d in pre_dev)} -> decode "
             f"{','.join(d[5:] for d in dec_dev)}"
         )
-    from .endpoint import layer_kind_sequence
-    from .tags import element_ids
+    from layoutc.runtime.endpoint import layer_kind_sequence
+    from layoutc.runtime.tags import element_ids
 
-    for side in (plan.prefill, plan.decode):
-        element_ids(side, side.states[0].name, 0)  # fail early without tag identity
+    for side_layout in (plan.prefill, plan.decode):  # fail early without tag identity
+        element_ids(side_layout, side_layout.states[0].name, 0)
     kinds = layer_kind_sequence(plan, layers)
     blk = _layout_blocks(requests, blocks, seed)
     run_id = f"{os.getpid()}-{time.monotonic_ns() % 10**9}"
@@ -578,23 +569,22 @@ def run_demo(
     if inject == "spec-mismatch":
         dplan = decode_plan if decode_plan is not None else mismatched_plan(plan)
 
-    ctx = mp.get_context("spawn")
     t_start = time.monotonic()
-    children = [
-        _Child(
-            ctx,
+    ranks = [
+        _Rank(
             "prefill",
             r,
             dict(base, role="prefill", rank=r, plan=plan, device=pre_dev[r]),
+            pre_dev[r],
         )
         for r in range(plan.prefill_tp)
     ]
-    children += [
-        _Child(
-            ctx,
+    ranks += [
+        _Rank(
             "decode",
             r,
             dict(base, role="decode", rank=r, plan=dplan, device=dec_dev[r]),
+            dec_dev[r],
         )
         for r in range(plan.decode_tp)
     ]
@@ -603,11 +593,13 @@ def run_demo(
     prog = None
     try:
         # ---- set-up: handshake bytes travel through the parent (a plain byte channel)
-        hs = _collect(children, "handshake", errors)
+        for c in ranks:
+            c.worker.send("setup")
+        hs = _gather(ranks, "setup", errors)
         if not errors:
-            for c in children:
-                c.send("peers", [hs[x.label][1] for x in children if x.role != c.role])
-            _collect(children, "ready", errors)
+            for c in ranks:
+                c.worker.send("add_peers", [hs[x.label] for x in ranks if x.role != c.role])
+            _gather(ranks, "add_peers", errors)
         if errors:
             raise _failure(errors, notes)
         setup_s = time.monotonic() - t_start
@@ -615,66 +607,71 @@ def run_demo(
         # ---- transfer
         prog = _make_progress(progress, requests * plan.decode_tp)
         t0 = t_last = time.monotonic()
-        for c in children:
-            c.send("go")
-        initiators = [c for c in children if (c.role == "decode") == (mode == "pull")]
+        for c in ranks:
+            c.worker.send("run")
+        initiators = [c for c in ranks if (c.role == "decode") == (mode == "pull")]
         victim = None
-        if inject in ("kill-prefill", "kill-decode"):
+        if inject in KILLS:
             vrole = inject.split("-", 1)[1]
             vrank = (plan.prefill_tp if vrole == "prefill" else plan.decode_tp) - 1
-            victim = next(c for c in children if c.role == vrole and c.rank == vrank)
+            victim = next(c for c in ranks if c.role == vrole and c.rank == vrank)
         gated: set[str] = set()
         done = 0
         watchdog = t0 + 3 * timeout_s + 60.0
         stop_at: float | None = None  # after a failure: when to stop waiting for more reports
-        while any(c.state == "running" for c in children):
+        while any(c.state == "running" for c in ranks):
             now = time.monotonic()
             if stop_at is not None and now > stop_at:
                 break
             if now > watchdog:
                 errors.append(f"demo: stopped after {now - t0:.0f} s without completing")
                 break
-            running = [c for c in children if c.state == "running"]
-            ready = wait([c.conn for c in running], timeout=0.2)
+            running = [c for c in ranks if c.state == "running"]
+            ready = {id(w) for w in readable([c.worker for c in running], 0.2)}
             for c in running:
-                if c.conn not in ready:
+                if id(c.worker) not in ready:
                     continue
-                msg = c.recv()
-                if msg is None:
-                    c.proc.join(1)
+                c.worker.drain()
+                while c.worker.events:
+                    ev = c.worker.events.popleft()
+                    if ev[0] == "done":
+                        done += 1
+                        t_last = time.monotonic()
+                        if prog is not None:
+                            prog.update(prog.task_ids[0], completed=done)
+                    elif ev[0] == "gate":
+                        gated.add(c.label)
+                        waiting = [x for x in initiators if x.state == "running"]
+                        if victim is not None and all(x.label in gated for x in waiting):
+                            victim.state = "killed"
+                            victim.worker.kill()
+                            notes.append(
+                                f"injected: killed {victim.label} (pid {victim.worker.pid}) "
+                                f"after {requests // 2} requests"
+                            )
+                            for x in waiting:
+                                if x is not victim:
+                                    x.worker.post("continue")
+                            stop_at = time.monotonic() + timeout_s + 5.0
+                ret = c.take_return()
+                if ret is not None:
+                    ok, value = ret
+                    if ok:
+                        c.state, c.result = "finished", value
+                    else:
+                        c.state = "failed"
+                        errors.append(_reason(c, value))
+                        if stop_at is None:
+                            # let the peers report their side (a timeout takes timeout_s)
+                            stop_at = time.monotonic() + (
+                                timeout_s + 2.0 if victim is not None else 1.0
+                            )
+                elif c.worker.dead and c.state == "running":
                     c.state = "dead"
                     errors.append(
-                        f"{c.label}: process exited unexpectedly (exit code {c.proc.exitcode})"
+                        f"{c.label}: process exited unexpectedly (exit code {c.worker.exitcode})"
                     )
                     stop_at = stop_at or time.monotonic() + 1.0
-                elif msg[0] == "done":
-                    done += 1
-                    t_last = time.monotonic()
-                    if prog is not None:
-                        prog.update(prog.task_ids[0], completed=done)
-                elif msg[0] == "finished":
-                    c.state, c.result = "finished", msg[1]
-                elif msg[0] == "error":
-                    c.state = "failed"
-                    errors.append(msg[1])
-                    if stop_at is None:
-                        # let the peers report their side (a timeout takes timeout_s)
-                        stop_at = time.monotonic() + (
-                            timeout_s + 2.0 if victim is not None else 1.0
-                        )
-                elif msg[0] == "gate":
-                    gated.add(c.label)
-                    waiting = [x for x in initiators if x.state == "running"]
-                    if victim is not None and all(x.label in gated for x in waiting):
-                        _kill(victim)
-                        notes.append(
-                            f"injected: killed {victim.label} (pid {victim.proc.pid}) "
-                            f"after {requests // 2} requests"
-                        )
-                        for x in waiting:
-                            if x is not victim:
-                                x.send("continue")
-                        stop_at = time.monotonic() + timeout_s + 5.0
         seconds = t_last - t0
         if prog is not None:
             prog.stop()
@@ -683,14 +680,16 @@ def run_demo(
             if not errors:
                 errors.append(f"injected {inject}, but no process reported an error")
             raise _failure(errors, notes)
-        for c in children:
-            c.send("exit")
-        for c in children:
-            c.proc.join(15)
-            if c.proc.exitcode != 0:
-                raise _failure([f"{c.label}: exit code {c.proc.exitcode} after finishing"], notes)
-        dec = [c.result for c in children if c.role == "decode"]
-        pre = [c.result for c in children if c.role == "prefill"]
+        for c in ranks:
+            final = c.worker.stop(30)
+            if final is None:
+                raise _failure([f"{c.label}: did not close its endpoint after finishing"], notes)
+            if final["xfer_handles_open"]:
+                raise _failure(
+                    [f"{c.label}: {final['xfer_handles_open']} transfer handles left open"], notes
+                )
+        dec = [c.result for c in ranks if c.role == "decode" and c.result is not None]
+        pre = [c.result for c in ranks if c.role == "prefill" and c.result is not None]
         inits = dec if mode == "pull" else pre
         used: dict[str, int] = {}
         for f in inits:
@@ -718,31 +717,18 @@ def run_demo(
     finally:
         if prog is not None:
             prog.stop()
-        for c in children:
-            c.send("abort")
-        end = time.monotonic() + 5.0
-        for c in children:
-            c.proc.join(max(0.0, end - time.monotonic()))
-        for c in children:
-            end_process(c.proc, 2)
-            c.conn.close()
+        for c in ranks:
+            c.worker.post("stop")
+        for c in ranks:
+            c.worker.stop(5)
 
 
-def _kill(c: _Child) -> None:
-    c.state = "killed"
-    try:
-        os.kill(c.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    c.proc.join(5)
-
-
-def _collect(children: list[_Child], want: str, errors: list[str]) -> dict[str, tuple]:
-    """Wait for message ``want`` from every child; on an error or a death, give the others a
+def _gather(ranks: list[_Rank], what: str, errors: list[str]) -> dict[str, Any]:
+    """The result of call ``what`` from every rank; on an error or a death, give the others a
     second to report theirs (both sides of a handshake mismatch), then return."""
     deadline = time.monotonic() + _SETUP_TIMEOUT_S
-    got: dict[str, tuple] = {}
-    pending = list(children)
+    got: dict[str, Any] = {}
+    pending = list(ranks)
     stop_at = None
     while pending:
         now = time.monotonic()
@@ -751,27 +737,27 @@ def _collect(children: list[_Child], want: str, errors: list[str]) -> dict[str, 
         if now > deadline:
             errors.append(
                 f"set-up timed out after {_SETUP_TIMEOUT_S:.0f} s waiting for "
-                f"{', '.join(c.label for c in pending)} ({want})"
+                f"{', '.join(c.label for c in pending)} ({what})"
             )
             return got
-        ready = wait([c.conn for c in pending], timeout=0.2)
+        ready = {id(w) for w in readable([c.worker for c in pending], 0.2)}
         for c in list(pending):
-            if c.conn not in ready:
+            if id(c.worker) not in ready:
                 continue
-            msg = c.recv()
+            c.worker.drain()
+            ret = c.take_return()
+            if ret is None and not c.worker.dead:
+                continue
             pending.remove(c)
-            if msg is None:
-                c.proc.join(1)
+            if ret is None:
                 errors.append(
-                    f"{c.label}: process died during set-up (exit code {c.proc.exitcode})"
+                    f"{c.label}: process died during set-up (exit code {c.worker.exitcode})"
                 )
-            elif msg[0] == "error":
-                errors.append(msg[1])
-            elif msg[0] == want:
-                got[c.label] = msg
+            elif ret[0]:
+                got[c.label] = ret[1]
                 continue
             else:
-                errors.append(f"{c.label}: unexpected message {msg[0]!r} during set-up")
+                errors.append(_reason(c, ret[1]))
             stop_at = stop_at or time.monotonic() + 1.0
     return got
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from layoutc.runtime.demo import DemoError, run_demo
-from layoutc.runtime.doctor import run_doctor
+from layoutc.tools.demo import DemoError, run_demo
+from layoutc.tools.doctor import run_doctor
 from rt_plans import HYBRID, compiled
 
 pytestmark = pytest.mark.timeout(180)
@@ -66,15 +65,14 @@ def test_demo_verifies_every_byte(mode):
 )
 def test_demo_injected_faults_fail_clearly(inject, mode, expected):
     plan = compiled("vllm_hybrid_mamba2", 1, 2, HYBRID)
-    t0 = time.monotonic()
     with pytest.raises(DemoError) as ei:
         run_demo(plan, mode=mode, inject=inject, timeout_s=3.0, **SMALL)
-    took = time.monotonic() - t0
     msg = str(ei.value)
     for part in expected:
         assert part in msg, msg
     assert "verified" not in msg
-    assert took < 40, took
+    # the ranks reported the failure themselves: the demo's watchdog did not have to stop it
+    assert "without completing" not in msg and "timed out after 120 s" not in msg
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -114,13 +112,18 @@ def test_cli_demo_prints_verified_only_on_success():
 
 
 def test_doctor_live_transfer():
-    lines, warnings, code = run_doctor(live=True)
-    text = "\n".join(lines)
-    assert "NIXL 1.5" in text
+    from layoutc.runtime import nixl_compat
+
+    report = run_doctor(live=True)
+    assert report.facts["nixl"]["version"] == nixl_compat.load().version
+    live = report.facts["live"]["cpu"]
+    assert live["verified"], live
+    assert live["read1"] > 0 and live["write1"] > 0 and live["readn"] > 0
+    assert live["transports"].get("READ"), live  # UCX named the transport it used
+    text = "\n".join(report.lines)
     assert "live transfer (host memory, 2 processes, verified)" in text
-    assert "READ over cma" in text, text  # UCX's shared-memory path on this box
-    assert code == (1 if warnings else 0)
-    assert code == 0, warnings
+    assert report.code == (1 if report.warnings else 0)
+    assert report.code == 0, report.warnings
 
 
 @pytest.mark.timeout(200)
@@ -133,19 +136,15 @@ def test_doctor_live_transfer():
     ],
 )
 def test_cli_demo_injected_faults_exit_nonzero_within_bounds(inject, says):
-    import time
-
-    t0 = time.monotonic()
     run = _cli(
         "--prefill-tp", "1", "--decode-tp", "2", "--requests", "4", "--layers", "2",
         "--blocks", "4", "--quiet", "--timeout", "5", "--inject", inject,
     )  # fmt: skip
-    took = time.monotonic() - t0
     assert run.returncode not in (0, 2), run.stderr
     assert not any(line.startswith("verified:") for line in run.stdout.splitlines())
     assert says in run.stderr, run.stderr
     assert "Traceback" not in run.stderr
-    assert took < 60, took
+    assert "without completing" not in run.stderr  # not stopped by the demo's watchdog
 
 
 @pytest.mark.parametrize("mode", ["pull", "push"])
@@ -192,7 +191,7 @@ def test_doctor_reports_gpu_pairs_without_peer_access():
     for a 3-GPU host where GPU 2 reaches no other GPU directly)."""
     from types import SimpleNamespace
 
-    from layoutc.runtime.doctor import _peer_access
+    from layoutc.tools.doctor import _peer_access
 
     cuda = SimpleNamespace(can_device_access_peer=lambda i, j: 2 not in (i, j))
     lines, warnings = [], []
@@ -212,7 +211,7 @@ def test_doctor_reports_gpu_pairs_without_peer_access():
 
 
 def test_ranks_are_placed_round_robin_on_the_listed_gpus():
-    from layoutc.runtime.demo import rank_devices
+    from layoutc.tools.demo import rank_devices
 
     assert rank_devices("cuda", 4, [0, 1]) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
     assert rank_devices("cuda", 2, [1]) == ["cuda:1", "cuda:1"]

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from layoutc.runtime import bench
 from layoutc.runtime.costmodel import CostModel
+from layoutc.tools import bench
+from layoutc.tools.bench import config as bench_config
+from layoutc.tools.bench import worker as bench_worker
 from rt_plans import SPECS
 
 pytestmark = pytest.mark.timeout(180)
@@ -24,7 +26,7 @@ def _compile(spec, p, d, params):
 
 
 def test_llama70b_long_request_posts_far_fewer_descriptors_than_vllm():
-    plan = _compile("vllm_flashinfer", 8, 4, dict(bench.LLAMA70B, num_layers=80))
+    plan = _compile("vllm_flashinfer", 8, 4, dict(bench_config.LLAMA70B, num_layers=80))
     rng = np.random.default_rng(0)
     local = rng.choice(16384, 2048, replace=False)
     remote = rng.choice(16384, 2048, replace=False)
@@ -40,7 +42,7 @@ def test_llama70b_long_request_posts_far_fewer_descriptors_than_vllm():
         assert {s["strategy"] for s in auto["sources"].values()} == {"staged"}
         # staged: one transfer per 16 MiB chunk of 1.25 GiB per source
         assert auto["posted"] == 2 * 80
-        assert auto["posted"] / bench.VLLM_V033_LLAMA < 0.01
+        assert auto["posted"] / bench_config.VLLM_V033_LLAMA < 0.01
 
 
 def test_reduced_bench_run_writes_the_json_contract(tmp_path):
@@ -104,12 +106,9 @@ def _run_section(section, cfg, out, *extra) -> None:
     """Run one bench section as ``run_bench`` would, every wait for a worker bounded (150 s)."""
     import time
 
-    end = time.monotonic() + 150
-    bench._DEADLINE[0] = end
-    try:
-        section(_compile, cfg, out, lambda msg: None, end, *extra)
-    finally:
-        bench._DEADLINE[0] = float("inf")
+    t = time.monotonic()
+    run = bench_config.Run(cfg, out, t, t + 150, lambda msg: None, lambda: None)
+    section(_compile, run, *extra)
 
 
 def test_gpu_bench_flow_on_host_memory(tmp_path):
@@ -126,7 +125,7 @@ def test_gpu_bench_flow_on_host_memory(tmp_path):
         gpu_staging_bytes=2 << 20,
         gpu_staging_slots=4,
         runs=1,
-        extra={"worker_device": "cpu"},
+        gpu_worker_device="cpu",
     )
     out: dict = {"card": None}
     cm: dict = {}
@@ -164,7 +163,7 @@ def test_cross_gpu_bench_flow_on_host_memory():
         gpu_staging_slots=4,
         runs=1,
         gpus=2,
-        extra={"xgpu_devices": ("cpu", "cpu")},
+        xgpu_devices=("cpu", "cpu"),
     )
     out: dict = {}
     _run_section(bench.bench_cross_gpu, cfg, out)
@@ -191,6 +190,6 @@ def test_bench_pattern_names_the_source_rank():
     import torch
 
     t = torch.zeros(64, dtype=torch.uint8)
-    bench._fill_pattern(t, 3, 1)
-    assert bytes(t[16:40].numpy()) == bytes(bench._pattern_bytes(3, 16, 24, 1))
-    assert bytes(t[16:40].numpy()) != bytes(bench._pattern_bytes(3, 16, 24, 0))
+    bench_worker.fill_pattern(t, 3, 1)
+    assert bytes(t[16:40].numpy()) == bytes(bench_worker.pattern_bytes(3, 16, 24, 1))
+    assert bytes(t[16:40].numpy()) != bytes(bench_worker.pattern_bytes(3, 16, 24, 0))

@@ -11,14 +11,12 @@ import pytest
 
 @pytest.mark.timeout(180)
 def test_concurrent_requests_all_verified_no_leaks():
-    from layoutc.compiler.api import compile_plan
-    from layoutc.compiler.cli_runtime import DEMO_SETS
-    from layoutc.compiler.pipeline import builtin_specs_dir
-    from layoutc.runtime.loadtest import run
+    from layoutc.compiler.api import compile_builtin
+    from layoutc.tools.demo import DEMO_SETS, DEMO_SPEC
+    from layoutc.tools.loadtest import run
 
-    spec = str(builtin_specs_dir().joinpath("vllm_hybrid_mamba2.layout"))
     out = run(
-        compile_plan(spec, 2, 4, dict(DEMO_SETS)),
+        compile_builtin(DEMO_SPEC, 2, 4, dict(DEMO_SETS)),
         dict(
             requests=60,
             window=8,

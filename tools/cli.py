@@ -1,57 +1,39 @@
-"""The CLI commands that execute plans: `demo`, `doctor`, `bench` (and their defaults)."""
+"""``layoutc``, the front door: the compiler's commands plus those that run the runtime.
+
+:func:`main` is the console script (and ``python -m layoutc``).  It adds ``demo``, ``bench``
+and ``doctor`` to :func:`layoutc.compiler.cli.main`, which keeps running compile, check, plan,
+explain and init on its own.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
+import signal
 import sys
+from typing import Any
 
-from .bind import UsageError
-from .pipeline import BUILTIN, Compiler, SideSets, builtin_specs_dir
+from layoutc.compiler import cli as compiler_cli
+from layoutc.compiler.api import compile_builtin, resolve_spec
+from layoutc.compiler.pipeline import Compiler, SideSets
+from layoutc.runtime.endpoint import STRATEGIES
+from layoutc.runtime.errors import LayoutcError, UsageError
+from layoutc.runtime.plan import Plan
 
-#: The built-in demo: a small hybrid attention + Mamba2 model whose KV heads (2) and B/C groups
-#: (2) are replicated at decode TP 4, so every mechanism of the planner is exercised.
-DEMO_SPEC = "vllm_hybrid_mamba2"
-DEMO_SETS = {
-    "num_key_value_heads": "2",
-    "head_dim": "64",
-    "block_size": "16",
-    "mamba_num_heads": "8",
-    "mamba_head_dim": "16",
-    "n_groups": "2",
-    "ssm_state_size": "16",
-}
+from .demo import DEMO_SETS, DEMO_SPEC, INJECTIONS, MODES
 
-INJECT = ("kill-prefill", "kill-decode", "bad-blocks", "spec-mismatch")
+__all__ = ["main"]
 
 
-def resolve_spec(spec: str | None) -> tuple[str, bytes | None]:
-    """A path, or the name of a built-in family spec (`vllm_mla`), -> (display path, data)."""
-    if spec is None:
-        spec = DEMO_SPEC
-    if os.path.isfile(spec):
-        return spec, None
-    name = spec if spec.endswith(".layout") else spec + ".layout"
-    f = builtin_specs_dir().joinpath(name)
-    if f.is_file():
-        return f"{BUILTIN}/specs/{name}", f.read_bytes()
-    raise UsageError(f"{spec}: no such spec file or built-in spec")
-
-
-def _compile_for_demo(args, compiler: Compiler):
-    path, data = resolve_spec(args.spec)
+def _compile_for_demo(args: argparse.Namespace, compiler: Compiler) -> Plan:
+    path, data = resolve_spec(args.spec or DEMO_SPEC)
     unit = compiler.load(path, data)
-    sets = dict(DEMO_SETS) if args.spec is None else {}
-    for item in args.set or []:
-        if "=" not in item:
-            raise UsageError(f"--set {item}: expected NAME=VALUE")
-        k, v = item.split("=", 1)
-        sets[k.strip()] = v.strip()
-    p, d = compiler.bind(unit, SideSets.parse(sets))
-    plan = compiler.plan(unit, p, d, args.prefill_tp, args.decode_tp)
-    return plan
+    defaults = DEMO_SETS if args.spec is None else None
+    p, d = compiler.bind(unit, SideSets.parse(args.set, defaults=defaults))
+    return compiler.plan(unit, p, d, args.prefill_tp, args.decode_tp)
 
 
-def cmd_demo(args, compiler: Compiler) -> int:
+def cmd_demo(args: argparse.Namespace, compiler: Compiler) -> int:
     for name in ("requests", "layers", "blocks", "prefill_tp", "decode_tp"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
@@ -67,8 +49,7 @@ def cmd_demo(args, compiler: Compiler) -> int:
             raise UsageError(f"--{name.replace('_', '-')} needs --device cuda")
         setattr(args, name, gpus)
     plan = _compile_for_demo(args, compiler)
-    from ..runtime.demo import run_demo
-    from ..runtime.errors import LayoutcRuntimeError
+    from .demo import run_demo
 
     try:
         result = run_demo(
@@ -85,11 +66,11 @@ def cmd_demo(args, compiler: Compiler) -> int:
             prefill_gpus=args.prefill_gpus,
             decode_gpus=args.decode_gpus,
         )
-    except LayoutcRuntimeError as e:
+    except UsageError:
+        raise
+    except LayoutcError as e:
         print(f"layoutc demo: failed: {e}", file=sys.stderr)
         return 1
-    except ValueError as e:  # arguments run_demo cannot honour (e.g. no CUDA device)
-        raise UsageError(str(e)) from None
     print(result.summary())
     if not result.ok:
         print(f"layoutc demo: failed: {result.error}", file=sys.stderr)
@@ -98,16 +79,8 @@ def cmd_demo(args, compiler: Compiler) -> int:
     return 0
 
 
-def _builtin_compile(spec: str, prefill_tp: int, decode_tp: int, params: dict):
-    """Compile a built-in family spec for the bench (the runtime never imports the compiler)."""
-    from .api import compile_plan
-
-    path = builtin_specs_dir().joinpath(spec + ".layout")
-    return compile_plan(str(path), prefill_tp, decode_tp, dict(params))
-
-
-def cmd_bench(args, compiler: Compiler) -> int:
-    from ..runtime.bench import BenchConfig, format_table, run_bench
+def cmd_bench(args: argparse.Namespace, compiler: Compiler) -> int:
+    from .bench import BenchConfig, format_table, run_bench
 
     if args.device == "cuda":
         try:
@@ -148,14 +121,13 @@ def cmd_bench(args, compiler: Compiler) -> int:
         runs=args.runs or 0,
         gpus=args.gpus,
     )
-    import signal
 
-    def _term(signum, frame):  # SIGTERM: stop like Ctrl-C (workers stopped, JSON kept)
+    def _term(signum: int, frame: Any) -> None:  # SIGTERM: stop like Ctrl-C (JSON kept)
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, _term)
     try:
-        out = run_bench(cfg, _builtin_compile)
+        out = run_bench(cfg, compile_builtin)
     finally:
         signal.signal(signal.SIGTERM, old)
     sys.stderr.flush()
@@ -165,10 +137,10 @@ def cmd_bench(args, compiler: Compiler) -> int:
     return 1 if out.get("errors") else 0
 
 
-def cmd_doctor(args, compiler: Compiler) -> int:
-    from ..runtime.doctor import run_doctor
+def cmd_doctor(args: argparse.Namespace, compiler: Compiler) -> int:
+    from .doctor import run_doctor
 
-    lines, warnings, code = run_doctor(live=not args.no_transfer)
+    lines, warnings, code, _ = run_doctor(live=not args.no_transfer)
     for line in lines:
         print(line)
     for w in warnings:
@@ -176,7 +148,7 @@ def cmd_doctor(args, compiler: Compiler) -> int:
     return code
 
 
-def add_commands(sub, add_spec_options) -> None:
+def add_commands(sub: Any, add_spec_options: Any) -> None:
     p = sub.add_parser(
         "demo", help="end-to-end transfer between real processes, every byte verified"
     )
@@ -189,7 +161,7 @@ def add_commands(sub, add_spec_options) -> None:
     add_spec_options(p)
     p.add_argument("--prefill-tp", type=int, default=2, metavar="P")
     p.add_argument("--decode-tp", type=int, default=4, metavar="D")
-    p.add_argument("--mode", choices=["pull", "push"], default="pull")
+    p.add_argument("--mode", choices=MODES, default="pull")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--blocks", type=int, default=32, help="logical blocks per request")
@@ -206,11 +178,13 @@ def add_commands(sub, add_spec_options) -> None:
         metavar="LIST",
         help="with --device cuda: GPUs of the decode ranks (e.g. 1, or 0,1; default 0)",
     )
-    p.add_argument("--inject", choices=INJECT, help="inject a fault (the run must fail cleanly)")
+    p.add_argument(
+        "--inject", choices=INJECTIONS, help="inject a fault (the run must fail cleanly)"
+    )
     p.add_argument("--timeout", type=float, default=60.0, help="seconds any single wait may take")
     p.add_argument(
         "--strategy",
-        choices=["zero-copy", "staged", "auto"],
+        choices=STRATEGIES,
         default="auto",
         help="how requests move bytes: one descriptor per run (zero-copy), packed into a "
         "staging buffer (staged), or chosen per request by the cost model (auto)",
@@ -227,7 +201,7 @@ def add_commands(sub, add_spec_options) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument(
         "--strategy",
-        choices=["zero-copy", "staged", "auto"],
+        choices=STRATEGIES,
         default="auto",
         help="strategy of the measured requests (default auto)",
     )
@@ -250,3 +224,9 @@ def add_commands(sub, add_spec_options) -> None:
     p = sub.add_parser("doctor", help="check NIXL, UCX transports and settings; a live transfer")
     p.add_argument("--no-transfer", action="store_true", help="skip the live transfer")
     p.set_defaults(func=cmd_doctor)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``layoutc`` command: ``main(argv) -> int`` (0 ok, 1 spec errors / stale output /
+    failed run, 2 usage errors, 3 internal errors)."""
+    return compiler_cli.main(argv, extensions=(add_commands,))

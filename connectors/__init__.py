@@ -1,0 +1,1 @@
+"""Engine integrations of layoutc (e.g. :mod:`layoutc.connectors.vllm`)."""

@@ -1,0 +1,1 @@
+"""The `.layout` grammar (`layout.lark`), shipped as package data."""

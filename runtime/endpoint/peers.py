@@ -1,0 +1,82 @@
+"""Peers an endpoint completed a handshake with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..descriptors import PairTable, Segment, segments_by_key
+from ..plan import SideLayout
+
+__all__ = ["Peer", "StagingInfo", "peer_from_header"]
+
+
+@dataclass(frozen=True)
+class StagingInfo:
+    """A peer's staging buffer, from its handshake header."""
+
+    addr: int
+    nbytes: int
+    devid: int
+    slots: int
+    slot_bytes: int
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> StagingInfo | None:
+        """None: the peer has no staging buffer (or announced a malformed one)."""
+        st = header.get("staging")
+        if not isinstance(st, dict):
+            return None
+        vals = [st.get(k) for k in ("addr", "nbytes", "devid", "slots", "slot_bytes")]
+        ints = [v for v in vals if type(v) is int and v >= 0]
+        if len(ints) != len(vals):
+            return None
+        info = cls(*ints)
+        if info.slot_bytes <= 0 or info.slots <= 0 or info.slot_bytes * info.slots > info.nbytes:
+            return None
+        return info
+
+    def slot_addr(self, slot: int) -> int:
+        return self.addr + slot * self.slot_bytes
+
+
+@dataclass(eq=False)
+class Peer:
+    """One rank of the other side."""
+
+    name: str  # NIXL agent name
+    role: str
+    rank: int
+    engine: str
+    label: str  # e.g. "prefill rank 1"
+    header: dict[str, Any]
+    mem_type: str
+    segments: dict[tuple[int, str], Segment]
+    num_blocks: int  # logical blocks every buffer of the peer holds
+    staging: StagingInfo | None = None
+    alive: bool = True
+    dead_reason: str = ""
+    #: the pair's descriptor table (built once, on first use; None: the pair moves no bytes)
+    table: PairTable | None = None
+    table_built: bool = False
+
+
+def peer_from_header(name: str, header: dict[str, Any], label: str, side: SideLayout) -> Peer:
+    """A peer from its validated header (``side``: the peer's side of the plan)."""
+    segs: list[Segment] = []
+    for i, layer in enumerate(header["layers"]):
+        for page, (addr, nbytes, devid, nblocks) in layer["pages"].items():
+            stride = side.page(page).logical_stride
+            segs.append(Segment(i, page, int(addr), int(nbytes), int(devid), stride, int(nblocks)))
+    return Peer(
+        name=name,
+        role=header["role"],
+        rank=int(header["rank"]),
+        engine=str(header.get("engine") or header["role"]),
+        label=label,
+        header=header,
+        mem_type=header["mem_type"],
+        segments=segments_by_key(segs),
+        num_blocks=min(s.num_blocks for s in segs),
+        staging=StagingInfo.from_header(header),
+    )

@@ -1,0 +1,1 @@
+"""Built-in family specs (`vllm_*.layout`), found by `use` and by name on the command line."""

@@ -1,0 +1,1 @@
+"""Model specs built on the family specs."""
