@@ -178,3 +178,22 @@ def test_deeply_nested_json_in_init(tmp_path):
     r = layoutc_child(tmp_path, "init", "--from-hf", "c.json")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "c.json:1:" in r.stderr and "nested" in r.stderr
+
+
+def test_the_defaults_admit_the_128_layer_hybrid_at_131_kernel_blocks(tmp_path, capsys):
+    """Every pair of {1, 2, 4, 8, 16}^2 of the benchmark's hybrid compiles under the defaults
+    (the shipped specs are compiled under them by the model and explain tests)."""
+    from layoutc.compiler.cli import main
+
+    spec = tmp_path / "hybrid_128.layout"
+    spec.write_text(
+        'use "vllm_hybrid_mamba2.layout" {\n  kernel_blocks = 131\n'
+        "  num_key_value_heads = 2  head_dim = 128  num_attention_layers = 16\n"
+        "  num_mamba_layers = 112  mamba_num_heads = 64  mamba_head_dim = 64  n_groups = 8\n"
+        "  ssm_state_size = 128\n}\n"
+    )
+    pairs = ",".join(f"{p}:{d}" for p in (1, 2, 4, 8, 16) for d in (1, 2, 4, 8, 16))
+    rc = main(["compile", str(spec), "-o", str(tmp_path / "gen"), "--tp-pairs", pairs])
+    assert rc == 0, capsys.readouterr().err
+    text = (tmp_path / "gen" / "hybrid_128.py").read_text()
+    assert text.count("(16, 16):") == 1 and "PLAN_FORMAT = (1, 0)" in text

@@ -562,7 +562,7 @@ def test_broken_configs_never_crash(tmp_path, capsys):
             spec = tmp_path / "m.layout"
             spec.write_text(out)
             rc, _, err = run(capsys, "plan", spec, "--prefill-tp", 1, "--decode-tp", 1)
-            assert rc in (0, 1), (name, key, value, err)  # 1: e.g. a state over 64 MiB per block
+            assert rc in (0, 1), (name, key, value, err)  # 1: e.g. past a compiler limit
         checked += 1
     assert checked > 100
 
