@@ -200,8 +200,8 @@ def _divisions(
     (g0, _, n) = local_dim(dim, tp, rank)[0]
     if dim.paged or n < 2:
         return out
-    if n > 8:  # many indices: one part naming the range
-        return [(base, n * inner, f"{dim.name} {g0}-{g0 + n - 1}", level)]
+    if n > 8:  # many indices: one part naming the range (inside a part: nothing new)
+        return [] if level > 1 else [(base, n * inner, f"{dim.name} {g0}-{g0 + n - 1}", level)]
     for i in range(n):
         label = "KV"[i] if (dim.name == "half" and dim.size == 2) else f"{dim.name} {g0 + i}"
         out.append((base + i * inner, inner, label, level))
@@ -260,7 +260,8 @@ def _caption(side: SideLayout, state: str, period: int) -> str:
     text = f"{state}  {size_text(st.nbytes)}"
     if pg.per == "kernel" and side.kernel_blocks > 1:
         shown = "kernel block 0" if period == 1 else f"kernel blocks 0-{period - 1}"
-        text += f"  ({shown} of {side.kernel_blocks}; the others repeat it)"
+        rest = "; the others repeat it" if period < side.kernel_blocks else ""
+        text += f"  ({shown} of {side.kernel_blocks}{rest})"
     elif pg.per == "logical" and side.kernel_blocks > 1:
         text += "  (once per logical block)"
     return text
