@@ -33,7 +33,9 @@ the UCX worker only progresses inside this object's calls, so an engine must cal
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -60,7 +62,9 @@ from ..errors import (
     TransferError,
     TransferFailedError,
     TransferTimeoutError,
+    UnknownRequestError,
     UsageError,
+    WaitTimeoutError,
 )
 from ..plan import PLAN_FORMAT, Plan
 from ..protocol import STAGED_KINDS, Done, Fail, Hdr, Message, Nak, Ping, ProtocolError, SReq
@@ -71,6 +75,7 @@ from .host import JobPart, PeerJob, Strategy
 from .peers import Peer, peer_from_header
 from .plans import PlanSet
 from .requests import Backoff, Progress, Request, now
+from .results import CompletionInfo, PeerInfo, Stats
 from .zero_copy import ZeroCopy
 
 __all__ = ["Endpoint", "STRATEGIES"]
@@ -202,8 +207,10 @@ class Endpoint:
         self._hs_replies: dict[str, Hdr | Nak] = {}
         self._hs_errors: dict[str, HandshakeError] = {}
         self.other_notifs: list[tuple[str, bytes]] = []
-        self._info: dict[str, dict[str, Any]] = {}
+        self._info: dict[str, CompletionInfo] = {}
         self._dropped = 0
+        self.thread_id = threading.get_ident()  # the thread that created (and uses) it
+        _LIVE.add(self)
 
     @property
     def _strategies(self) -> list[Strategy]:
@@ -263,6 +270,10 @@ class Endpoint:
             self._staged.close()
             self.telemetry.counters["staging_bytes"] = 0
         self._closed = True
+
+    def in_thread(self, other: Endpoint) -> bool:
+        """Is this endpoint open and created in the same thread as ``other``?"""
+        return not self._closed and self.thread_id == other.thread_id
 
     def _check_open(self) -> None:
         if self._closed:
@@ -527,17 +538,10 @@ class Endpoint:
                 pass
         self._peers.pop(peer.name, None)
 
-    def peers(self) -> list[dict[str, Any]]:
-        """Connected peers: name, label, engine, rank, alive."""
+    def peers(self) -> list[PeerInfo]:
+        """Connected peers (name, label, engine, rank, tp, alive, reason)."""
         return [
-            {
-                "name": p.name,
-                "label": p.label,
-                "engine": p.engine,
-                "rank": p.rank,
-                "alive": p.alive,
-                "reason": p.dead_reason,
-            }
+            PeerInfo(p.name, p.label, p.engine, p.rank, p.tp, p.alive, p.dead_reason)
             for p in self._peers.values()
         ]
 
@@ -1158,6 +1162,12 @@ class Endpoint:
         return peer.table
 
     # ---------------------------------------------------------------- progress
+    def progress(self) -> None:
+        """Progress NIXL and this endpoint's requests once, reporting nothing (completions
+        wait for :meth:`poll`)."""
+        self._check_open()
+        self._progress()
+
     def poll(self) -> Progress:
         """Progress NIXL once; return (and forget) requests that completed or failed since the
         last call.  Call it regularly from the engine loop."""
@@ -1171,20 +1181,29 @@ class Endpoint:
     def wait(self, request_id: str, *, timeout_s: float | None = None) -> None:
         """Block until ``request_id`` completes (returns) or fails (raises its TransferError).
 
-        The wait is bounded by the request's own deadline (and ``timeout_s`` if given).
+        The wait is bounded by the request's own deadline; ``timeout_s`` gives up earlier
+        with :class:`WaitTimeoutError`, the request still active.  While waiting, every
+        endpoint created in this thread progresses, so two endpoints of one process (the
+        two sides of a test, say) never wait on each other.
         """
         self._check_open()
         if request_id not in self._requests and request_id not in self._finished:
-            raise KeyError(f"{self.label}: unknown request {request_id!r} (or already reported)")
+            raise UnknownRequestError(
+                f"{self.label}: unknown request {request_id!r} (never started here, or "
+                f"already reported by poll() or wait())"
+            )
         deadline = None if timeout_s is None else now() + self._timeout_arg(timeout_s)
         waiter = Backoff()
         while request_id not in self._finished:
             self._progress()
             if request_id in self._finished:
                 break
+            for other in _thread_endpoints(self):
+                other.progress()
             if deadline is not None and now() > deadline:
-                raise TransferTimeoutError(
-                    f"{self.label}: request {request_id!r} still in flight after {timeout_s:.1f} s",
+                raise WaitTimeoutError(
+                    f"{self.label}: request {request_id!r} still in flight after "
+                    f"{timeout_s:.1f} s (it stays active)",
                     request_id=request_id,
                 )
             waiter.sleep()
@@ -1204,12 +1223,15 @@ class Endpoint:
             raise errors[0]
 
     def status(self, request_id: str) -> str:
-        """``"active"``, ``"done"``, ``"failed"`` (not yet reported by poll/wait) or
-        ``"unknown"``."""
+        """``"active"``, ``"done"``, ``"failed"`` (whether or not poll/wait reported it yet;
+        kept for the last 4096 finished requests) or ``"unknown"``."""
         if request_id in self._requests:
             return "active"
         if request_id in self._finished:
             return "failed" if self._finished[request_id] is not None else "done"
+        info = self._info.get(request_id)
+        if info is not None:
+            return "done" if info.ok else "failed"
         return "unknown"
 
     def _progress(self) -> None:
@@ -1373,35 +1395,36 @@ class Endpoint:
         self.telemetry.add("requests_failed" if err else "requests_done")
         if err is None and req.kind != "expect":
             self.telemetry.add("bytes_completed", req.nbytes)
-        self._info[req.rid] = {
-            "kind": req.kind,
-            "ok": err is None,
-            "error": None if err is None else str(err),
-            "peers": peers,
-            "expected": [hs.rank_label(self.peer_role, r) for r in sorted(req.expected or ())],
-            "notified": [p.label for p in req.notify] if err is None else [],
-            "bytes": req.nbytes,
-            "descriptors": req.descriptors,
-            "seconds": now() - req.started,
-            "strategy": _summary(req.strategies),
-            "strategies": dict(req.strategies),
-            "chunks": req.chunks,
-        }
+        self._info[req.rid] = CompletionInfo(
+            request_id=req.rid,
+            kind=req.kind,
+            ok=err is None,
+            error=None if err is None else str(err),
+            peers=peers,
+            expected=[hs.rank_label(self.peer_role, r) for r in sorted(req.expected or ())],
+            notified=[p.label for p in req.notify] if err is None else [],
+            bytes=req.nbytes,
+            descriptors=req.descriptors,
+            seconds=now() - req.started,
+            strategy=_summary(req.strategies),
+            strategies=dict(req.strategies),
+            chunks=req.chunks,
+            engine=req.engine,
+        )
         while len(self._info) > _MAX_INFO:
             self._info.pop(next(iter(self._info)))
 
-    def completion_info(self, request_id: str) -> dict[str, Any]:
-        """How a recently finished request ended (kept for the last 4096 requests).
-
-        ``kind`` (pull/push/expect), ``ok``, ``error``, ``peers`` (for ``expect``: the ranks
-        whose ``DONE`` was counted; otherwise the ranks transferred with), ``expected``,
-        ``notified`` (ranks sent ``DONE``), ``bytes``, ``descriptors`` (NIXL descriptor
-        indices and chunk transfers this side posted), ``seconds``, ``strategy``
-        (``"zero-copy"``, ``"staged"``, ``"mixed"`` or ``None`` when no byte moved with any
-        peer), ``strategies`` (peer label -> strategy of the peers that moved bytes) and
-        ``chunks`` (staged chunks of the request on this side).
-        """
-        return dict(self._info[request_id])
+    def completion_info(self, request_id: str) -> CompletionInfo:
+        """How a recently finished request ended (kept for the last 4096 requests); see
+        :class:`~layoutc.runtime.endpoint.results.CompletionInfo` (it reads like a dict too).
+        Raises :class:`UnknownRequestError` for a request not (or no longer) known."""
+        info = self._info.get(request_id)
+        if info is None:
+            raise UnknownRequestError(
+                f"{self.label}: no completion info for request {request_id!r} (still active, "
+                f"never started here, or older than the last {_MAX_INFO} requests)"
+            )
+        return info
 
     # ---------------------------------------------------------------- notifications
     def _send(self, peer_name: str, msg: Message) -> None:
@@ -1516,16 +1539,30 @@ class Endpoint:
             self._finish(req, None, self._moved_with(req))
 
     # ---------------------------------------------------------------- statistics
-    def stats(self) -> dict[str, int | float]:
-        """Counters: open handles, registrations, bytes and descriptors posted, requests."""
-        s: dict[str, int | float] = dict(self.telemetry.counters)
-        s["xfer_handles_open"] = s["xfer_handles_created"] - s["xfer_handles_released"]
-        s["requests_active"] = len(self._requests)
-        s["peers"] = len(self._peers)
-        s["messages_dropped"] = self._dropped
+    def stats(self) -> Stats:
+        """Counters: open handles, registrations, bytes and descriptors posted, requests
+        (:class:`~layoutc.runtime.endpoint.results.Stats`; it reads like a dict too)."""
+        c = self.telemetry.counters
+        extra: dict[str, int | float] = {}
         for strat in self._strategies:
-            s.update(strat.stats())
-        return s
+            extra.update(strat.stats())
+        return Stats(
+            **c,
+            xfer_handles_open=c["xfer_handles_created"] - c["xfer_handles_released"],
+            requests_active=len(self._requests),
+            peers=len(self._peers),
+            messages_dropped=self._dropped,
+            extra=extra,
+        )
+
+
+#: Open endpoints of this process (``wait`` progresses those of its thread).
+_LIVE: weakref.WeakSet[Endpoint] = weakref.WeakSet()
+
+
+def _thread_endpoints(ep: Endpoint) -> list[Endpoint]:
+    """The other open endpoints created in ``ep``'s thread."""
+    return [o for o in list(_LIVE) if o is not ep and o.in_thread(ep)]
 
 
 def _summary(strategies: dict[str, str]) -> str | None:
