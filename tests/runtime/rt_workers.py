@@ -45,7 +45,8 @@ class _Session:
         self.plan, self.role, self.rank, self.num_blocks = self.ep.plan, role, rank, num_blocks
         self.side = self.ep.side
         self.kinds = list(kinds)
-        self.bufs = allocate_buffers(self.plan, role, kinds, num_blocks)
+        self.device = str(ep_kwargs.get("device", "cpu"))
+        self.bufs = allocate_buffers(self.plan, role, kinds, num_blocks, self.device)
         self.reset()
         self.ep.register_layers(self.bufs, kinds)
         self.taggers = {p: PageTagger(self.side, rank, p) for p in self.side.page_names}
@@ -56,12 +57,27 @@ class _Session:
         for layer in self.bufs:
             for t in layer.values():
                 t.fill_(fill)
+        self._sync()
 
-    def _views(self):
+    def _sync(self) -> None:
+        if self.device != "cpu":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def _views(self, write: bool = False):
+        """(layer, page, (blocks, stride) uint8 host view) of every buffer; on a GPU a host
+        copy, written back after the loop when ``write``."""
         for li, layer in enumerate(self.bufs):
             for page, t in layer.items():
                 stride = self.side.page(page).logical_stride
-                yield li, page, t.numpy().reshape(self.num_blocks, stride)
+                host = t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
+                yield li, page, host.reshape(self.num_blocks, stride)
+                if write and t.device.type != "cpu":
+                    import torch
+
+                    t.copy_(torch.from_numpy(host).to(t.device))
+        self._sync()
 
     def _layer_blocks(self, li: int, blocks: Any) -> np.ndarray | None:
         """The block ids of layer ``li`` in a request's ids: one sequence for every layer, or
@@ -76,7 +92,7 @@ class _Session:
         """Fill request ``req``'s blocks with its tags (on a prefill rank)."""
         from layoutc.runtime.tags import block_keys
 
-        for li, page, view in self._views():
+        for li, page, view in self._views(write=True):
             ids = self._layer_blocks(li, blocks)
             if ids is not None:
                 self.taggers[page].fill(view, ids, block_keys(li, req, np.arange(ids.size)))
