@@ -28,6 +28,7 @@ __all__ = [
     "TransferError",
     "TransferFailedError",
     "TransferTimeoutError",
+    "UnknownRequestError",
     "UsageError",
     "WaitTimeoutError",
 ]
@@ -49,6 +50,13 @@ class UsageError(LayoutcError, ValueError):
 class CallOrderError(UsageError, RuntimeError):
     """An API call out of order: before ``register_layers()``, on a closed endpoint, or one
     that is not for this side (``pull()`` on a prefill rank)."""
+
+
+class UnknownRequestError(UsageError, KeyError):
+    """A request id this endpoint does not know (never started, or long forgotten)."""
+
+    def __str__(self) -> str:  # (KeyError would quote the message)
+        return str(self.args[0]) if self.args else ""
 
 
 class PlanError(LayoutcError, ValueError):

@@ -36,6 +36,14 @@ def other_role(role: str) -> str:
     return "decode" if role == "prefill" else "prefill"
 
 
+def peer_name(header: dict[str, Any], role: str) -> str:
+    """How to name a peer in a message before its header is validated."""
+    rank = header.get("rank")
+    if type(rank) is int and 0 <= rank < 1 << 20:
+        return rank_label(role, rank)
+    return f"a {role} peer"
+
+
 def _short(v: Any) -> str:
     if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
         return v[:12] + "…"

@@ -19,15 +19,18 @@ NAK      ``e`` reason, ``field``                               the handshake was
 DONE     ``r`` request id                                      the request completed there
 FAIL     ``r``, ``e`` reason, ``rel`` bool                     it failed there (``rel``: none of
                                                                its writes into our slots runs)
-SREQ     ``r``, ``b`` block ids, ``l`` layers, ``c`` chunk     a staged request (see
-         bytes, ``n`` chunks, ``z`` stream bytes, ``m``        :mod:`.staged`)
-         mover, ``g`` grants ``[[chunk, slot], ...]``
-GNT      ``r``, ``g`` grants                                   destination slots granted
-RDY      ``r``, ``c`` chunk, ``s`` source slot                 a chunk is packed, read it
-ACK      ``r``, ``c``                                          the chunk was read
-DAT      ``r``, ``c``                                          the chunk was written
+SREQ     ``r``, ``k`` kind, ``b`` block ids, ``l`` layers,     a staged request (see
+         ``c`` chunk bytes, ``n`` chunks, ``z`` stream         :mod:`.staged`)
+         bytes, ``m`` mover, ``g`` grants [[chunk, slot]]
+GNT      ``r``, ``k``, ``g`` grants                            destination slots granted
+RDY      ``r``, ``k``, ``c`` chunk, ``s`` source slot          a chunk is packed, read it
+ACK      ``r``, ``k``, ``c``                                   the chunk was read
+DAT      ``r``, ``k``, ``c``                                   the chunk was written
 PING     (none)                                                is the peer still there?
 =======  ====================================================  =================================
+
+``k`` is the layer kind (KV-cache group) a staged transfer carries, or null when the request's
+block ids apply to every layer; a request staged per kind has one staged transfer per kind.
 
 :func:`decode` returns one of the message classes below, ``None`` for a notification that is
 not layoutc's, or raises :class:`ProtocolError` for a malformed one (wrong types, values out of
@@ -123,6 +126,7 @@ class Fail:
 @dataclass(frozen=True, eq=False)
 class SReq:
     rid: str
+    kind: str | None
     blocks: np.ndarray
     layers: tuple[int, ...] | None
     chunk: int
@@ -135,12 +139,14 @@ class SReq:
 @dataclass(frozen=True)
 class Gnt:
     rid: str
+    kind: str | None
     grants: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
 class Rdy:
     rid: str
+    kind: str | None
     chunk: int
     slot: int
 
@@ -148,12 +154,14 @@ class Rdy:
 @dataclass(frozen=True)
 class Ack:
     rid: str
+    kind: str | None
     chunk: int
 
 
 @dataclass(frozen=True)
 class Dat:
     rid: str
+    kind: str | None
     chunk: int
 
 
@@ -211,6 +219,7 @@ def to_json(msg: Message) -> dict[str, Any]:
         return {
             "t": "SREQ",
             "r": msg.rid,
+            "k": msg.kind,
             "b": encode_ids(msg.blocks),
             "l": None if msg.layers is None else [int(x) for x in msg.layers],
             "c": msg.chunk,
@@ -220,13 +229,13 @@ def to_json(msg: Message) -> dict[str, Any]:
             "g": _grants(msg.grants),
         }
     if isinstance(msg, Gnt):
-        return {"t": "GNT", "r": msg.rid, "g": _grants(msg.grants)}
+        return {"t": "GNT", "r": msg.rid, "k": msg.kind, "g": _grants(msg.grants)}
     if isinstance(msg, Rdy):
-        return {"t": "RDY", "r": msg.rid, "c": msg.chunk, "s": msg.slot}
+        return {"t": "RDY", "r": msg.rid, "k": msg.kind, "c": msg.chunk, "s": msg.slot}
     if isinstance(msg, Ack):
-        return {"t": "ACK", "r": msg.rid, "c": msg.chunk}
+        return {"t": "ACK", "r": msg.rid, "k": msg.kind, "c": msg.chunk}
     if isinstance(msg, Dat):
-        return {"t": "DAT", "r": msg.rid, "c": msg.chunk}
+        return {"t": "DAT", "r": msg.rid, "k": msg.kind, "c": msg.chunk}
     if isinstance(msg, Hdr):
         return {"t": "HDR", "h": msg.header, "reply": msg.reply}
     if isinstance(msg, Nak):
@@ -268,6 +277,15 @@ def _str(obj: dict[str, Any], key: str, limit: int, *, empty: bool = False) -> s
 
 def _rid(obj: dict[str, Any]) -> str:
     return _str(obj, "r", MAX_ID_CHARS)
+
+
+def _kind(obj: dict[str, Any]) -> str | None:
+    k = obj.get("k")
+    if k is None:
+        return None
+    if not isinstance(k, str) or not 0 < len(k) <= MAX_ID_CHARS:
+        raise ProtocolError("'k' must be a layer kind name or null")
+    return k
 
 
 def _grant_list(v: Any) -> tuple[tuple[int, int], ...]:
@@ -312,6 +330,7 @@ def _decode_obj(obj: Any) -> Message:
             raise ProtocolError(f"unknown mover {mover!r}")
         return SReq(
             rid=_rid(obj),
+            kind=_kind(obj),
             blocks=decode_ids(obj.get("b")),
             layers=_layers(obj.get("l")),
             chunk=_int(obj, "c", 1),
@@ -321,13 +340,13 @@ def _decode_obj(obj: Any) -> Message:
             grants=_grant_list(obj.get("g")),
         )
     if t == "GNT":
-        return Gnt(_rid(obj), _grant_list(obj.get("g")))
+        return Gnt(_rid(obj), _kind(obj), _grant_list(obj.get("g")))
     if t == "RDY":
-        return Rdy(_rid(obj), _int(obj, "c"), _int(obj, "s"))
+        return Rdy(_rid(obj), _kind(obj), _int(obj, "c"), _int(obj, "s"))
     if t == "ACK":
-        return Ack(_rid(obj), _int(obj, "c"))
+        return Ack(_rid(obj), _kind(obj), _int(obj, "c"))
     if t == "DAT":
-        return Dat(_rid(obj), _int(obj, "c"))
+        return Dat(_rid(obj), _kind(obj), _int(obj, "c"))
     if t == "HDR":
         h = obj.get("h")
         if not isinstance(h, dict):

@@ -165,7 +165,7 @@ class LoadRank:
 
     def close(self) -> dict[str, Any]:
         self.ep.close()
-        return self.ep.stats()
+        return self.ep.stats().to_dict()
 
 
 def run(plan: Plan, args: dict[str, Any]) -> dict[str, Any]:

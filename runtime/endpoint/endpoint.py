@@ -33,8 +33,10 @@ the UCX worker only progresses inside this object's calls, so an engine must cal
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,16 +62,20 @@ from ..errors import (
     TransferError,
     TransferFailedError,
     TransferTimeoutError,
+    UnknownRequestError,
     UsageError,
+    WaitTimeoutError,
 )
 from ..plan import PLAN_FORMAT, Plan
 from ..protocol import STAGED_KINDS, Done, Fail, Hdr, Message, Nak, Ping, ProtocolError, SReq
 from ..staged import DEFAULT_STAGING_BYTES, DEFAULT_STAGING_SLOTS, MOVERS, Staged
 from ..telemetry import Telemetry
 from .buffers import LocalPages, host_staging_tensor, kind_pages, side_of
-from .host import PeerJob, Strategy
+from .host import JobPart, PeerJob, Strategy
 from .peers import Peer, peer_from_header
+from .plans import PlanSet
 from .requests import Backoff, Progress, Request, now
+from .results import CompletionInfo, PeerInfo, Stats
 from .zero_copy import ZeroCopy
 
 __all__ = ["Endpoint", "STRATEGIES"]
@@ -81,13 +87,17 @@ _MAX_INFO = 4096
 
 
 class Endpoint:
-    """A NIXL agent for one engine rank, executing one plan.
+    """A NIXL agent for one engine rank, serving peers of every TP size its plans cover.
 
     Parameters
     ----------
-    plan:       the (prefill TP, decode TP) plan, from a generated module's ``plan(...)``.
+    plans:      a generated module (anything with ``plan(prefill_tp=, decode_tp=)``): the
+                plan for each peer is taken at its handshake, from the peer's TP size and
+                ``tp``; or a single :class:`~layoutc.runtime.plan.Plan` (peers of that one
+                pair only).
     role:       ``"prefill"`` or ``"decode"``.
     rank:       this rank's TP rank on its side.
+    tp:         this engine's TP size (with a module; a single plan implies it).
     name:       NIXL agent name (unique among the agents that meet); default
                 ``f"{engine}-{rank}"``.
     engine:     id shared by the ranks of one engine instance; default the role.
@@ -113,10 +123,11 @@ class Endpoint:
 
     def __init__(
         self,
-        plan: Plan,
+        plans: Any,
         role: str = "decode",
         rank: int = 0,
         *,
+        tp: int | None = None,
         name: str | None = None,
         engine: str | None = None,
         device: str = "cpu",
@@ -128,13 +139,15 @@ class Endpoint:
         cost_model: CostModel | dict[str, Any] | None = None,
         staged_mover: str | None = None,
     ) -> None:
-        self.plan = plan
-        self.side = side_of(plan, role)
+        self.plans = PlanSet(plans, role, tp)
+        #: a plan of the set (all describe this rank's pages alike); the plan, for an
+        #: endpoint given a single one
+        self.plan = self.plans.any()
+        self.side = self.plans.local
         self.role = role
         self.peer_role = hs.other_role(role)
-        self.peer_side = side_of(plan, self.peer_role)
         tp = self.side.tp
-        if not isinstance(rank, int) or not 0 <= rank < tp:
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < tp:
             raise PlanError(f"{role} rank {rank!r} out of range for {role} TP {tp}")
         dev = str(device)
         if dev not in ("cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
@@ -173,7 +186,7 @@ class Endpoint:
         self.mem_type = "DRAM" if dev == "cpu" else "VRAM"
         self.timeout_s = float(timeout_s)
         self.listen_port = listen_port
-        self.kinds = kind_pages(plan)
+        self.kinds = kind_pages(self.plan)
         self.telemetry = Telemetry()
         self.pages = LocalPages(
             label=self.label, side=self.side, kinds=self.kinds, device=dev, mem_type=self.mem_type
@@ -194,8 +207,10 @@ class Endpoint:
         self._hs_replies: dict[str, Hdr | Nak] = {}
         self._hs_errors: dict[str, HandshakeError] = {}
         self.other_notifs: list[tuple[str, bytes]] = []
-        self._info: dict[str, dict[str, Any]] = {}
+        self._info: dict[str, CompletionInfo] = {}
         self._dropped = 0
+        self.thread_id = threading.get_ident()  # the thread that created (and uses) it
+        _LIVE.add(self)
 
     @property
     def _strategies(self) -> list[Strategy]:
@@ -255,6 +270,10 @@ class Endpoint:
             self._staged.close()
             self.telemetry.counters["staging_bytes"] = 0
         self._closed = True
+
+    def in_thread(self, other: Endpoint) -> bool:
+        """Is this endpoint open and created in the same thread as ``other``?"""
+        return not self._closed and self.thread_id == other.thread_id
 
     def _check_open(self) -> None:
         if self._closed:
@@ -378,7 +397,7 @@ class Endpoint:
         return self.pages.buffers
 
     def plan_for(self, peer: Peer) -> Plan:
-        return self.plan
+        return peer.plan
 
     def pair_ranks(self, peer: Peer) -> tuple[int, int]:
         return (self.rank, peer.rank) if self.role == "decode" else (peer.rank, self.rank)
@@ -413,17 +432,38 @@ class Endpoint:
         """Agent metadata plus layout header, for :meth:`add_peer` on the other side."""
         return protocol.encode_handshake(self.header(), self.agent.get_agent_metadata())
 
-    def _validate(self, header: dict[str, Any]) -> str:
+    def _validate(self, header: dict[str, Any]) -> tuple[str, Plan]:
+        """Check a peer's header against the plan for its TP; (its label, that plan)."""
         if self._reg is None:
             raise CallOrderError(f"{self.label}: call register_layers() before adding peers")
-        return hs.validate_header(
+        who = hs.peer_name(header, self.peer_role)
+        layout = header.get("layout")
+        peer_tp = layout.get("tp") if isinstance(layout, dict) else None
+        role = header.get("role")
+        if role == self.peer_role:
+            plan = self.plans.for_peer(peer_tp, f"{self.label}: {who}")
+        else:
+            plan = self.plan  # (validate_header refuses the role, naming both)
+        label = hs.validate_header(
             header,
-            plan=self.plan,
+            plan=plan,
             local_role=self.role,
             local_rank=self.rank,
             local_layers=self.pages.local_layers(),
             kinds=self.kinds,
         )
+        engine = str(header.get("engine") or header.get("role"))
+        for other in self._peers.values():
+            if other.engine == engine and other.tp != peer_tp and other.alive:
+                raise HandshakeError(
+                    f"{self.label}: {label} of engine {engine!r} runs at TP {peer_tp}, but "
+                    f"{other.label} of the same engine at TP {other.tp}",
+                    peer=label,
+                    field="tp",
+                    peer_value=peer_tp,
+                    local_value=other.tp,
+                )
+        return label, plan
 
     def add_peer(self, data: bytes) -> str:
         """Validate a peer's :meth:`handshake_bytes` against the plan, then load its metadata.
@@ -435,7 +475,7 @@ class Endpoint:
         """
         self._check_open()
         header, md = protocol.decode_handshake(data, who=self.label)
-        label = self._validate(header)
+        label, plan = self._validate(header)
         name = header.get("agent")
         if not isinstance(name, str) or not name:
             raise HandshakeError(f"{self.label}: {label} sent no agent name", field="agent")
@@ -470,7 +510,7 @@ class Endpoint:
                 peer_value=loaded,
                 local_value=name,
             )
-        self._install_peer(name, header, label)
+        self._install_peer(name, header, label, plan)
         return label
 
     def _forget_same(self, name: str, header: dict[str, Any], reason: str) -> None:
@@ -479,8 +519,8 @@ class Endpoint:
             if peer.name == name or same_slot:
                 self._drop_peer(peer, reason=reason)
 
-    def _install_peer(self, name: str, header: dict[str, Any], label: str) -> Peer:
-        peer = peer_from_header(name, header, label, self.peer_side)
+    def _install_peer(self, name: str, header: dict[str, Any], label: str, plan: Plan) -> Peer:
+        peer = peer_from_header(name, header, label, plan, side_of(plan, self.peer_role))
         self._peers[name] = peer
         return peer
 
@@ -498,17 +538,10 @@ class Endpoint:
                 pass
         self._peers.pop(peer.name, None)
 
-    def peers(self) -> list[dict[str, Any]]:
-        """Connected peers: name, label, engine, rank, alive."""
+    def peers(self) -> list[PeerInfo]:
+        """Connected peers (name, label, engine, rank, tp, alive, reason)."""
         return [
-            {
-                "name": p.name,
-                "label": p.label,
-                "engine": p.engine,
-                "rank": p.rank,
-                "alive": p.alive,
-                "reason": p.dead_reason,
-            }
+            PeerInfo(p.name, p.label, p.engine, p.rank, p.tp, p.alive, p.dead_reason)
             for p in self._peers.values()
         ]
 
@@ -581,11 +614,11 @@ class Endpoint:
                 field=reply.field,
             )
         try:
-            label = self._validate(reply.header)
+            label, plan = self._validate(reply.header)
         except HandshakeError as e:
             self._send_quiet(peer_name, Nak(str(e), e.field))
             raise
-        self._install_peer(peer_name, reply.header, label)
+        self._install_peer(peer_name, reply.header, label, plan)
         return label
 
     def wait_for_peers(
@@ -595,21 +628,29 @@ class Endpoint:
         engine: str | None = None,
         timeout_s: float | None = None,
     ) -> list[str]:
-        """Poll until ``count`` peers (default: every rank of the other side) are connected.
+        """Poll until ``count`` peers are connected (default: with a single plan, as many as
+        its other side has ranks; otherwise every rank of every peer engine that connected,
+        and at least one).
 
         Raises the :class:`HandshakeError` of a refused peer, or
         :class:`TransferTimeoutError`.  Returns the connected peers' labels.
         """
-        want = self.peer_side.tp if count is None else count
         timeout = self._timeout_arg(timeout_s)
         deadline = now() + timeout
         waiter = Backoff()
+        single = self.plans.single_peer_tp()
         while True:
             self._progress()
             if self._hs_errors:
                 _, err = self._hs_errors.popitem()
                 raise err
             have = [p for p in self._peers.values() if engine is None or p.engine == engine]
+            if count is not None:
+                want = count
+            elif single is not None:
+                want = single
+            else:
+                want = max(1, sum({p.engine: p.tp for p in have}.values()))
             if len(have) >= want:
                 return sorted(p.label for p in have)
             if now() > deadline:
@@ -637,7 +678,7 @@ class Endpoint:
                     f"{header.get('agent')!r}",
                     field="agent",
                 )
-            label = self._validate(header)
+            label, plan = self._validate(header)
         except HandshakeError as e:
             self._hs_errors[sender] = e
             self._send_quiet(sender, Nak(str(e), e.field))
@@ -656,7 +697,7 @@ class Endpoint:
             # still the old metadata of a restarted peer (being replaced): retry later
             self._pending_hdr.append((first_seen, sender, msg))
             return
-        self._install_peer(sender, header, label)
+        self._install_peer(sender, header, label, plan)
 
     def _on_nak(self, sender: str, msg: Nak) -> None:
         err = HandshakeError(
@@ -685,29 +726,22 @@ class Endpoint:
         """Decode side: READ a request's pages from every source prefill rank (pull mode).
 
         ``local_blocks[i]`` (this engine's logical block ids) receives ``remote_blocks[i]``
-        (the prefill engine's).  ``layers`` selects layers (default all).  Block ids are
-        validated before anything is posted (:class:`BlockIdError`).  Completion is reported
-        by :meth:`poll`/:meth:`wait`; once complete, every prefill rank in
+        (the prefill engine's): one sequence for every layer, or ``{kind: sequence}`` per
+        layer kind (KV-cache group; a kind missing from the mapping moves nothing).
+        ``layers`` selects layers (default all).  ``engine`` names the prefill engine (needed
+        when peers of several engines are connected).  Block ids are validated before
+        anything is posted (:class:`BlockIdError`).  Completion is reported by
+        :meth:`poll`/:meth:`wait`; once complete, every prefill rank in
         ``plan.rank(d).notified`` has been sent ``DONE``.  ``strategy`` overrides the
         endpoint's for this request (``"zero-copy"``, ``"staged"``, ``"auto"``); a staged
         source packs once its :meth:`expect` marked the request ready.
         """
         if self.role != "decode":
             raise CallOrderError(f"{self.label}: pull() is for decode ranks; prefill uses push()")
-        rp = self.plan.rank(self.rank)
         self._start(
-            "pull",
-            "READ",
-            request_id,
-            local_blocks,
-            remote_blocks,
-            layers,
-            engine,
-            timeout_s,
-            targets=rp.sources,
-            notify=rp.notified,
-            strategy=strategy,
-        )
+            "pull", "READ", request_id, local_blocks, remote_blocks, layers, engine, timeout_s,
+            strategy,
+        )  # fmt: skip
 
     def push(
         self,
@@ -722,26 +756,17 @@ class Endpoint:
     ) -> None:
         """Prefill side: WRITE a request's pages into every decode rank that reads from this
         rank (``plan.targets(p)``; push mode).  ``remote_blocks`` are the decode engine's
-        logical block ids.  When every WRITE completed ``DONE`` the request completes and each
-        target is sent ``DONE``.  ``strategy`` as for :meth:`pull` (a staged target
-        grants staging slots once its :meth:`expect` marked the request ready).
+        logical block ids (one sequence, or ``{kind: sequence}`` as for :meth:`pull`).  When
+        every WRITE completed ``DONE`` the request completes and each target is sent
+        ``DONE``.  ``strategy`` as for :meth:`pull` (a staged target grants staging slots
+        once its :meth:`expect` marked the request ready).
         """
         if self.role != "prefill":
             raise CallOrderError(f"{self.label}: push() is for prefill ranks; decode uses pull()")
-        targets = self.plan.targets(self.rank)
         self._start(
-            "push",
-            "WRITE",
-            request_id,
-            local_blocks,
-            remote_blocks,
-            layers,
-            engine,
-            timeout_s,
-            targets=targets,
-            notify=targets,
-            strategy=strategy,
-        )
+            "push", "WRITE", request_id, local_blocks, remote_blocks, layers, engine, timeout_s,
+            strategy,
+        )  # fmt: skip
 
     def expect(
         self,
@@ -754,31 +779,35 @@ class Endpoint:
         """Passive side of a request: wait for the peers' ``DONE`` notifications.
 
         Prefill (pull mode): completes after ``len(plan.readers(p))`` decode ranks notified;
-        decode (push mode): after all of ``plan.rank(d).sources`` notified.  Notifications
-        that arrived before this call count.
+        decode (push mode): after all of ``plan.rank(d).sources`` notified -- with the plan
+        of the peer engine (``engine``, the only one connected, or the first to send a
+        message for the request).  Notifications that arrived before this call count.
 
-        ``blocks`` (prefill only): this rank's block ids of the request, the ``remote_blocks``
-        its readers will pull.  With them a staged source packs each reader's bytes at once
-        (for readers that would choose the staged strategy, by this side's cost model), so
-        that the chunks cross as soon as a reader's request arrives; a reader that asks for
-        other layers or moves the bytes zero-copy is served as without them.
+        ``blocks`` (prefill only): this rank's block ids of the request (one sequence, or
+        ``{kind: sequence}``), the ``remote_blocks`` its readers will pull.  With them a
+        staged source packs each reader's bytes at once (for readers that would choose the
+        staged strategy, by this side's cost model), so that the chunks cross as soon as a
+        reader's request arrives; a reader that asks for other layers or moves the bytes
+        zero-copy is served as without them.
         """
         self._check_open()
         rid = self._new_rid(request_id)
-        local = None
+        sets = None
         if blocks is not None:
             if self.role != "prefill":
                 raise UsageError(
                     f"{self.label}: request {rid!r}: expect(blocks=) is for prefill ranks"
                 )
-            local = self.local_block_ids(blocks, rid)
-        if self.role == "prefill":
-            expected = frozenset(self.plan.readers(self.rank))
-        else:
-            expected = frozenset(self.plan.rank(self.rank).sources)
+            sets = [
+                (kind, self.local_block_ids(ids, rid))
+                for kind, ids, _ in self._block_sets(blocks, blocks, rid)
+            ]
         timeout = self._timeout_arg(timeout_s)
+        engine, plan = self._expect_engine(engine)
         t = now()
-        req = Request(rid, "expect", engine, t, t + timeout, timeout, expected=expected)
+        req = Request(rid, "expect", engine, t, t + timeout, timeout)
+        if plan is not None:
+            self._set_plan(req, plan)
         self._requests[rid] = req
         for _, sender, msg in self._early.pop(rid, []):
             if self.active(req):
@@ -787,7 +816,7 @@ class Endpoint:
             return
         # peers already known dead fail the request at once
         for peer in self._peers.values():
-            if not peer.alive and peer.rank in expected and req.engine_ok(peer):
+            if not peer.alive and req.expects(peer):
                 self._fail(
                     req,
                     PeerDisconnectedError(
@@ -798,27 +827,51 @@ class Endpoint:
                     ),
                 )
                 return
-        if local is not None and local.shape[0]:
-            self._prepare_ahead(req, local)
+        if sets and any(ids.shape[0] for _, ids in sets):
+            self._prepare_ahead(req, sets)
         self._maybe_complete_expect(req)
 
-    def _prepare_ahead(self, req: Request, local: np.ndarray) -> None:
+    def _set_plan(self, req: Request, plan: Plan) -> None:
+        """Fix the plan (the peer engine's) of a passive request, and so whom it waits for."""
+        req.plan = plan
+        req.expected = self._expected_of(plan)
+
+    def _expected_of(self, plan: Plan) -> frozenset[int]:
+        """Peer ranks whose ``DONE`` completes a passive request under ``plan``."""
+        if self.role == "prefill":
+            return frozenset(plan.readers(self.rank))
+        return frozenset(plan.rank(self.rank).sources)
+
+    def _expect_engine(self, engine: str | None) -> tuple[str | None, Plan | None]:
+        """(engine, its plan) of a passive request when known now: the engine named, or the
+        only one connected; else the plan when only one peer TP is possible."""
+        engines = {p.engine: p.plan for p in self._peers.values()}
+        if engine is not None and engine in engines:
+            return engine, engines[engine]
+        if engine is None and len(engines) == 1:
+            e = next(iter(engines))
+            return None, engines[e]
+        if self.plans.single_peer_tp() is not None:
+            return engine, self.plan
+        return engine, None
+
+    def _prepare_ahead(self, req: Request, sets: list[tuple[str | None, np.ndarray]]) -> None:
         """Let the strategy each expected reader would use get ready (see :meth:`expect`)."""
-        if self._staged is None:
+        if self._staged is None or req.plan is None:
             return
         peers = [
             p
             for p in self._peers.values()
-            if p.alive and p.rank in req.expected and p.staging is not None and req.engine_ok(p)
+            if p.alive and req.expects(p) and p.staging is not None and p.plan is req.plan
         ]
         if len({p.engine for p in peers}) != 1:
             return  # no reader, or readers of several engines: which one pulls is unknown
-        runs = block_runs(local, local)  # (the readers' ids are unknown: assume they match)
         for peer in peers:
             table = self._pair_table(peer)
             if table is None:
                 continue
-            job = self._job(req, peer, "READ", table, local, local, None, runs)
+            # (the readers' ids are unknown: assume they match)
+            job = self._job(req, peer, "READ", table, [(k, ids, ids) for k, ids in sets], None)
             chosen = self._choose(job, self.strategy)
             if chosen is not None:
                 chosen.prepare(job)
@@ -835,16 +888,19 @@ class Endpoint:
     def _timeout_arg(self, timeout_s: float | None) -> float:
         if timeout_s is None:
             return self.timeout_s
-        t = float(timeout_s)
-        if not t > 0 or t == float("inf"):
+        try:
+            t = float(timeout_s)
+        except (TypeError, ValueError):
+            t = float("nan")
+        if not 0 < t < float("inf"):
             raise UsageError(
                 f"{self.label}: timeout_s must be a finite number > 0, got {timeout_s!r}"
             )
         return t
 
-    def _peers_for(self, engine: str | None, ranks: Iterable[int], rid: str) -> dict[int, Peer]:
-        """The connected peers of ``ranks`` in one engine (``None``: the only engine)."""
-        engines = {p.engine for p in self._peers.values()}
+    def _engine_plan(self, engine: str | None, rid: str) -> tuple[str | None, Plan]:
+        """(engine, its plan) of a request this side initiates."""
+        engines = {p.engine: p.plan for p in self._peers.values()}
         if engine is None:
             if len(engines) > 1:
                 raise UsageError(
@@ -852,6 +908,18 @@ class Endpoint:
                     f"({', '.join(sorted(engines))}); pass engine="
                 )
             engine = next(iter(engines), None)
+        if engine in engines:
+            return engine, engines[engine]
+        if self.plans.single_peer_tp() is not None:
+            return engine, self.plan  # (the peers it needs are named below)
+        raise PeerNotConnectedError(
+            f"{self.label}: request {rid!r}: no {self.peer_role} engine"
+            f"{'' if engine is None else f' {engine!r}'} is connected (no handshake)",
+            request_id=rid,
+        )
+
+    def _peers_for(self, engine: str | None, ranks: Iterable[int], rid: str) -> dict[int, Peer]:
+        """The connected peers of ``ranks`` in one engine."""
         by_rank = {p.rank: p for p in self._peers.values() if p.engine == engine}
         out = {}
         for r in ranks:
@@ -873,6 +941,39 @@ class Endpoint:
             out[r] = peer
         return out
 
+    def _block_sets(self, local: Any, remote: Any, rid: str) -> list[tuple[str | None, Any, Any]]:
+        """``[(kind, local ids, remote ids)]``: one entry of kind None (every layer) for two
+        sequences, one per kind (in the plan's order) for two ``{kind: ids}`` mappings."""
+        lmap, rmap = isinstance(local, Mapping), isinstance(remote, Mapping)
+        if not lmap and not rmap:
+            return [(None, local, remote)]
+        if not (lmap and rmap):
+            raise UsageError(
+                f"{self.label}: request {rid!r}: give block ids per kind on both sides "
+                f"({{kind: ids}}) or one sequence on both"
+            )
+        if set(local) != set(remote):
+            raise UsageError(
+                f"{self.label}: request {rid!r}: kinds {sorted(map(str, local))} locally but "
+                f"{sorted(map(str, remote))} remotely"
+            )
+        unknown = [k for k in local if k not in self.kinds]
+        if unknown:
+            raise UsageError(
+                f"{self.label}: request {rid!r}: no layer kind {unknown[0]!r} "
+                f"(kinds: {', '.join(self.kinds)})"
+            )
+        return [(k, local[k], remote[k]) for k in self.kinds if k in local]
+
+    def _kind_layers(self, kind: str | None, sel: np.ndarray | None) -> np.ndarray | None:
+        """Layers of ``kind`` (None: every layer) within the selection ``sel``."""
+        if kind is None:
+            return sel
+        of_kind = np.array(
+            [i for i, k in enumerate(self.pages.layer_kinds) if k == kind], dtype=np.int64
+        )
+        return of_kind if sel is None else np.intersect1d(of_kind, sel)
+
     def _start(
         self,
         kind: str,
@@ -883,9 +984,6 @@ class Endpoint:
         layers: Sequence[int] | None,
         engine: str | None,
         timeout_s: float | None,
-        *,
-        targets: Sequence[int],
-        notify: Sequence[int],
         strategy: str | None = None,
     ) -> None:
         self._check_open()
@@ -900,37 +998,47 @@ class Endpoint:
                 f"{self.label}: request {rid!r}: strategy must be one of "
                 f"{', '.join(STRATEGIES)}, got {strategy!r}"
             )
+        engine, plan = self._engine_plan(engine, rid)
+        if op == "READ":
+            rp = plan.rank(self.rank)
+            targets, notify = rp.sources, rp.notified
+        else:
+            targets = notify = plan.targets(self.rank)
         peer_kind = f"{self.peer_role}"
-        local = self.local_block_ids(local_blocks, rid, unique=(op == "READ"))
         peers = self._peers_for(engine, sorted(set(targets) | set(notify)), rid)
-        remote = None
-        for r in sorted(set(targets)):
-            peer = peers[r]
-            remote = check_block_ids(
-                remote_blocks,
-                what=f"remote ({peer_kind})",
-                limit=peer.num_blocks,
+        sets = []
+        for part_kind, lb, rb in self._block_sets(local_blocks, remote_blocks, rid):
+            local = self.local_block_ids(lb, rid, unique=(op == "READ"))
+            remote = None
+            for r in sorted(set(targets)):
+                peer = peers[r]
+                remote = check_block_ids(
+                    rb,
+                    what=f"remote ({peer_kind})",
+                    limit=peer.num_blocks,
+                    who=self.label,
+                    request_id=rid,
+                    peer=peer.label,
+                    unique=(op == "WRITE"),
+                )
+            if remote is None:  # no targets: still validate the shape
+                remote = check_block_ids(
+                    rb,
+                    what=f"remote ({peer_kind})",
+                    limit=np.iinfo(np.int64).max,
+                    who=self.label,
+                    request_id=rid,
+                )
+            check_same_count(
+                local,
+                remote,
+                local_what=f"local ({self.role}) block ids"
+                + ("" if part_kind is None else f" of kind {part_kind!r}"),
+                remote_what=f"remote ({peer_kind}) block ids",
                 who=self.label,
                 request_id=rid,
-                peer=peer.label,
-                unique=(op == "WRITE"),
             )
-        if remote is None:  # no targets: still validate the shape
-            remote = check_block_ids(
-                remote_blocks,
-                what=f"remote ({peer_kind})",
-                limit=np.iinfo(np.int64).max,
-                who=self.label,
-                request_id=rid,
-            )
-        check_same_count(
-            local,
-            remote,
-            local_what=f"local ({self.role}) block ids",
-            remote_what=f"remote ({peer_kind}) block ids",
-            who=self.label,
-            request_id=rid,
-        )
+            sets.append((part_kind, local, remote))
         sel = self.layer_selection(layers, rid)
         if strategy == "staged":
             for r in sorted(set(targets)):
@@ -952,6 +1060,7 @@ class Endpoint:
             t + timeout,
             timeout,
             notify=[peers[r] for r in sorted(set(notify))],
+            plan=plan,
         )
         self._requests[rid] = req
         for _, sender, msg in self._early.pop(rid, []):  # e.g. a peer's FAIL that came first
@@ -959,18 +1068,17 @@ class Endpoint:
                 self._on_request_msg(req, sender, msg)
         if not self.active(req):
             return
-        if local.shape[0] == 0:
+        if not any(local.shape[0] for _, local, _ in sets):
             return  # nothing to move; completes (and notifies) on the next poll
         tel.span("~start-checks", t_start)
         t_start = tel.clock()
-        runs = block_runs(local, remote)  # consecutive on both sides: what NIXL merges
         chosen: dict[str, tuple[Strategy, list[PeerJob]]] = {}
         for r in sorted(set(targets)):
             peer = peers[r]
             table = self._pair_table(peer)
             if table is None:
                 continue
-            job = self._job(req, peer, op, table, local, remote, sel, runs)
+            job = self._job(req, peer, op, table, sets, sel)
             s = self._choose(job, strategy)
             if s is None:
                 continue  # no bytes from this peer in these layers
@@ -988,26 +1096,28 @@ class Endpoint:
         peer: Peer,
         op: str,
         table: PairTable,
-        local: np.ndarray,
-        remote: np.ndarray,
+        sets: list[tuple[str | None, np.ndarray, np.ndarray]],
         sel: np.ndarray | None,
-        runs: Any,
     ) -> PeerJob:
-        rows = table.rows_for_layers(sel)
-        nbytes = int(table.row_nbytes[rows].sum()) * int(local.shape[0])
-        return PeerJob(
-            req=req,
-            peer=peer,
-            op=op,
-            table=table,
-            local=local,
-            remote=remote,
-            layers=sel,
-            rows=rows,
-            runs=runs,
-            nbytes=nbytes,
-            posted=posted_count(table, local, remote, rows, runs),
-        )
+        """The request's bytes with ``peer``: one part per kind of block ids."""
+        parts = []
+        for kind, local, remote in sets:
+            layers = self._kind_layers(kind, sel)
+            rows = table.rows_for_layers(layers)
+            runs = block_runs(local, remote)  # consecutive on both sides: what NIXL merges
+            parts.append(
+                JobPart(
+                    kind=kind,
+                    local=local,
+                    remote=remote,
+                    layers=layers,
+                    rows=rows,
+                    runs=runs,
+                    nbytes=int(table.row_nbytes[rows].sum()) * int(local.shape[0]),
+                    posted=posted_count(table, local, remote, rows, runs),
+                )
+            )
+        return PeerJob(req=req, peer=peer, op=op, table=table, parts=parts)
 
     def _choose(self, job: PeerJob, strategy: str) -> Strategy | None:
         """The strategy of one (request, peer): ``None`` when no byte moves; forced by name,
@@ -1052,6 +1162,12 @@ class Endpoint:
         return peer.table
 
     # ---------------------------------------------------------------- progress
+    def progress(self) -> None:
+        """Progress NIXL and this endpoint's requests once, reporting nothing (completions
+        wait for :meth:`poll`)."""
+        self._check_open()
+        self._progress()
+
     def poll(self) -> Progress:
         """Progress NIXL once; return (and forget) requests that completed or failed since the
         last call.  Call it regularly from the engine loop."""
@@ -1065,20 +1181,29 @@ class Endpoint:
     def wait(self, request_id: str, *, timeout_s: float | None = None) -> None:
         """Block until ``request_id`` completes (returns) or fails (raises its TransferError).
 
-        The wait is bounded by the request's own deadline (and ``timeout_s`` if given).
+        The wait is bounded by the request's own deadline; ``timeout_s`` gives up earlier
+        with :class:`WaitTimeoutError`, the request still active.  While waiting, every
+        endpoint created in this thread progresses, so two endpoints of one process (the
+        two sides of a test, say) never wait on each other.
         """
         self._check_open()
         if request_id not in self._requests and request_id not in self._finished:
-            raise KeyError(f"{self.label}: unknown request {request_id!r} (or already reported)")
+            raise UnknownRequestError(
+                f"{self.label}: unknown request {request_id!r} (never started here, or "
+                f"already reported by poll() or wait())"
+            )
         deadline = None if timeout_s is None else now() + self._timeout_arg(timeout_s)
         waiter = Backoff()
         while request_id not in self._finished:
             self._progress()
             if request_id in self._finished:
                 break
+            for other in _thread_endpoints(self):
+                other.progress()
             if deadline is not None and now() > deadline:
-                raise TransferTimeoutError(
-                    f"{self.label}: request {request_id!r} still in flight after {timeout_s:.1f} s",
+                raise WaitTimeoutError(
+                    f"{self.label}: request {request_id!r} still in flight after "
+                    f"{timeout_s:.1f} s (it stays active)",
                     request_id=request_id,
                 )
             waiter.sleep()
@@ -1098,12 +1223,15 @@ class Endpoint:
             raise errors[0]
 
     def status(self, request_id: str) -> str:
-        """``"active"``, ``"done"``, ``"failed"`` (not yet reported by poll/wait) or
-        ``"unknown"``."""
+        """``"active"``, ``"done"``, ``"failed"`` (whether or not poll/wait reported it yet;
+        kept for the last 4096 finished requests) or ``"unknown"``."""
         if request_id in self._requests:
             return "active"
         if request_id in self._finished:
             return "failed" if self._finished[request_id] is not None else "done"
+        info = self._info.get(request_id)
+        if info is not None:
+            return "done" if info.ok else "failed"
         return "unknown"
 
     def _progress(self) -> None:
@@ -1187,13 +1315,8 @@ class Endpoint:
     def _peer_dead(self, peer: Peer, reason: str, *, error_cls: type[TransferError]) -> None:
         for req in list(self._requests.values()):
             if req.kind == "expect":
-                involved = (
-                    peer.rank in req.expected
-                    and req.engine_ok(peer)
-                    and (
-                        peer.rank not in req.got
-                        or any(s.involves(req, peer) for s in self._strategies)
-                    )
+                involved = req.expects(peer) and (
+                    peer.rank not in req.got or any(s.involves(req, peer) for s in self._strategies)
                 )
             else:
                 involved = any(s.involves(req, peer) for s in self._strategies)
@@ -1209,12 +1332,18 @@ class Endpoint:
                 )
 
     def _timeout(self, req: Request) -> None:
-        if req.kind == "expect":
-            missing = sorted(req.expected - req.got)
+        if req.kind == "expect" and req.expected is None:
+            err = TransferTimeoutError(
+                f"{self.label}: request {req.rid!r} timed out after {req.timeout_s:.1f} s: no "
+                f"{self.peer_role} rank sent anything for it",
+                request_id=req.rid,
+            )
+        elif req.kind == "expect":
+            missing = sorted((req.expected or frozenset()) - req.got)
             names = ", ".join(hs.rank_label(self.peer_role, r) for r in missing)
             err = TransferTimeoutError(
                 f"{self.label}: request {req.rid!r} timed out after {req.timeout_s:.1f} s "
-                f"waiting for {names} ({len(req.got)} of {len(req.expected)} "
+                f"waiting for {names} ({len(req.got)} of {len(req.expected or ())} "
                 f"{self.peer_role} ranks notified)",
                 peer=hs.rank_label(self.peer_role, missing[0]) if missing else None,
                 request_id=req.rid,
@@ -1252,13 +1381,7 @@ class Endpoint:
             if notify_peers:
                 involved.update({p.name: p for p in req.notify})
                 if req.kind == "expect":
-                    involved.update(
-                        {
-                            p.name: p
-                            for p in self._peers.values()
-                            if p.rank in req.expected and req.engine_ok(p)
-                        }
-                    )
+                    involved.update({p.name: p for p in self._peers.values() if req.expects(p)})
                 for peer in involved.values():
                     if peer.alive and peer.label != err.peer:
                         self._send_quiet(peer.name, Fail(req.rid, str(err), rel))
@@ -1272,35 +1395,36 @@ class Endpoint:
         self.telemetry.add("requests_failed" if err else "requests_done")
         if err is None and req.kind != "expect":
             self.telemetry.add("bytes_completed", req.nbytes)
-        self._info[req.rid] = {
-            "kind": req.kind,
-            "ok": err is None,
-            "error": None if err is None else str(err),
-            "peers": peers,
-            "expected": [hs.rank_label(self.peer_role, r) for r in sorted(req.expected)],
-            "notified": [p.label for p in req.notify] if err is None else [],
-            "bytes": req.nbytes,
-            "descriptors": req.descriptors,
-            "seconds": now() - req.started,
-            "strategy": _summary(req.strategies),
-            "strategies": dict(req.strategies),
-            "chunks": req.chunks,
-        }
+        self._info[req.rid] = CompletionInfo(
+            request_id=req.rid,
+            kind=req.kind,
+            ok=err is None,
+            error=None if err is None else str(err),
+            peers=peers,
+            expected=[hs.rank_label(self.peer_role, r) for r in sorted(req.expected or ())],
+            notified=[p.label for p in req.notify] if err is None else [],
+            bytes=req.nbytes,
+            descriptors=req.descriptors,
+            seconds=now() - req.started,
+            strategy=_summary(req.strategies),
+            strategies=dict(req.strategies),
+            chunks=req.chunks,
+            engine=req.engine,
+        )
         while len(self._info) > _MAX_INFO:
             self._info.pop(next(iter(self._info)))
 
-    def completion_info(self, request_id: str) -> dict[str, Any]:
-        """How a recently finished request ended (kept for the last 4096 requests).
-
-        ``kind`` (pull/push/expect), ``ok``, ``error``, ``peers`` (for ``expect``: the ranks
-        whose ``DONE`` was counted; otherwise the ranks transferred with), ``expected``,
-        ``notified`` (ranks sent ``DONE``), ``bytes``, ``descriptors`` (NIXL descriptor
-        indices and chunk transfers this side posted), ``seconds``, ``strategy``
-        (``"zero-copy"``, ``"staged"``, ``"mixed"`` or ``None`` when no byte moved with any
-        peer), ``strategies`` (peer label -> strategy of the peers that moved bytes) and
-        ``chunks`` (staged chunks of the request on this side).
-        """
-        return dict(self._info[request_id])
+    def completion_info(self, request_id: str) -> CompletionInfo:
+        """How a recently finished request ended (kept for the last 4096 requests); see
+        :class:`~layoutc.runtime.endpoint.results.CompletionInfo` (it reads like a dict too).
+        Raises :class:`UnknownRequestError` for a request not (or no longer) known."""
+        info = self._info.get(request_id)
+        if info is None:
+            raise UnknownRequestError(
+                f"{self.label}: no completion info for request {request_id!r} (still active, "
+                f"never started here, or older than the last {_MAX_INFO} requests)"
+            )
+        return info
 
     # ---------------------------------------------------------------- notifications
     def _send(self, peer_name: str, msg: Message) -> None:
@@ -1350,9 +1474,7 @@ class Endpoint:
         label = peer.label if peer else repr(sender)
         if isinstance(msg, Fail):
             if peer is not None and (
-                req.kind != "expect"
-                or peer.rank in req.expected
-                or any(p is peer for p in req.notify)
+                req.kind != "expect" or req.expects(peer) or any(p is peer for p in req.notify)
             ):
                 self._fail(
                     req,
@@ -1373,22 +1495,16 @@ class Endpoint:
             if self._staged is None:
                 return
             if isinstance(msg, SReq):
-                if req.kind != "expect" or peer.rank not in req.expected:
+                if req.kind != "expect" or not self._take_peer(req, peer):
                     return
-                if not req.engine_ok(peer):
-                    return
-                if req.engine is None:
-                    req.engine = peer.engine
             self._staged.on_message(req, peer, msg)
             if self.active(req) and req.kind == "expect":
                 self._maybe_complete_expect(req)
             return
         if not isinstance(msg, Done) or req.kind != "expect":
             return
-        if not req.engine_ok(peer) or peer.rank not in req.expected:
+        if not self._take_peer(req, peer):
             return
-        if req.engine is None:
-            req.engine = peer.engine  # the first notifier fixes the engine of the request
         for s in self._strategies:
             s.on_message(req, peer, msg)
         if peer.label not in req.strategies and self._moves_bytes_with(peer):
@@ -1397,26 +1513,56 @@ class Endpoint:
         req.got.add(peer.rank)
         self._maybe_complete_expect(req)
 
+    def _take_peer(self, req: Request, peer: Peer) -> bool:
+        """Does passive ``req`` take a message of ``peer``?  The first peer to send one fixes
+        the request's engine (and so its plan, when that was not known yet)."""
+        if not req.engine_ok(peer):
+            return False
+        plan = req.plan if req.plan is not None else peer.plan
+        if peer.plan is not plan or peer.rank not in self._expected_of(plan):
+            return False
+        if req.plan is None:
+            self._set_plan(req, plan)
+        if req.engine is None:
+            req.engine = peer.engine
+        return True
+
     def _moves_bytes_with(self, peer: Peer) -> bool:
         if self.role == "prefill":
-            return self.rank in self.plan.rank(peer.rank).sources
-        return peer.rank in self.plan.rank(self.rank).sources
+            return self.rank in peer.plan.rank(peer.rank).sources
+        return peer.rank in peer.plan.rank(self.rank).sources
 
     def _maybe_complete_expect(self, req: Request) -> None:
+        if req.expected is None:
+            return
         if req.got >= req.expected and all(s.complete(req) for s in self._strategies):
             self._finish(req, None, self._moved_with(req))
 
     # ---------------------------------------------------------------- statistics
-    def stats(self) -> dict[str, int | float]:
-        """Counters: open handles, registrations, bytes and descriptors posted, requests."""
-        s: dict[str, int | float] = dict(self.telemetry.counters)
-        s["xfer_handles_open"] = s["xfer_handles_created"] - s["xfer_handles_released"]
-        s["requests_active"] = len(self._requests)
-        s["peers"] = len(self._peers)
-        s["messages_dropped"] = self._dropped
+    def stats(self) -> Stats:
+        """Counters: open handles, registrations, bytes and descriptors posted, requests
+        (:class:`~layoutc.runtime.endpoint.results.Stats`; it reads like a dict too)."""
+        c = self.telemetry.counters
+        extra: dict[str, int | float] = {}
         for strat in self._strategies:
-            s.update(strat.stats())
-        return s
+            extra.update(strat.stats())
+        return Stats(
+            **c,
+            xfer_handles_open=c["xfer_handles_created"] - c["xfer_handles_released"],
+            requests_active=len(self._requests),
+            peers=len(self._peers),
+            messages_dropped=self._dropped,
+            extra=extra,
+        )
+
+
+#: Open endpoints of this process (``wait`` progresses those of its thread).
+_LIVE: weakref.WeakSet[Endpoint] = weakref.WeakSet()
+
+
+def _thread_endpoints(ep: Endpoint) -> list[Endpoint]:
+    """The other open endpoints created in ``ep``'s thread."""
+    return [o for o in list(_LIVE) if o is not ep and o.in_thread(ep)]
 
 
 def _summary(strategies: dict[str, str]) -> str | None:

@@ -27,6 +27,20 @@ __all__ = ["Host", "PeerJob", "Strategy"]
 
 
 @dataclass(eq=False)
+class JobPart:
+    """The blocks of one layer kind (KV-cache group) of a request, with one peer."""
+
+    kind: str | None  # the layer kind (None: every layer has these block ids)
+    local: np.ndarray  # this side's logical block ids
+    remote: np.ndarray  # the peer's
+    layers: np.ndarray | None  # the layers they apply to (None: all)
+    rows: np.ndarray | slice  # rows of the pair's table in those layers
+    runs: BlockRuns  # blocks consecutive on both sides
+    nbytes: int  # bytes the part moves
+    posted: int  # descriptors zero-copy would post for it (after NIXL's merges)
+
+
+@dataclass(eq=False)
 class PeerJob:
     """The bytes one request moves with one peer (built by the endpoint, validated)."""
 
@@ -34,13 +48,15 @@ class PeerJob:
     peer: Peer
     op: str  # "READ" (this side pulls) or "WRITE" (this side pushes)
     table: PairTable
-    local: np.ndarray  # this side's logical block ids
-    remote: np.ndarray  # the peer's
-    layers: np.ndarray | None  # selected layers (None: all)
-    rows: np.ndarray | slice  # rows of ``table`` in those layers
-    runs: BlockRuns  # blocks consecutive on both sides
-    nbytes: int  # bytes the job moves
-    posted: int  # descriptors zero-copy would post (after NIXL's merges)
+    parts: list[JobPart]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def posted(self) -> int:
+        return sum(p.posted for p in self.parts)
 
 
 class Host(Protocol):

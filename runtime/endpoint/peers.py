@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..descriptors import PairTable, Segment, segments_by_key
-from ..plan import SideLayout
+from ..plan import Plan, SideLayout
 
 __all__ = ["Peer", "StagingInfo", "peer_from_header"]
 
@@ -47,12 +47,14 @@ class Peer:
     name: str  # NIXL agent name
     role: str
     rank: int
+    tp: int  # the peer engine's TP size
     engine: str
     label: str  # e.g. "prefill rank 1"
     header: dict[str, Any]
     mem_type: str
     segments: dict[tuple[int, str], Segment]
     num_blocks: int  # logical blocks every buffer of the peer holds
+    plan: Plan  # the plan between the peer's TP and this endpoint's
     staging: StagingInfo | None = None
     alive: bool = True
     dead_reason: str = ""
@@ -61,8 +63,10 @@ class Peer:
     table_built: bool = False
 
 
-def peer_from_header(name: str, header: dict[str, Any], label: str, side: SideLayout) -> Peer:
-    """A peer from its validated header (``side``: the peer's side of the plan)."""
+def peer_from_header(
+    name: str, header: dict[str, Any], label: str, plan: Plan, side: SideLayout
+) -> Peer:
+    """A peer from its validated header (``side``: the peer's side of ``plan``)."""
     segs: list[Segment] = []
     for i, layer in enumerate(header["layers"]):
         for page, (addr, nbytes, devid, nblocks) in layer["pages"].items():
@@ -72,11 +76,13 @@ def peer_from_header(name: str, header: dict[str, Any], label: str, side: SideLa
         name=name,
         role=header["role"],
         rank=int(header["rank"]),
+        tp=side.tp,
         engine=str(header.get("engine") or header["role"]),
         label=label,
         header=header,
         mem_type=header["mem_type"],
         segments=segments_by_key(segs),
         num_blocks=min(s.num_blocks for s in segs),
+        plan=plan,
         staging=StagingInfo.from_header(header),
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ..errors import TransferError
+from ..plan import Plan
 from .peers import Peer
 
 __all__ = ["Backoff", "Progress", "Request", "now"]
@@ -31,7 +32,8 @@ class Request:
     deadline: float
     timeout_s: float
     notify: list[Peer] = field(default_factory=list)  # initiator: peers sent DONE at the end
-    expected: frozenset[int] = frozenset()  # passive: peer ranks whose DONE completes it
+    plan: Plan | None = None  # the plan with the peer engine (passive: once it is known)
+    expected: frozenset[int] | None = None  # passive: peer ranks whose DONE completes it
     got: set[int] = field(default_factory=set)
     nbytes: int = 0
     descriptors: int = 0
@@ -41,6 +43,15 @@ class Request:
 
     def engine_ok(self, peer: Peer) -> bool:
         return self.engine is None or self.engine == peer.engine
+
+    def expects(self, peer: Peer) -> bool:
+        """Does this passive request wait for ``peer``'s ``DONE``?"""
+        return (
+            self.expected is not None
+            and peer.rank in self.expected
+            and self.engine_ok(peer)
+            and (self.plan is None or peer.plan is self.plan)
+        )
 
 
 class Progress(NamedTuple):

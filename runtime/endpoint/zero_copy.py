@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .. import nixl_compat
 from ..costmodel import CostModel
 from ..descriptors import merged_descriptors
@@ -62,14 +64,21 @@ class ZeroCopy:
             peer = job.peer
             table = job.table
             try:
-                n_idx = int(table.row_nbytes[job.rows].shape[0]) * int(job.local.shape[0])
+                n_idx = sum(
+                    int(table.row_nbytes[p.rows].shape[0]) * int(p.local.shape[0])
+                    for p in job.parts
+                )
                 if job.posted * 4 <= n_idx:
                     # NIXL would merge >= 3 of 4 indices (whole pages, consecutive blocks):
                     # post the merged descriptors themselves (~25 ns each) instead of every
                     # index (~32 ns each; 1 ms for a 1 GiB request of 32k blocks)
-                    loc, rem, nbytes = merged_descriptors(
-                        table, job.local, job.remote, job.rows, job.runs
-                    )
+                    merged = [
+                        merged_descriptors(table, p.local, p.remote, p.rows, p.runs)
+                        for p in job.parts
+                    ]
+                    loc = np.concatenate([m[0] for m in merged])
+                    rem = np.concatenate([m[1] for m in merged])
+                    nbytes = sum(m[2] for m in merged)
                     handle = host.agent.initialize_xfer(
                         job.op,
                         host.agent.get_xfer_descs(loc, host.mem_type),
@@ -79,7 +88,10 @@ class ZeroCopy:
                     n_desc = int(loc.shape[0])
                 else:
                     lh, rh = self._prep(peer, job)
-                    li, ri, nbytes = table.indices(job.local, job.remote, job.rows)
+                    idx = [table.indices(p.local, p.remote, p.rows) for p in job.parts]
+                    li = np.concatenate([i[0] for i in idx]) if len(idx) > 1 else idx[0][0]
+                    ri = np.concatenate([i[1] for i in idx]) if len(idx) > 1 else idx[0][1]
+                    nbytes = sum(i[2] for i in idx)
                     handle = host.agent.make_prepped_xfer(job.op, lh, li, rh, ri)
                     n_desc = int(li.size)
             except nixl_compat.nixl_errors() as e:

@@ -31,6 +31,8 @@ class StagedCtx:
 
     req: Request
     peer: Peer
+    kind: str | None  # the layer kind the context carries (None: every layer)
+    layers: np.ndarray | None  # the layers whose rows it moves (None: all)
     role: str
     layout: StagingLayout
     bound: BoundPages
@@ -68,6 +70,11 @@ class StagedCtx:
             f"StagedCtx({self.req.rid!r}, {self.peer.label}, {self.role}, "
             f"{self.unpacked if self.role == 'dst' else self.moved}/{self.n} chunks)"
         )
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        """The context's key among a request's contexts: (peer name, kind)."""
+        return self.peer.name, self.kind
 
     def bounds(self, c: int) -> tuple[int, int]:
         s = c * self.chunk

@@ -65,7 +65,7 @@ import numpy as np
 
 from .. import nixl_compat, protocol
 from ..costmodel import CostModel
-from ..endpoint.host import Host, PeerJob
+from ..endpoint.host import Host, JobPart, PeerJob
 from ..endpoint.peers import Peer
 from ..endpoint.requests import Request
 from ..errors import TransferError, TransferFailedError
@@ -101,7 +101,8 @@ class Staged:
         self.device_type = "cuda" if host.mem_type == "VRAM" else "cpu"
         self.reg: Any = None
         self.mover_override = mover
-        self.ctxs: dict[str, dict[str, StagedCtx]] = {}  # request id -> peer name -> context
+        # request id -> (peer name, kind) -> context
+        self.ctxs: dict[str, dict[tuple[str, str | None], StagedCtx]] = {}
         self.src: deque[StagedCtx] = deque()  # contexts that pack (round robin)
         self.dst: deque[StagedCtx] = deque()  # contexts that need grants (round robin)
         self.active: list[StagedCtx] = []
@@ -139,9 +140,7 @@ class Staged:
 
     def _current(self, ctx: StagedCtx) -> bool:
         """Is ``ctx`` still the live context of its (request, peer)?"""
-        return (
-            self.host.active(ctx.req) and self.ctxs.get(ctx.req.rid, {}).get(ctx.peer.name) is ctx
-        )
+        return self.host.active(ctx.req) and self.ctxs.get(ctx.req.rid, {}).get(ctx.key) is ctx
 
     # -- set-up ----------------------------------------------------------------------------
     def register(self) -> None:
@@ -210,12 +209,15 @@ class Staged:
         chunk = self.chunk_bytes(job.peer)
         if chunk is None:
             return None
-        n_rows = int(job.table.row_nbytes[job.rows].shape[0])
-        n_chunks = -(-job.nbytes // chunk)
         lay, _ = self.layout_for(job.peer)
-        g = lay.groups_for_layers(job.layers)
-        n_groups = lay.num_groups if g is None else int(g.shape[0])
-        n_ops = count_ops(self.kernel(), n_rows, n_groups, n_chunks)
+        n_chunks = n_ops = 0
+        for part in job.parts:
+            n_rows = int(job.table.row_nbytes[part.rows].shape[0])
+            c = -(-part.nbytes // chunk)
+            g = lay.groups_for_layers(part.layers)
+            n_groups = lay.num_groups if g is None else int(g.shape[0])
+            n_chunks += c
+            n_ops += count_ops(self.kernel(), n_rows, n_groups, c)
         return self.cost_model.staged_s(job.nbytes, n_chunks, n_ops)
 
     # -- contexts --------------------------------------------------------------------------
@@ -224,6 +226,7 @@ class Staged:
         req: Request,
         peer: Peer,
         *,
+        kind: str | None,
         blocks: np.ndarray,
         layers: np.ndarray | None,
         chunk: int,
@@ -238,6 +241,8 @@ class Staged:
         ctx = StagedCtx(
             req=req,
             peer=peer,
+            kind=kind,
+            layers=layers,
             role="src" if self.host.role == "prefill" else "dst",
             layout=lay,
             bound=bound,
@@ -251,7 +256,7 @@ class Staged:
             mover=mover,
             ahead=ahead,
         )
-        self.ctxs.setdefault(req.rid, {})[peer.name] = ctx
+        self.ctxs.setdefault(req.rid, {})[ctx.key] = ctx
         self.active.append(ctx)
         if ctx.role == "src":
             self.src.append(ctx)
@@ -265,30 +270,35 @@ class Staged:
         if not jobs:
             return
         t0 = self.tel.clock()
-        made: list[tuple[StagedCtx, PeerJob]] = []
+        made: list[tuple[StagedCtx, JobPart]] = []
         for job in jobs:
-            ctx = self.new_ctx(
-                req,
-                job.peer,
-                blocks=job.local,
-                layers=job.layers,
-                chunk=self.chunk_bytes(job.peer) or 1,
-                mover=self.default_mover(),
-            )
-            req.nbytes += ctx.total
-            req.chunks += ctx.n
-            made.append((ctx, job))
+            for part in job.parts:
+                if part.nbytes == 0:
+                    continue
+                ctx = self.new_ctx(
+                    req,
+                    job.peer,
+                    kind=part.kind,
+                    blocks=part.local,
+                    layers=part.layers,
+                    chunk=self.chunk_bytes(job.peer) or 1,
+                    mover=self.default_mover(),
+                )
+                req.nbytes += ctx.total
+                req.chunks += ctx.n
+                made.append((ctx, part))
         grants = self.grant_initial([c for c, _ in made]) if self.host.role == "decode" else {}
-        for ctx, job in made:
+        for ctx, part in made:
             msg = SReq(
                 rid=req.rid,
-                blocks=job.remote,
-                layers=None if job.layers is None else tuple(int(x) for x in job.layers),
+                kind=part.kind,
+                blocks=part.remote,
+                layers=None if part.layers is None else tuple(int(x) for x in part.layers),
                 chunk=ctx.chunk,
                 n=ctx.n,
                 total=ctx.total,
                 mover=ctx.mover,
-                grants=tuple(grants.get(ctx.peer.name, [])),
+                grants=tuple(grants.get(ctx.key, [])),
             )
             try:
                 self.host.send(ctx.peer, msg)
@@ -297,9 +307,11 @@ class Staged:
                 return
         self.tel.span("~start-sreq", t0)
 
-    def grant_initial(self, ctxs: list[StagedCtx]) -> dict[str, list[tuple[int, int]]]:
+    def grant_initial(
+        self, ctxs: list[StagedCtx]
+    ) -> dict[tuple[str, str | None], list[tuple[int, int]]]:
         """Hand free slots to new destination contexts in turn (the grants sent with SREQ)."""
-        out: dict[str, list[tuple[int, int]]] = {c.peer.name: [] for c in ctxs}
+        out: dict[tuple[str, str | None], list[tuple[int, int]]] = {c.key: [] for c in ctxs}
         cap = self._grant_cap()
         progress = True
         while progress:
@@ -312,7 +324,7 @@ class Staged:
                     c = ctx.next_grant
                     ctx.grants[c] = s
                     ctx.next_grant += 1
-                    out[ctx.peer.name].append((c, s))
+                    out[ctx.key].append((c, s))
                     progress = True
         return out
 
@@ -322,18 +334,21 @@ class Staged:
         peer's ``SREQ`` (with its grants) arrives and matches (all layers, the same block
         ids); otherwise (another selection, or the peer moves the bytes zero-copy) it is
         dropped."""
-        if job.peer.name in self.ctxs.get(job.req.rid, {}):
-            return
-        self.ahead["made"] += 1
-        self.new_ctx(
-            job.req,
-            job.peer,
-            blocks=job.local,
-            layers=None,
-            chunk=self.chunk_bytes(job.peer) or 1,
-            mover=self.default_mover(),
-            ahead=True,
-        )
+        mine = self.ctxs.get(job.req.rid, {})
+        for part in job.parts:
+            if (job.peer.name, part.kind) in mine or part.nbytes == 0:
+                continue
+            self.ahead["made"] += 1
+            self.new_ctx(
+                job.req,
+                job.peer,
+                kind=part.kind,
+                blocks=part.local,
+                layers=part.layers,
+                chunk=self.chunk_bytes(job.peer) or 1,
+                mover=self.default_mover(),
+                ahead=True,
+            )
         self.pack_now(1)  # its first chunk now (on its GPU); the rest as polls go
 
     def pack_now(self, budget: int | None = None) -> None:
@@ -349,8 +364,8 @@ class Staged:
         a later pack into one is queued behind the kernel still writing it)."""
         self.ahead["dropped"] += 1
         mine = self.ctxs.get(req.rid, {})
-        if mine.get(ctx.peer.name) is ctx:
-            del mine[ctx.peer.name]
+        if mine.get(ctx.key) is ctx:
+            del mine[ctx.key]
         self._release_ctx(ctx, False, 0.0)
 
     def _grant_cap(self) -> int:
@@ -363,13 +378,17 @@ class Staged:
             with self.on_device():
                 self._on_sreq(req, peer, msg)
             return
-        ctx = self.ctxs.get(req.rid, {}).get(peer.name)
+        if isinstance(msg, Done):
+            for other in list(self.ctxs.get(req.rid, {}).values()):
+                if other.peer is peer and other.ahead:
+                    self.drop_ahead(req, other)  # the reader moved the bytes zero-copy
+            return
+        if not isinstance(msg, Gnt | Rdy | Ack | Dat):
+            return
+        ctx = self.ctxs.get(req.rid, {}).get((peer.name, msg.kind))
         if ctx is None:
             return
-        if isinstance(msg, Done):
-            if ctx.ahead:
-                self.drop_ahead(req, ctx)  # the reader moved the bytes zero-copy
-        elif isinstance(msg, Gnt) and ctx.role == "src":
+        if isinstance(msg, Gnt) and ctx.role == "src":
             self._mark("gnt", ctx)
             for c, s in msg.grants:
                 if c < ctx.n and s < ctx.peer_slots():
@@ -395,7 +414,7 @@ class Staged:
         """A peer staged a request with us (we are the passive side: ``expect``)."""
         host = self.host
         rid = req.rid
-        old = self.ctxs.get(rid, {}).get(peer.name)
+        old = self.ctxs.get(rid, {}).get((peer.name, msg.kind))
         if old is not None and not old.ahead:
             return  # a duplicate
         req.strategies[peer.label] = "staged"
@@ -422,7 +441,7 @@ class Staged:
         self.tel.span("~sreq-checks", t_in)
         if old is not None:
             if (
-                layers is None
+                _same_layers(old.layers, layers)
                 and old.chunk == chunk
                 and old.n == n
                 and old.total == total
@@ -436,7 +455,9 @@ class Staged:
                 self._mark("sreq-ahead", old)
                 return
             self.drop_ahead(req, old)  # another selection of layers or blocks: start over
-        ctx = self.new_ctx(req, peer, blocks=blocks, layers=layers, chunk=chunk, mover=msg.mover)
+        ctx = self.new_ctx(
+            req, peer, kind=msg.kind, blocks=blocks, layers=layers, chunk=chunk, mover=msg.mover
+        )
         req.chunks += ctx.n
         self._mark("sreq", ctx)
         if ctx.total != total or ctx.n != n:
@@ -450,9 +471,9 @@ class Staged:
         if ctx.role == "src":
             self._take_grants(ctx, msg.grants)
         elif not ctx.complete:
-            g = self.grant_initial([ctx])[peer.name]
+            g = self.grant_initial([ctx])[ctx.key]
             if g:
-                self._send(ctx, Gnt(rid, tuple(g)))
+                self._send(ctx, Gnt(rid, ctx.kind, tuple(g)))
 
     def _take_grants(self, ctx: StagedCtx, grants: tuple[tuple[int, int], ...]) -> None:
         for c, s in grants:
@@ -499,7 +520,7 @@ class Staged:
         rem = np.array([[st.slot_addr(remote_slot), nbytes, st.devid]], np.uint64)
         notif = b""
         if op == "WRITE":
-            notif = protocol.encode(Dat(ctx.req.rid, x.chunk))
+            notif = protocol.encode(Dat(ctx.req.rid, ctx.kind, x.chunk))
         t0 = self.tel.clock()
         try:
             ld = host.agent.get_xfer_descs(loc, self.mem_type)
@@ -723,7 +744,7 @@ class Staged:
             if done:
                 ctx.landed.add(c)
                 self.todo.append(("unpack", ctx, c))
-                if not self._send(ctx, Ack(ctx.req.rid, c)):
+                if not self._send(ctx, Ack(ctx.req.rid, ctx.kind, c)):
                     return
         if ctx.unpacking:
             keep = []
@@ -767,7 +788,7 @@ class Staged:
             else:
                 ctx.peer_grants.pop(c, None)
                 ctx.waiting_ack[c] = s
-                if not self._send(ctx, Rdy(ctx.req.rid, c, s)):
+                if not self._send(ctx, Rdy(ctx.req.rid, ctx.kind, c, s)):
                     return
 
     def _more_to_pack(self) -> bool:
@@ -875,7 +896,7 @@ class Staged:
                 break
         for ctx, g in pending.values():
             if self.host.active(ctx.req):
-                self._send(ctx, Gnt(ctx.req.rid, tuple((c, s) for c, s in g)))
+                self._send(ctx, Gnt(ctx.req.rid, ctx.kind, tuple(g)))
         self._prune(self.dst)
 
     def _prune(self, q: deque[StagedCtx]) -> None:
@@ -981,6 +1002,12 @@ class Staged:
             **{f"staged_ahead_{k}": v for k, v in self.ahead.items()},
             **{f"staged_{k}": round(v, 6) for k, v in self.busy_s.items()},
         }
+
+
+def _same_layers(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(np.array_equal(a, b))
 
 
 def _discard(q: Any, item: Any) -> None:

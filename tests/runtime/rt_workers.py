@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,10 +39,14 @@ class _Session:
         from layoutc.runtime.tags import PageTagger
 
         self.channel = channel
-        self.plan, self.role, self.rank, self.num_blocks = plan, role, rank, num_blocks
-        self.side = plan.prefill if role == "prefill" else plan.decode
+        if isinstance(plan, str):  # a generated module, by path: plans for every compiled pair
+            plan = _load_module(plan)
         self.ep = Endpoint(plan, role, rank, **ep_kwargs)
-        self.bufs = allocate_buffers(plan, role, kinds, num_blocks)
+        self.plan, self.role, self.rank, self.num_blocks = self.ep.plan, role, rank, num_blocks
+        self.side = self.ep.side
+        self.kinds = list(kinds)
+        self.device = str(ep_kwargs.get("device", "cpu"))
+        self.bufs = allocate_buffers(self.plan, role, kinds, num_blocks, self.device)
         self.reset()
         self.ep.register_layers(self.bufs, kinds)
         self.taggers = {p: PageTagger(self.side, rank, p) for p in self.side.page_names}
@@ -52,20 +57,45 @@ class _Session:
         for layer in self.bufs:
             for t in layer.values():
                 t.fill_(fill)
+        self._sync()
 
-    def _views(self):
+    def _sync(self) -> None:
+        if self.device != "cpu":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def _views(self, write: bool = False):
+        """(layer, page, (blocks, stride) uint8 host view) of every buffer; on a GPU a host
+        copy, written back after the loop when ``write``."""
         for li, layer in enumerate(self.bufs):
             for page, t in layer.items():
                 stride = self.side.page(page).logical_stride
-                yield li, page, t.numpy().reshape(self.num_blocks, stride)
+                host = t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
+                yield li, page, host.reshape(self.num_blocks, stride)
+                if write and t.device.type != "cpu":
+                    import torch
+
+                    t.copy_(torch.from_numpy(host).to(t.device))
+        self._sync()
+
+    def _layer_blocks(self, li: int, blocks: Any) -> np.ndarray | None:
+        """The block ids of layer ``li`` in a request's ids: one sequence for every layer, or
+        ``{kind: ids}`` (None: the layer's kind is not in the request)."""
+        if isinstance(blocks, dict):
+            blocks = blocks.get(self.kinds[li])
+            if blocks is None:
+                return None
+        return np.asarray(blocks, dtype=np.int64)
 
     def tag(self, req: int, blocks: Any) -> None:
         """Fill request ``req``'s blocks with its tags (on a prefill rank)."""
         from layoutc.runtime.tags import block_keys
 
-        blocks = np.asarray(blocks, dtype=np.int64)
-        for li, page, view in self._views():
-            self.taggers[page].fill(view, blocks, block_keys(li, req, np.arange(blocks.size)))
+        for li, page, view in self._views(write=True):
+            ids = self._layer_blocks(li, blocks)
+            if ids is not None:
+                self.taggers[page].fill(view, ids, block_keys(li, req, np.arange(ids.size)))
 
     def verify(self, reqs: list[tuple[int, Any]], layers: list[int] | None = None) -> int:
         """Every byte of every buffer: the requests' tags in their blocks (in ``layers``, default
@@ -77,9 +107,10 @@ class _Session:
             want = np.full_like(got, SENTINEL)
             if layers is None or li in layers:
                 for req, blocks in reqs:
-                    blocks = np.asarray(blocks, dtype=np.int64)
-                    keys = block_keys(li, req, np.arange(blocks.size))
-                    self.taggers[page].fill(want, blocks, keys)
+                    ids = self._layer_blocks(li, blocks)
+                    if ids is not None:
+                        keys = block_keys(li, req, np.arange(ids.size))
+                        self.taggers[page].fill(want, ids, keys)
             bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
             if bad.size:
                 b, off = divmod(int(bad[0]), got.shape[1])
@@ -130,6 +161,10 @@ class _Session:
             raise err
         return self.ep.completion_info(rid)
 
+    def ep_wait(self, rid: str, timeout_s: float | None = None) -> None:
+        """The endpoint's own ``wait`` (its timeout, its errors)."""
+        self.ep.wait(rid, timeout_s=timeout_s)
+
     def loop(
         self,
         op: str,
@@ -173,6 +208,15 @@ class _Session:
     def close(self) -> dict[str, int]:
         self.ep.close()
         return self.ep.stats()
+
+
+def _load_module(path: str) -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 class TestRank:
@@ -264,17 +308,20 @@ class Pool:
         layers: int = 2,
         **ep_kwargs: Any,
     ) -> list[Worker]:
-        """Several endpoints set up in parallel; ``specs`` = [(plan, role, rank), ...]."""
+        """Several endpoints set up in parallel; ``specs`` = [(plan, role, rank), ...] or
+        [(plan, role, rank, {Endpoint keyword arguments of that rank}), ...]; ``plan`` is a
+        Plan or the path of a generated module."""
         from layoutc.runtime.endpoint import layer_kind_sequence
 
         out = []
-        for plan, role, rank in specs:
+        for spec in specs:
+            plan, role, rank = spec[:3]
             w = self._take()
             self.busy.append(w)
             w.label = f"{role} rank {rank}"
             w.role, w.rank = role, rank
-            k = kinds or layer_kind_sequence(plan, layers)
-            kw = dict(ep_kwargs)
+            k = kinds or layer_kind_sequence(_plan_of(plan), layers)
+            kw = dict(ep_kwargs, **(spec[3] if len(spec) > 3 else {}))
             kw.setdefault("timeout_s", 10.0)
             w.send("setup", plan, role, rank, num_blocks, k, kw)
             out.append(w)
@@ -303,6 +350,14 @@ class Pool:
     def close(self) -> None:
         for w in self.idle + self.busy:
             w.stop()
+
+
+def _plan_of(plans: Any) -> Any:
+    """A plan of a Plan or a generated module's path (for layer kinds)."""
+    if not isinstance(plans, str):
+        return plans
+    mod = _load_module(plans)
+    return mod.plan(prefill_tp=mod.COMPILED_PAIRS[0][0], decode_tp=mod.COMPILED_PAIRS[0][1])
 
 
 def connect_all(prefill: list[Worker], decode: list[Worker]) -> None:

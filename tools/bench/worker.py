@@ -158,7 +158,7 @@ class BenchWorker:
             if time.monotonic() > end:
                 raise TimeoutError(f"{name}: {rid} not finished within {within} s")
         t, err = s.results.pop(rid)
-        info = s.ep.completion_info(rid)
+        info = s.ep.completion_info(rid).to_dict()
         return {"t": t, "error": err, "info": info}
 
     def pull(self, names, rid, local, remote, strategy=None, within=120.0, layers=None, op="pull"):
@@ -180,7 +180,7 @@ class BenchWorker:
                 raise TimeoutError(f"{rid}: not finished within {within} s")
         t1 = max(s.results[rid][0] for s in sess)
         errs = [s.results[rid][1] for s in sess if s.results[rid][1]]
-        infos = [s.ep.completion_info(rid) for s in sess]
+        infos = [s.ep.completion_info(rid).to_dict() for s in sess]
         for s in sess:
             s.results.pop(rid)
         return {"t0": t0, "t1": t1, "t_posted": t_posted, "errors": errs, "infos": infos}
