@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "machine": {"name": args.machine, **machine()},
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python benchmarks/compile_cost.py " + " ".join(argv or sys.argv[1:]),
+        "command": shlex.join(["python", "benchmarks/compile_cost.py", *(argv or sys.argv[1:])]),
         **result,
         "cpu_ratio_131_to_1": round(ratio, 3),
         "targets": {
