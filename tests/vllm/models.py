@@ -7,8 +7,8 @@ reused, so a test session builds each model once (and a persistent ``root`` keep
 sessions). vLLM runs these with ``skip_tokenizer_init=True`` and token-id prompts.
 
 Sizes are chosen for vLLM 0.32's CPU backend: attention head size 32 (the smallest
-``CPU_ATTN`` supports), KV heads and Mamba heads/groups divisible by the tensor-parallel sizes
-each model is used at.
+``CPU_ATTN`` supports), KV heads, Mamba heads/groups and the vocabulary divisible by the
+tensor-parallel sizes each model is used at.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-VOCAB_SIZE = 1024
-"""Vocabulary of every tiny model; prompts draw token ids from ``[0, VOCAB_SIZE)``."""
+VOCAB_SIZE = 960
+"""Vocabulary of every tiny model; prompts draw token ids from ``[0, VOCAB_SIZE)``. vLLM pads
+the vocabulary to a multiple of 64 and shards it by TP; 960 = 64 * 15 divides by 1, 2 and 3."""
 
 MAX_POSITIONS = 4096
 
