@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from engines import Engine
+from engines import Completion, Engine
 from models import ModelSpec
 from pd_driver import run_single
 from pool import EnginePool
@@ -45,18 +45,18 @@ _REPORT = Report()
 
 @dataclass
 class Baselines:
-    """Greedy single-engine tokens per (model, prompts, max_tokens), computed once a session."""
+    """Greedy single-engine results per (model, prompts, max_tokens), computed once a session."""
 
     report: Report
-    _cache: dict[tuple[str, tuple[tuple[int, ...], ...], int], list[list[int]]] = field(
+    _cache: dict[tuple[str, tuple[tuple[int, ...], ...], int], list[Completion]] = field(
         default_factory=dict
     )
 
     def get(
         self, model: ModelSpec, engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: int
-    ) -> list[list[int]]:
-        """Tokens of a plain run of ``prompts`` on ``engine`` (which must run ``model``; any
-        role: requests without ``kv_transfer_params`` do no P/D)."""
+    ) -> list[Completion]:
+        """A plain run of ``prompts`` on ``engine`` (which must run ``model``; any role:
+        requests without ``kv_transfer_params`` do no P/D)."""
         key = (model.name, tuple(tuple(p) for p in prompts), max_tokens)
         if key not in self._cache:
             t0 = time.monotonic()

@@ -46,8 +46,10 @@ DEFAULT_SAMPLING: dict[str, Any] = {
     "ignore_eos": True,
     "detokenize": False,
     "max_tokens": 16,
+    "logprobs": 0,
 }
-"""Greedy decoding of a fixed number of tokens, no tokenizer."""
+"""Greedy decoding of a fixed number of tokens, no tokenizer, with the log-probability of each
+sampled token (a far more sensitive check of the KV a decode used than the tokens alone)."""
 
 PREFILL_PARAMS: dict[str, Any] = {
     "do_remote_decode": True,
@@ -109,6 +111,8 @@ class Completion:
     """One request's result, as plain data."""
 
     token_ids: list[int]
+    logprobs: list[float] | None
+    """Log-probability of each sampled token (None when the request asked for none)."""
     kv_transfer_params: dict[str, Any] | None
     finish_reason: str | None
     num_cached_tokens: int | None
@@ -215,20 +219,28 @@ class Engine:
         return engine
 
     def stop(self, timeout_s: float = 60.0) -> None:
-        """Shut the engine down (then kill whatever is left of its process group)."""
+        """Shut the engine down and wait for its processes to exit on their own (vLLM's
+        resource tracker unlinks the engine's shared memory on the way out), then kill whatever
+        is left of its process group."""
         if self._closed:
             return
+        owned = self._owned_shm()
         try:
             if self.proc.poll() is None:
                 self._call("stop", None, timeout_s)
                 self.proc.wait(timeout=timeout_s)
+            _wait_group_gone(self.proc.pid, 30.0)
         except (EngineError, subprocess.TimeoutExpired):
             pass
         finally:
-            self.kill()
+            self._kill(owned)
 
     def kill(self) -> None:
-        """SIGKILL the engine's whole process group at once (a crash, as far as peers see)."""
+        """SIGKILL the engine's whole process group at once (a crash, as far as peers see),
+        then unlink the shared memory its processes had mapped and nobody maps any more."""
+        self._kill(self._owned_shm())
+
+    def _kill(self, owned: set[str]) -> None:
         if self._closed:
             return
         self._closed = True
@@ -238,9 +250,16 @@ class Engine:
             self.proc.wait(timeout=30)
         self.conn.close()
         # Processes of the group that outlived the leader (reparented) die with it too; give
-        # them a moment so their shared-memory mappings are gone before cleaning up.
+        # them a moment so their mappings are gone before cleaning up.
         _wait_group_gone(self.proc.pid, 10.0)
+        _unlink_unmapped(owned)
         clean_stale_shm()
+
+    def _owned_shm(self) -> set[str]:
+        """Names under /dev/shm that the engine's processes map now."""
+        if self._closed:
+            return set()
+        return _mapped_shm_files(_group_pids(self.proc.pid))
 
     @property
     def alive(self) -> bool:
@@ -330,6 +349,9 @@ class Engine:
                 self._fail(f"{op}: the engine process exited with code {self.proc.returncode}")
         if status == "ok":
             return value
+        if op == "start":
+            # vLLM reports the root cause of a failed start in its log, not in the exception.
+            value = f"{value}\nLog {self.log_path}:\n{self.log_tail()}"
         raise EngineError(f"{self.name}: {op} raised in the engine:\n{value}")
 
     def _fail(self, what: str) -> None:
@@ -346,42 +368,57 @@ def _wait_group_gone(pgid: int, timeout_s: float) -> None:
     while time.monotonic() < deadline:
         try:
             os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        except PermissionError:
+        except (ProcessLookupError, PermissionError):
             return
         time.sleep(0.1)
 
 
-def _mapped_shm_files() -> set[str]:
+def _group_pids(pgid: int) -> list[str]:
+    """Ids of the live processes in process group ``pgid``."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid):
+            pids.append(stat.parent.name)
+    return pids
+
+
+def _mapped_shm_files(pids: list[str] | None = None) -> set[str]:
+    """Names under /dev/shm mapped by ``pids`` (every process when None)."""
+    paths = [Path("/proc", pid, "maps") for pid in pids] if pids is not None else None
     mapped: set[str] = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
+    for maps in paths if paths is not None else Path("/proc").glob("[0-9]*/maps"):
         try:
             text = maps.read_text()
         except OSError:
             continue
         for line in text.splitlines():
-            path = line.rsplit(None, 1)[-1] if "/dev/shm/" in line else ""
+            path = line.rsplit(None, 1)[-1]
             if path.startswith("/dev/shm/"):
-                mapped.add(Path(path).name)
+                mapped.add(path[len("/dev/shm/") :])
     return mapped
+
+
+def _unlink_unmapped(names: set[str]) -> list[str]:
+    """Unlink the /dev/shm files among ``names`` that no live process maps; returns them."""
+    if not names:
+        return []
+    mapped = _mapped_shm_files()
+    removed = []
+    for name in sorted(names - mapped):
+        with contextlib.suppress(OSError):
+            (_SHM_DIR / name).unlink()
+            removed.append(name)
+    return removed
 
 
 def clean_stale_shm() -> list[str]:
     """Remove the shared-memory files TP>1 CPU engines leave behind (``vllm_dist_*-cpushm*``)
     that no live process maps any more; returns the names removed."""
-    candidates = sorted(p.name for p in _SHM_DIR.glob(_SHM_PATTERN))
-    if not candidates:
-        return []
-    mapped = _mapped_shm_files()
-    removed = []
-    for name in candidates:
-        if name in mapped:
-            continue
-        with contextlib.suppress(OSError):
-            (_SHM_DIR / name).unlink()
-            removed.append(name)
-    return removed
+    return _unlink_unmapped({p.name for p in _SHM_DIR.glob(_SHM_PATTERN)})
 
 
 @contextlib.contextmanager
@@ -409,6 +446,12 @@ def _metric_dicts(metrics: list[Any], prefix: str) -> list[dict[str, Any]]:
                 d[attr] = dict(v) if isinstance(v, dict) else v
         out.append(d)
     return out
+
+
+def _sampled_logprobs(output: Any) -> list[float] | None:
+    if not output.logprobs:
+        return None
+    return [float(step[tok].logprob) for step, tok in zip(output.logprobs, output.token_ids)]
 
 
 def _serve(fd: int) -> None:
@@ -464,6 +507,7 @@ def _serve(fd: int) -> None:
                 result = [
                     {
                         "token_ids": list(o.outputs[0].token_ids),
+                        "logprobs": _sampled_logprobs(o.outputs[0]),
                         "kv_transfer_params": o.kv_transfer_params,
                         "finish_reason": o.outputs[0].finish_reason,
                         "num_cached_tokens": o.num_cached_tokens,

@@ -44,10 +44,22 @@ class PDResult:
 
 def run_single(
     engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: int, timeout_s: float = 300.0
-) -> list[list[int]]:
-    """Greedy tokens of a plain (non-P/D) run of ``prompts`` on one engine."""
-    out = engine.generate(prompts, {"max_tokens": max_tokens}, timeout_s=timeout_s)
-    return [c.token_ids for c in out]
+) -> list[Completion]:
+    """A plain (non-P/D) greedy run of ``prompts`` on one engine."""
+    return engine.generate(prompts, {"max_tokens": max_tokens}, timeout_s=timeout_s)
+
+
+def logprob_gap(got: Completion, want: Completion) -> float:
+    """Largest difference between the sampled tokens' log-probabilities of two runs, over the
+    positions where both runs sampled the same tokens so far (inf without logprobs)."""
+    if got.logprobs is None or want.logprobs is None:
+        return float("inf")
+    gap = 0.0
+    for a, b, la, lb in zip(got.token_ids, want.token_ids, got.logprobs, want.logprobs):
+        if a != b:
+            break
+        gap = max(gap, abs(la - lb))
+    return gap
 
 
 def run_pd(
