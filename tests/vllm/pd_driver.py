@@ -37,16 +37,20 @@ class PDResult:
     prefill_s: float
     decode_s: float
 
-    @property
-    def tokens(self) -> list[list[int]]:
-        return [c.token_ids for c in self.decode]
-
 
 def run_single(
     engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: int, timeout_s: float = 300.0
 ) -> list[Completion]:
     """A plain (non-P/D) greedy run of ``prompts`` on one engine."""
     return engine.generate(prompts, {"max_tokens": max_tokens}, timeout_s=timeout_s)
+
+
+def compare(got: Completion, want: Completion) -> str:
+    """``same, logprob gap G`` or ``differs from decode token K`` (for reports)."""
+    for k, (a, b) in enumerate(zip(got.token_ids, want.token_ids)):
+        if a != b:
+            return f"differs from decode token {k}"
+    return f"same, logprob gap {logprob_gap(got, want):.1e}"
 
 
 def logprob_gap(got: Completion, want: Completion) -> float:

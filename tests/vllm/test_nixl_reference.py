@@ -28,7 +28,7 @@ import time
 import pytest
 from engines import Completion
 from models import LLAMA, LLAMA_OTHER, NEMOTRON_H, NEMOTRON_H_G1, ModelSpec
-from pd_driver import PDResult, connect, logprob_gap, make_prompts, run_pd
+from pd_driver import PDResult, compare, connect, logprob_gap, make_prompts, run_pd
 from pool import EngineSpec, spec
 
 pytestmark = [
@@ -87,19 +87,11 @@ def _pd(
     report.outcome(
         f"NixlConnector {case}",
         "; ".join(
-            f"{len(p)} tokens: {_compare(got, want)}"
+            f"{len(p)} tokens: {compare(got, want)}"
             for p, got, want in zip(PROMPTS, rounds[0].decode, expected)
         ),
     )
     return rounds, expected
-
-
-def _compare(got: Completion, want: Completion) -> str:
-    """``same, logprob gap G`` or ``differs from decode token K``."""
-    for k, (a, b) in enumerate(zip(got.token_ids, want.token_ids)):
-        if a != b:
-            return f"differs from decode token {k}"
-    return f"same, logprob gap {logprob_gap(got, want):.1e}"
 
 
 def _assert_equal(rounds: list[PDResult], expected: list[Completion]) -> None:
