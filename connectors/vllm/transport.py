@@ -1,0 +1,678 @@
+"""One thread per vLLM worker that owns the worker's layoutc endpoints.
+
+An :class:`~layoutc.runtime.Endpoint` is single-threaded and progresses only inside its calls,
+so a worker gives it a thread of its own (:class:`Transport`): the thread creates the endpoint,
+registers vLLM's pages, and then polls it -- every 50 µs to 2 ms while transfers run, every
+few milliseconds when idle -- so that transfers complete and peers are answered (handshakes,
+notifications) whether or not vLLM is stepping.  vLLM's worker methods only post jobs
+(:meth:`Transport.submit`) and collect what finished (:meth:`Transport.drain`).
+
+Decode side (pull): a job names its prefill engine; the first job of an engine triggers the
+handshake -- every prefill rank's payload from the engine's side channel (in a helper thread),
+checked (:func:`check_payload`), then :meth:`Endpoint.connect` to each prefill rank this rank
+reads from or notifies -- and waits for it.  Before reading, the job's lease is checked
+against the prefill engine's clock; then one ``pull`` per round of KV-cache groups (one group
+of each layer kind per round: ``rid``, ``rid#1``, ...).  A job ends when every round ended.
+
+Prefill side (expect): one ``expect`` per round with the request's block ids (so a staged
+transfer packs ahead); the job ends when every round ended.
+
+Needs no vLLM (the tests drive it with plain endpoints).
+"""
+
+from __future__ import annotations
+
+import inspect
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...runtime.errors import LayoutcError, TransferError
+from .errors import SideChannelError
+from .params import RemoteRequest, host_allowed
+from .plans import SpecPlans
+from .side_channel import query
+
+__all__ = [
+    "EndpointConfig",
+    "ExpectJob",
+    "HeartbeatJob",
+    "PullJob",
+    "Transfer",
+    "Transport",
+    "check_payload",
+    "round_ids",
+]
+
+PAYLOAD_FORMAT = "layoutc-vllm/1"
+_IDLE_S = 0.005
+_BUSY_MIN_S = 50e-6
+_BUSY_MAX_S = 2e-3
+_MAX_TEXT = 256
+
+
+def round_ids(rid: str, rounds: int) -> list[str]:
+    """Request ids of a request's rounds on both sides: ``rid``, ``rid#1``, ..."""
+    return [rid if j == 0 else f"{rid}#{j}" for j in range(rounds)]
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """How the thread builds one endpoint (keyword arguments of ``Endpoint`` plus the pages
+    to register)."""
+
+    role: str  # "prefill" or "decode"
+    plans: SpecPlans
+    rank: int
+    tp: int
+    name: str
+    engine: str
+    device: str
+    listen_port: int
+    buffers: list[dict[str, Any]]
+    kinds: list[str]
+    timeout_s: float
+    strategy: str = "auto"
+    staging_bytes: int | None = None
+    auth_key: str | None = None
+    listen_host: str | None = None
+
+
+@dataclass(frozen=True)
+class Round:
+    """One ``pull``/``expect`` of a job: its id, block ids per layer kind, layers (None:
+    every layer)."""
+
+    rid: str
+    local: Mapping[str, Sequence[int]]
+    remote: Mapping[str, Sequence[int]]
+    layers: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class PullJob:
+    """Decode: load one request's blocks from its prefill engine."""
+
+    req_id: str  # vLLM's id of the decode request (what finishes)
+    remote: RemoteRequest
+    rounds: tuple[Round, ...]
+    report: bool  # report in finished_recving (vLLM waits for it)
+    token_groups: tuple[int, ...] = ()  # groups whose blocks hold tokens (checked for length)
+
+
+@dataclass(frozen=True)
+class ExpectJob:
+    """Prefill: wait until every decode rank that reads the request's blocks is done."""
+
+    req_id: str
+    rounds: tuple[Round, ...]
+
+
+@dataclass(frozen=True)
+class HeartbeatJob:
+    """Decode: renew the leases of requests waiting in this engine's queue."""
+
+    engine_id: str
+    host: str
+    port: int
+    request_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FailJob:
+    """Decode: report a request as failed without moving anything (a bad request)."""
+
+    req_id: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A finished pull round, for the transfer statistics."""
+
+    seconds: float  # first post to completion seen by this worker
+    post_seconds: float
+    nbytes: int
+    descriptors: int
+
+
+@dataclass
+class Results:
+    """What finished since the last :meth:`Transport.drain`."""
+
+    recv_done: set[str] = field(default_factory=set)
+    recv_failed: dict[str, str] = field(default_factory=dict)
+    send_done: set[str] = field(default_factory=set)
+    transfers: list[Transfer] = field(default_factory=list)
+    failed_transfers: int = 0
+    failed_handshakes: int = 0
+    failed_notifications: int = 0
+
+
+@dataclass
+class _Job:
+    job: PullJob | ExpectJob
+    pending: set[str]
+    error: str | None = None
+    posted: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Engine:
+    """A prefill engine this decode worker reads from."""
+
+    engine_id: str
+    host: str
+    port: int
+    tp: int
+    state: str = "new"  # new, querying, connected, failed
+    waiting: list[PullJob] = field(default_factory=list)
+    future: Future[Any] | None = None
+    offset: float = 0.0  # its scheduler clock minus ours
+    error: str = ""
+    block_size: int = 0  # tokens per logical block
+    leases: dict[str, float] = field(default_factory=dict)  # its request id -> deadline
+
+
+def check_payload(
+    payload: Any,
+    *,
+    engine_id: str,
+    tp_size: int,
+    tp_rank: int,
+    local: Mapping[str, Any],
+    allowed_hosts: Sequence[str],
+    enforce_compat: bool,
+) -> dict[str, Any]:
+    """Validate a prefill rank's side-channel payload against what this decode worker needs;
+    raise :class:`SideChannelError` naming the field and both values."""
+    if not isinstance(payload, dict):
+        raise SideChannelError(f"payload is a {type(payload).__name__}, not an object")
+
+    def field_(key: str, kind: type | tuple[type, ...]) -> Any:
+        v = payload.get(key)
+        if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
+            raise SideChannelError(f"payload field {key!r} is {v!r:.80}")
+        if isinstance(v, str) and (not v or len(v) > _MAX_TEXT):
+            raise SideChannelError(f"payload field {key!r} is {v!r:.80}")
+        return v
+
+    def same(key: str, theirs: Any, ours: Any) -> None:
+        if theirs != ours:
+            raise SideChannelError(
+                f"prefill rank {tp_rank} has {key} {theirs!r:.80}, expected {ours!r:.80}"
+            )
+
+    same("payload format", field_("format", str), PAYLOAD_FORMAT)
+    same("engine id", field_("engine_id", str), engine_id)
+    same("TP size", field_("tp_size", int), tp_size)
+    same("TP rank", field_("tp_rank", int), tp_rank)
+    field_("agent", str)
+    host = field_("host", str)
+    if not host_allowed(host, allowed_hosts):
+        raise SideChannelError(f"prefill rank {tp_rank} listens on {host!r}, not an allowed peer")
+    port = field_("port", int)
+    if not 1 <= port <= 65535:
+        raise SideChannelError(f"prefill rank {tp_rank} listens on port {port}")
+    same("layout spec", field_("spec", str), local["spec"])
+    same("spec sha256", field_("spec_sha256", str), local["spec_sha256"])
+    same("conv state layout", payload.get("conv_layout"), local["conv_layout"])
+    if enforce_compat:
+        same("compatibility hash", field_("compat_hash", str), local["compat_hash"])
+    params = field_("params", dict)
+    if len(params) > 256 or not all(
+        isinstance(k, str) and isinstance(v, str) and len(k) < 128 and len(v) < 128
+        for k, v in params.items()
+    ):
+        raise SideChannelError(f"prefill rank {tp_rank} sent malformed spec parameters")
+    lease = field_("lease_s", int)
+    if not 1 <= lease <= 7 * 24 * 3600:
+        raise SideChannelError(f"prefill rank {tp_rank} has a lease of {lease} s")
+    blocks = field_("num_blocks", int)
+    if not 1 <= blocks < 1 << 40:
+        raise SideChannelError(f"prefill rank {tp_rank} has {blocks} blocks")
+    field_("block_size", int)
+    return payload
+
+
+def _endpoint(cfg: EndpointConfig) -> Any:
+    from ...runtime import Endpoint
+
+    kwargs: dict[str, Any] = dict(
+        tp=cfg.tp,
+        name=cfg.name,
+        engine=cfg.engine,
+        device=cfg.device,
+        listen_port=cfg.listen_port,
+        timeout_s=cfg.timeout_s,
+        strategy=cfg.strategy,
+    )
+    if cfg.staging_bytes is not None:
+        kwargs["staging_bytes"] = cfg.staging_bytes
+    accepted = inspect.signature(Endpoint).parameters
+    if cfg.auth_key is not None and "auth_key" in accepted:
+        kwargs["auth_key"] = cfg.auth_key
+    if cfg.listen_host is not None and "listen_host" in accepted:
+        kwargs["listen_host"] = cfg.listen_host
+    ep = Endpoint(cfg.plans, role=cfg.role, rank=cfg.rank, **kwargs)
+    try:
+        ep.register_layers(cfg.buffers, cfg.kinds)
+    except BaseException:
+        ep.close()
+        raise
+    return ep
+
+
+class Transport:
+    """The thread owning a worker's endpoints (one per role the worker plays).
+
+    ``local`` describes this worker for payload checks (``spec``, ``spec_sha256``,
+    ``conv_layout``, ``compat_hash``); ``plans`` are the decode endpoint's (None without one),
+    ``tp_rank``/``tp_size`` this worker's; ``allowed_hosts``, ``enforce_compat``,
+    ``handshake_timeout_s``, ``transfer_timeout_s``, ``lease_margin_s`` are the settings of the
+    same names.  Raises what building an endpoint raised (after ``start_timeout_s`` at most).
+    """
+
+    def __init__(
+        self,
+        configs: Sequence[EndpointConfig],
+        *,
+        local: Mapping[str, Any],
+        plans: SpecPlans | None,
+        tp_rank: int,
+        tp_size: int,
+        allowed_hosts: Sequence[str],
+        enforce_compat: bool,
+        handshake_timeout_s: float,
+        transfer_timeout_s: float,
+        lease_margin_s: float,
+        expect_timeout_s: float,
+        start_timeout_s: float = 120.0,
+        query_fn: Callable[..., tuple[dict[str, Any], float]] = query,
+    ) -> None:
+        self.local = dict(local)
+        self.plans = plans
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.allowed_hosts = tuple(allowed_hosts)
+        self.enforce_compat = enforce_compat
+        self.handshake_timeout_s = handshake_timeout_s
+        self.transfer_timeout_s = transfer_timeout_s
+        self.lease_margin_s = lease_margin_s
+        self.expect_timeout_s = expect_timeout_s
+        self._query = query_fn
+        self._configs = list(configs)
+        self._jobs: queue.Queue[Any] = queue.Queue()
+        self._lock = threading.Lock()
+        self._results = Results()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._endpoints: dict[str, Any] = {}
+        self._active: dict[str, _Job] = {}  # by round id
+        self._engines: dict[str, _Engine] = {}
+        self._helper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="layoutc-side")
+        self._thread = threading.Thread(target=self._run, name="layoutc-transport", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(start_timeout_s):
+            self.close()
+            raise LayoutcError(f"the transfer endpoints did not start within {start_timeout_s} s")
+        if self._error is not None:
+            err = self._error
+            self.close()
+            raise err
+
+    # ------------------------------------------------------------------ the caller's side
+    def submit(self, job: PullJob | ExpectJob | HeartbeatJob | FailJob) -> None:
+        self._jobs.put(job)
+
+    def drain(self) -> Results:
+        """What finished since the last call (and forget it)."""
+        with self._lock:
+            out, self._results = self._results, Results()
+        return out
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+        self._helper.shutdown(wait=False, cancel_futures=True)
+
+    def call(self, fn: Callable[[dict[str, Any]], Any], timeout_s: float = 30.0) -> Any:
+        """Run ``fn(endpoints by role)`` in the thread and return its result (for tests and
+        diagnostics: statistics, peers)."""
+        fut: Future[Any] = Future()
+        self._jobs.put((fn, fut))
+        return fut.result(timeout=timeout_s)
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        try:
+            for cfg in self._configs:
+                self._endpoints[cfg.role] = _endpoint(cfg)
+        except BaseException as e:  # reported to the constructor
+            self._error = e
+            for ep in self._endpoints.values():
+                ep.close()
+            self._ready.set()
+            return
+        self._ready.set()
+        delay = _BUSY_MIN_S
+        try:
+            while not self._stop.is_set():
+                worked = self._take_jobs()
+                worked = self._progress() or worked
+                worked = self._handshakes() or worked
+                if worked:
+                    delay = _BUSY_MIN_S
+                busy = bool(self._active) or any(
+                    e.state == "querying" for e in self._engines.values()
+                )
+                wait = min(delay, _BUSY_MAX_S) if busy else _IDLE_S
+                try:
+                    job = self._jobs.get(timeout=wait)
+                except queue.Empty:
+                    delay = min(delay * 2, _BUSY_MAX_S)
+                    continue
+                self._handle(job)
+                delay = _BUSY_MIN_S
+        finally:
+            for ep in self._endpoints.values():
+                try:
+                    ep.close()
+                except LayoutcError:
+                    pass
+
+    def _take_jobs(self) -> bool:
+        worked = False
+        for _ in range(256):
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            self._handle(job)
+            worked = True
+        return worked
+
+    def _handle(self, job: Any) -> None:
+        if isinstance(job, tuple):
+            fn, fut = job
+            try:
+                fut.set_result(fn(dict(self._endpoints)))
+            except BaseException as e:  # handed to the caller
+                fut.set_exception(e)
+        elif isinstance(job, PullJob):
+            self._pull(job)
+        elif isinstance(job, ExpectJob):
+            self._expect(job)
+        elif isinstance(job, HeartbeatJob):
+            self._heartbeat(job)
+        elif isinstance(job, FailJob):
+            with self._lock:
+                self._results.recv_failed[job.req_id] = job.error
+                self._results.recv_done.add(job.req_id)
+
+    # ------------------------------------------------------------------ prefill
+    def _expect(self, job: ExpectJob) -> None:
+        ep = self._endpoints["prefill"]
+        state = _Job(job, set())
+        for r in job.rounds:
+            try:
+                ep.expect(r.rid, blocks=dict(r.local) or None, timeout_s=self.expect_timeout_s)
+            except LayoutcError as e:
+                state.error = str(e)
+                continue
+            state.pending.add(r.rid)
+            self._active[r.rid] = state
+        if not state.pending:
+            self._finish(state)
+
+    # ------------------------------------------------------------------ decode
+    def _pull(self, job: PullJob) -> None:
+        r = job.remote
+        eng = self._engines.get(r.engine_id)
+        if eng is not None and (eng.host, eng.port, eng.tp) != (r.host, r.port, r.tp_size):
+            if eng.state in ("connected", "failed"):
+                eng = None  # the engine id moved (a restarted engine): handshake again
+            else:
+                self._fail_job(
+                    job,
+                    f"prefill engine {r.engine_id!r} is being reached at "
+                    f"{eng.host}:{eng.port}, not {r.host}:{r.port}",
+                )
+                return
+        if eng is None or eng.state == "failed":
+            eng = _Engine(r.engine_id, r.host, r.port, r.tp_size)
+            self._engines[r.engine_id] = eng
+        if eng.state == "connected":
+            self._start_pull(eng, job)
+            return
+        eng.waiting.append(job)
+        if eng.state == "new":
+            eng.state = "querying"
+            eng.future = self._helper.submit(self._fetch_payloads, eng)
+
+    def _fetch_payloads(self, eng: _Engine) -> tuple[list[dict[str, Any]], float]:
+        """(every prefill rank's checked payload, the engine's clock offset); runs in the
+        helper thread."""
+        payloads = []
+        offsets = []
+        for rank in range(eng.tp):
+            reply, offset = self._query(
+                eng.host, eng.port, {"op": "meta", "tp_rank": rank}, self.handshake_timeout_s
+            )
+            payloads.append(
+                check_payload(
+                    reply.get("payload"),
+                    engine_id=eng.engine_id,
+                    tp_size=eng.tp,
+                    tp_rank=rank,
+                    local=self.local,
+                    allowed_hosts=self.allowed_hosts,
+                    enforce_compat=self.enforce_compat,
+                )
+            )
+            offsets.append(offset)
+        return payloads, sorted(offsets)[len(offsets) // 2]
+
+    def _handshakes(self) -> bool:
+        worked = False
+        for eng in list(self._engines.values()):
+            if eng.state != "querying" or eng.future is None or not eng.future.done():
+                continue
+            worked = True
+            try:
+                payloads, eng.offset = eng.future.result()
+                self._connect(eng, payloads)
+            except (LayoutcError, OSError) as e:
+                eng.state, eng.error = (
+                    "failed",
+                    f"handshake with prefill engine {eng.engine_id!r} at {eng.host}:{eng.port} failed: {e}",
+                )
+                with self._lock:
+                    self._results.failed_handshakes += 1
+                for job in eng.waiting:
+                    self._fail_job(job, eng.error)
+                eng.waiting.clear()
+                continue
+            eng.state = "connected"
+            waiting, eng.waiting = eng.waiting, []
+            for job in waiting:
+                self._start_pull(eng, job)
+        return worked
+
+    def _connect(self, eng: _Engine, payloads: list[dict[str, Any]]) -> None:
+        ep = self._endpoints["decode"]
+        params = payloads[0]["params"]
+        if any(p["params"] != params for p in payloads):
+            raise SideChannelError("the prefill ranks disagree on their spec parameters")
+        plans = self.plans
+        if plans is None:
+            raise SideChannelError("this worker has no decode endpoint")
+        if params != plans.peer_params:
+            diff = sorted(
+                k
+                for k in set(params) | set(plans.peer_params)
+                if params.get(k) != plans.peer_params.get(k)
+            )
+            raise SideChannelError(
+                "prefill engine binds the layout spec differently: "
+                + ", ".join(
+                    f"{k} {params.get(k)!r} (here {plans.peer_params.get(k)!r})" for k in diff
+                )
+            )
+        eng.block_size = int(payloads[0]["block_size"])
+        plan = plans.plan(eng.tp, self.tp_size)
+        for rank in plan.rank(self.tp_rank).notified:
+            p = payloads[rank]
+            ep.connect(p["host"], p["port"], p["agent"], timeout_s=self.handshake_timeout_s)
+
+    def _lease_error(self, eng: _Engine, job: PullJob) -> str | None:
+        r = job.remote
+        deadline = max(eng.leases.get(r.request_id, float("-inf")), r.expiry or float("-inf"))
+        if r.expiry is None and r.request_id not in eng.leases:
+            return None
+        left = deadline - (time.perf_counter() + eng.offset)
+        if left < self.lease_margin_s:
+            return (
+                f"the lease on prefill request {r.request_id!r} of engine {r.engine_id!r} "
+                f"{'ended' if left < 0 else 'ends'} {abs(left):.1f} s "
+                f"{'ago' if left < 0 else 'from now'} (kv_lease_duration; margin "
+                f"{self.lease_margin_s:g} s): its blocks may hold other data"
+            )
+        return None
+
+    def _length_error(self, eng: _Engine, job: PullJob) -> str | None:
+        n = job.remote.num_tokens
+        if n is None or not eng.block_size:
+            return None
+        most = -(-n // eng.block_size)
+        for g in job.token_groups:
+            if g < len(job.remote.block_ids) and len(job.remote.block_ids[g]) > most:
+                return (
+                    f"kv_transfer_params['remote_block_ids'][{g}] holds "
+                    f"{len(job.remote.block_ids[g])} blocks, more than its {n} tokens fill "
+                    f"({most} of {eng.block_size})"
+                )
+        return None
+
+    def _start_pull(self, eng: _Engine, job: PullJob) -> None:
+        err = self._length_error(eng, job) or self._lease_error(eng, job)
+        if err is not None:
+            self._fail_job(job, err)
+            return
+        ep = self._endpoints["decode"]
+        state = _Job(job, set())
+        for r in job.rounds:
+            t0 = time.perf_counter()
+            try:
+                ep.pull(
+                    r.rid,
+                    dict(r.local),
+                    dict(r.remote),
+                    layers=r.layers,
+                    engine=eng.engine_id,
+                    timeout_s=self.transfer_timeout_s,
+                )
+            except LayoutcError as e:
+                state.error = str(e)
+                with self._lock:
+                    self._results.failed_transfers += 1
+                break
+            state.posted[r.rid] = time.perf_counter() - t0
+            state.pending.add(r.rid)
+            self._active[r.rid] = state
+        if not state.pending:
+            self._finish(state)
+
+    def _heartbeat(self, job: HeartbeatJob) -> None:
+        eng = self._engines.get(job.engine_id)
+        if eng is None or eng.state != "connected" or not job.request_ids:
+            return
+
+        def renew() -> None:
+            try:
+                reply, offset = self._query(
+                    job.host,
+                    job.port,
+                    {"op": "hb", "req": list(job.request_ids)},
+                    self.handshake_timeout_s,
+                )
+            except SideChannelError:
+                return
+            leases = reply.get("leases")
+            if not isinstance(leases, dict):
+                return
+            eng.offset = offset
+            for rid, deadline in leases.items():
+                if (
+                    rid in job.request_ids
+                    and isinstance(deadline, int | float)
+                    and not isinstance(deadline, bool)
+                ):
+                    eng.leases[rid] = max(eng.leases.get(rid, float("-inf")), float(deadline))
+
+        self._helper.submit(renew)
+
+    def _fail_job(self, job: PullJob, error: str) -> None:
+        if not job.report:
+            return  # nothing waits for it (a notify-only job)
+        with self._lock:
+            self._results.recv_failed[job.req_id] = error
+            self._results.recv_done.add(job.req_id)
+
+    # ------------------------------------------------------------------ progress
+    def _progress(self) -> bool:
+        worked = False
+        for ep in self._endpoints.values():
+            progress = ep.poll()
+            for rid in progress.done:
+                worked = True
+                self._round_ended(ep, rid, None)
+            for rid, err in progress.failed.items():
+                worked = True
+                self._round_ended(ep, rid, err)
+        return worked
+
+    def _round_ended(self, ep: Any, rid: str, err: TransferError | None) -> None:
+        state = self._active.pop(rid, None)
+        if state is None:
+            return
+        state.pending.discard(rid)
+        if err is not None:
+            if state.error is None:
+                state.error = str(err)
+            if isinstance(state.job, PullJob):
+                with self._lock:
+                    self._results.failed_transfers += 1
+        elif isinstance(state.job, PullJob):
+            info = ep.completion_info(rid)
+            if info.bytes:
+                with self._lock:
+                    self._results.transfers.append(
+                        Transfer(
+                            info.seconds, state.posted.get(rid, 0.0), info.bytes, info.descriptors
+                        )
+                    )
+        if not state.pending:
+            self._finish(state)
+
+    def _finish(self, state: _Job) -> None:
+        job = state.job
+        with self._lock:
+            if isinstance(job, ExpectJob):
+                self._results.send_done.add(job.req_id)
+                return
+            if not job.report:
+                return  # nothing waits for it (a notify-only job)
+            if state.error is not None:
+                self._results.recv_failed[job.req_id] = state.error
+            self._results.recv_done.add(job.req_id)

@@ -1,0 +1,392 @@
+"""The connector's worker side: vLLM's KV tensors registered with layoutc endpoints, requests
+turned into pulls and expects, completions and leases reported back to vLLM.
+
+At ``register_kv_caches`` the worker describes its cache (:mod:`.describe`), picks and checks
+the layout spec (:mod:`.spec_choice`, :mod:`.plans`, :mod:`.tensors`), and starts its
+:class:`~.transport.Transport` thread with one endpoint per role it plays (prefill: ``expect``,
+decode: ``pull``).  Each endpoint listens for layoutc handshakes on its own port (see
+:func:`listen_ports`), which the worker publishes in its side-channel payload.
+
+Per step (``start_load_kv``): decode requests become :class:`~.transport.PullJob` s (their
+params validated again, block ids aligned per group as vLLM's NIXL worker does for prefix
+caching), prefill requests entering their lease become :class:`~.transport.ExpectJob` s, decode
+heartbeats go to the prefill engines' side channels.  ``get_finished`` reports what the thread
+finished, and prefill requests whose lease ended.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.stats import NixlKVConnectorStats
+from vllm.distributed.parallel_state import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
+from vllm.logger import init_logger
+
+from ...runtime.endpoint import kind_pages
+from .config import Settings
+from .describe import compat_hash, engine_layout
+from .errors import BadRequestError, ConfigError
+from .metadata import LayoutcConnectorMetadata, LayoutcHandshakePayload
+from .params import parse_remote
+from .plans import LoadedSpec, SpecPlans
+from .spec_choice import choose_spec
+from .tensors import wrap
+from .transport import (
+    PAYLOAD_FORMAT,
+    EndpointConfig,
+    ExpectJob,
+    FailJob,
+    HeartbeatJob,
+    PullJob,
+    Round,
+    Transport,
+    round_ids,
+)
+
+__all__ = ["LayoutcWorker", "listen_ports"]
+
+logger = init_logger("vllm.layoutc." + __name__.rsplit(".", 1)[-1])
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def listen_ports(
+    base: int | None,
+    *,
+    roles: tuple[str, ...],
+    rank: int,
+    tp: int,
+    dp_index: int,
+    dp_size: int,
+    host: str,
+) -> dict[str, int]:
+    """The port each endpoint of this worker listens on.  With ``listen_port`` (``base``) set:
+    the prefill endpoint of TP rank ``r`` of data-parallel rank ``i`` at ``base + i*tp + r``;
+    the decode endpoint at the same port, or ``tp * dp_size`` further for a ``kv_both`` engine.
+    Without it: a free port from the OS for each."""
+    if base is None:
+        return {role: _free_port(host) for role in roles}
+    slot = base + dp_index * tp + rank
+    out = {}
+    for i, role in enumerate(roles):
+        port = slot + i * tp * dp_size
+        if port > 65535:
+            raise ConfigError(f"listen_port {base} leaves no port for rank {rank} ({port})")
+        out[role] = port
+    return out
+
+
+@dataclass(frozen=True)
+class _Kinds:
+    """Layer kinds of the transfer groups and how they make rounds."""
+
+    group_kinds: tuple[str, ...]
+    rounds: tuple[tuple[int, ...], ...]  # round -> group indices (one group per kind at most)
+    layers: tuple[tuple[int, ...] | None, ...]  # round -> registered layer indices (None: all)
+    token_kinds: frozenset[str]  # kinds whose blocks hold tokens (attention)
+
+
+def _kinds(
+    group_kinds: tuple[str, ...], group_layers: list[list[int]], token_kinds: frozenset[str]
+) -> _Kinds:
+    by_kind: dict[str, list[int]] = {}
+    for g, k in enumerate(group_kinds):
+        by_kind.setdefault(k, []).append(g)
+    n = max(len(v) for v in by_kind.values())
+    rounds = tuple(tuple(v[j] for v in by_kind.values() if j < len(v)) for j in range(n))
+    if n == 1:
+        layers: tuple[tuple[int, ...] | None, ...] = (None,)
+    else:
+        layers = tuple(tuple(sorted(i for g in r for i in group_layers[g])) for r in rounds)
+    return _Kinds(group_kinds, rounds, layers, token_kinds)
+
+
+class LayoutcWorker:
+    """Worker side of :class:`~.connector.LayoutcConnector` (see the module)."""
+
+    def __init__(self, vllm_config: Any, engine_id: str, kv_cache_config: Any, settings: Settings):
+        self.vllm_config = vllm_config
+        self.engine_id = engine_id
+        self.kv_cache_config = kv_cache_config
+        self.settings = settings
+        self.tp_rank = get_tensor_model_parallel_rank()
+        self.tp_size = get_tensor_model_parallel_world_size()
+        pc = vllm_config.parallel_config
+        if pc.pipeline_parallel_size != 1 or pc.decode_context_parallel_size != 1:
+            raise ConfigError(
+                "LayoutcConnector serves engines without pipeline or decode context "
+                f"parallelism (pipeline_parallel_size {pc.pipeline_parallel_size}, "
+                f"decode_context_parallel_size {pc.decode_context_parallel_size})"
+            )
+        self.dp_index = int(getattr(pc, "data_parallel_index", 0) or 0)
+        self.dp_size = int(getattr(pc, "data_parallel_size", 1) or 1)
+        self.transport: Transport | None = None
+        self.payload: LayoutcHandshakePayload | None = None
+        self.kinds: _Kinds | None = None
+        self.block_size = 0
+        self.stats = NixlKVConnectorStats()
+        self._leases: dict[str, float] = {}  # prefill request -> lease deadline (our clock)
+        self._failed: set[str] = set()
+
+    # ------------------------------------------------------------------ start-up
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        import vllm.envs as envs
+
+        s = self.settings
+        layout = engine_layout(self.vllm_config, self.kv_cache_config, kv_caches, self.tp_rank)
+        choice = choose_spec(layout, s.layout_spec)
+        roles = tuple(r for r, on in (("prefill", s.is_producer), ("decode", s.is_consumer)) if on)
+        loaded = LoadedSpec(choice.spec)
+        plans = {role: SpecPlans(loaded, choice.params, role=role) for role in roles}
+        first = plans[roles[0]]
+        first.check_bindable(self.tp_size)
+        plan = first.plan(self.tp_size, self.tp_size)
+        side = first.side(self.tp_size)
+        reg = wrap(kv_caches, layout, choice, side, kind_pages(plan))
+        token_kinds = frozenset(
+            k
+            for k, pages in kind_pages(plan).items()
+            if all(side.page(p).per == "kernel" for p in pages)
+        )
+        self.kinds = _kinds(choice.group_kinds, reg.group_layers, token_kinds)
+        self.block_size = (
+            max(g.block_size for g in layout.groups if g.kind != "mamba")
+            if any(g.kind != "mamba" for g in layout.groups)
+            else layout.groups[0].block_size
+        )
+        host = s.listen_host or envs.VLLM_NIXL_SIDE_CHANNEL_HOST
+        ports = listen_ports(
+            s.listen_port,
+            roles=roles,
+            rank=self.tp_rank,
+            tp=self.tp_size,
+            dp_index=self.dp_index,
+            dp_size=self.dp_size,
+            host=host,
+        )
+        timeout = s.transfer_timeout_s
+        configs = [
+            EndpointConfig(
+                role=role,
+                plans=plans[role],
+                rank=self.tp_rank,
+                tp=self.tp_size,
+                name=f"{self.engine_id}-{role[0]}{self.tp_rank}",
+                engine=self.engine_id,
+                device=reg.device,
+                listen_port=ports[role],
+                buffers=reg.buffers,
+                kinds=reg.kinds,
+                timeout_s=timeout,
+                strategy=s.strategy,
+                staging_bytes=s.staging_bytes,
+                auth_key=s.auth_key,
+                listen_host=host,
+            )
+            for role in roles
+        ]
+        local = {
+            "spec": choice.spec,
+            "spec_sha256": first.sha256,
+            "conv_layout": choice.conv_layout,
+            "compat_hash": compat_hash(self.vllm_config, choice.spec, choice.conv_layout),
+        }
+        self.transport = Transport(
+            configs,
+            local=local,
+            plans=plans.get("decode"),
+            tp_rank=self.tp_rank,
+            tp_size=self.tp_size,
+            allowed_hosts=s.allowed_peers,
+            enforce_compat=s.enforce_compat,
+            handshake_timeout_s=s.handshake_timeout_s,
+            transfer_timeout_s=s.transfer_timeout_s,
+            lease_margin_s=s.lease_margin_s,
+            expect_timeout_s=max(3600.0, 10.0 * s.lease_s),
+        )
+        if s.is_producer:
+            self.payload = LayoutcHandshakePayload.of(
+                {
+                    "format": PAYLOAD_FORMAT,
+                    **local,
+                    "engine_id": self.engine_id,
+                    "tp_size": self.tp_size,
+                    "tp_rank": self.tp_rank,
+                    "agent": f"{self.engine_id}-p{self.tp_rank}",
+                    "host": host,
+                    "port": ports["prefill"],
+                    "params": dict(plans["prefill"].params),
+                    "lease_s": s.lease_s,
+                    "num_blocks": reg.num_blocks,
+                    "block_size": self.block_size,
+                }
+            )
+        logger.info(
+            "LayoutcConnector rank %d: spec %s (%s), %d layers, %d blocks on %s; endpoints %s",
+            self.tp_rank,
+            choice.spec,
+            ", ".join(f"{k}={v}" for k, v in sorted(first.params.items())),
+            len(reg.layer_names),
+            reg.num_blocks,
+            reg.device,
+            ", ".join(f"{r} on port {p}" for r, p in ports.items()),
+        )
+
+    # ------------------------------------------------------------------ per step
+    def start_load_kv(self, meta: LayoutcConnectorMetadata) -> None:
+        t = self.transport
+        if t is None:
+            return
+        nixl = meta.nixl
+        for req_id, why in meta.failed_recv.items():
+            t.submit(FailJob(req_id, why))
+        for req_id, m in nixl.reqs_to_recv.items():
+            job = self._pull_job(req_id, m, meta.prompt_tokens.get(req_id))
+            if job is not None:
+                t.submit(job)
+        if self.tp_rank == 0:
+            for engine_id, hb in nixl.heartbeat_by_engine.items():
+                t.submit(HeartbeatJob(engine_id, hb.host, hb.port, tuple(sorted(hb.req_ids))))
+        now = time.perf_counter()
+        clock = nixl.scheduler_clock or now
+        for req_id, deadline in nixl.reqs_to_send.items():
+            self._leases[req_id] = now + (deadline - clock)
+            t.submit(self._expect_job(req_id, meta.send_blocks.get(req_id, ())))
+        for req_id, deadline in meta.lease_updates.items():
+            if req_id in self._leases:
+                self._leases[req_id] = max(self._leases[req_id], now + (deadline - clock))
+
+    def _expect_job(self, req_id: str, blocks: tuple[list[int], ...]) -> ExpectJob:
+        assert self.kinds is not None
+        rids = round_ids(f"{self.engine_id}:{req_id}", len(self.kinds.rounds))
+        rounds = []
+        for rid, groups, layers in zip(rids, self.kinds.rounds, self.kinds.layers):
+            local = {self.kinds.group_kinds[g]: list(blocks[g]) for g in groups if g < len(blocks)}
+            rounds.append(Round(rid, local, {}, layers))
+        return ExpectJob(req_id, tuple(rounds))
+
+    def _pull_job(self, req_id: str, m: Any, prompt_tokens: int | None) -> PullJob | FailJob | None:
+        assert self.kinds is not None
+        report = bool(m.awaiting_kvs or any(m.local_block_ids))
+        r = m.remote
+        try:
+            if r is None:
+                raise BadRequestError("no remote side in the request's metadata")
+            remote = parse_remote(
+                {
+                    "remote_engine_id": r.engine_id,
+                    "remote_request_id": r.request_id,
+                    "remote_host": r.host,
+                    "remote_port": r.port,
+                    "tp_size": m.tp_size,
+                    "remote_block_ids": r.block_ids,
+                    "remote_num_tokens": r.num_tokens,
+                    "remote_blocks_expiry_time": r.blocks_expiry_time,
+                },
+                num_groups=len(self.kinds.group_kinds),
+                allowed_hosts=self.settings.allowed_peers,
+                max_tokens=prompt_tokens if prompt_tokens is not None else 1 << 31,
+            )
+            local, remote_ids = self._align(m.local_block_ids, remote.block_ids)
+        except BadRequestError as e:
+            if not report:
+                logger.warning("request %s: %s (nothing to load; prefill not notified)", req_id, e)
+                return None
+            return FailJob(req_id, str(e))
+        rids = round_ids(f"{remote.engine_id}:{remote.request_id}", len(self.kinds.rounds))
+        rounds = []
+        for rid, groups, layers in zip(rids, self.kinds.rounds, self.kinds.layers):
+            kinds = self.kinds.group_kinds
+            rounds.append(
+                Round(
+                    rid,
+                    {kinds[g]: local[g] for g in groups},
+                    {kinds[g]: remote_ids[g] for g in groups},
+                    layers,
+                )
+            )
+        token_groups = tuple(
+            g for g, k in enumerate(self.kinds.group_kinds) if k in self.kinds.token_kinds
+        )
+        return PullJob(req_id, remote, tuple(rounds), report, token_groups)
+
+    def _align(
+        self, local: Any, remote: tuple[tuple[int, ...], ...]
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Pair each group's decode and prefill block ids as vLLM's NIXL worker does: decode
+        holds only the blocks its prefix cache lacks (the prefill list is end-trimmed to
+        them); a decode list one longer holds the token decode recomputes (cut).  Anything
+        else is a bad request.  (The transport checks the prefill lists against the request's
+        length once it knows the prefill block size.)"""
+        assert self.kinds is not None
+        if len(local) not in (0, len(remote)):
+            raise BadRequestError(f"{len(local)} local block groups for {len(remote)} remote")
+        out_l, out_r = [], []
+        for g, rem in enumerate(remote):
+            loc = list(local[g]) if local else []
+            rem_l = list(rem)
+            kind = self.kinds.group_kinds[g]
+            if kind not in self.kinds.token_kinds and len(rem_l) > 2:
+                raise BadRequestError(
+                    f"kv_transfer_params['remote_block_ids'][{g}] holds {len(rem_l)} state "
+                    f"blocks for a {kind} group (at most 2)"
+                )
+            if len(loc) <= len(rem_l):
+                rem_l = rem_l[len(rem_l) - len(loc) :]
+            elif len(loc) - len(rem_l) == 1:
+                loc = loc[: len(rem_l)]
+            else:
+                raise BadRequestError(
+                    f"group {g}: {len(loc)} blocks to fill here but the prefill holds {len(rem_l)}"
+                )
+            out_l.append(loc)
+            out_r.append(rem_l)
+        return out_l, out_r
+
+    # ------------------------------------------------------------------ completion
+    def get_finished(self) -> tuple[set[str], set[str], set[str]]:
+        """(finished sending, finished receiving, failed receiving) since the last call."""
+        t = self.transport
+        if t is None:
+            return set(), set(), set()
+        res = t.drain()
+        sending = {rid for rid in res.send_done if self._leases.pop(rid, None) is not None}
+        now = time.perf_counter()
+        for rid in [rid for rid, d in self._leases.items() if now >= d]:
+            del self._leases[rid]
+            sending.add(rid)
+            self.stats.record_kv_expired_req()
+            logger.warning("lease of request %s ended before every reader was done", rid)
+        for rid, why in res.recv_failed.items():
+            logger.warning("loading request %s failed: %s", rid, why)
+        for tr in res.transfers:
+            self.stats.data["transfer_duration"].append(tr.seconds)
+            self.stats.data["post_duration"].append(tr.post_seconds)
+            self.stats.data["bytes_transferred"].append(tr.nbytes)
+            self.stats.data["num_descriptors"].append(tr.descriptors)
+        for _ in range(res.failed_transfers):
+            self.stats.record_failed_transfer()
+        for _ in range(res.failed_handshakes):
+            self.stats.record_failed_handshake()
+        return sending, set(res.recv_done), set(res.recv_failed)
+
+    def get_kv_connector_stats(self) -> NixlKVConnectorStats | None:
+        if self.stats.is_empty():
+            return None
+        return self.stats.clone_and_reset()
+
+    def shutdown(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
