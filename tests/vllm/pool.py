@@ -52,7 +52,10 @@ class EngineSpec:
 
     @property
     def processes(self) -> int:
-        return self.tp + 2
+        """The LLM front end, the engine core (unless it runs in the front end's process:
+        ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and one worker per TP rank."""
+        in_process = dict(self.env).get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        return self.tp + (1 if in_process else 2)
 
     @property
     def label(self) -> str:

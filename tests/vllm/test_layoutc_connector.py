@@ -25,6 +25,7 @@ from engines import Completion, Engine
 from models import LLAMA, LLAMA_KV6, LLAMA_OTHER, NEMOTRON_H, NEMOTRON_H_G1, ModelSpec
 from pd_driver import PDResult, compare, connect, logprob_gap, make_prompts, run_pd
 from pool import EngineSpec, spec
+from probes import block_checksums
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1200)]
 
@@ -216,11 +217,11 @@ def test_decode_prefix_cache_loads_only_missing_blocks(engine_pool, baselines, r
         moved = (after[1] - before[1]) // per_block
         assert moved == (12 if prompt is a else 4), f"moved {moved} blocks"
     # c shares a's first 8 blocks; its other 4 come from the other weights' prefill
-    sums_before = decode.collective_rpc("probes.block_checksums")[0]
+    sums_before = decode.collective_rpc(block_checksums)[0]
     before = transfer_counts(decode)
     run_pd(other, decode, [c], MAX_TOKENS)
     after = transfer_counts(decode)
-    sums_after = decode.collective_rpc("probes.block_checksums")[0]
+    sums_after = decode.collective_rpc(block_checksums)[0]
     changed = [i for i, (x, y) in enumerate(zip(sums_before, sums_after)) if x != y]
     assert (after[1] - before[1]) // per_block == 4
     assert len(changed) == 4, f"blocks changed: {changed}"
