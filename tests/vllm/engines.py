@@ -313,6 +313,46 @@ class Engine:
         functions only with ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` in the engine's env)."""
         return list(self._call("collective_rpc", (method, args), timeout_s))
 
+    def submit(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: dict[str, Any] | None = None,
+        kv_transfer_params: Sequence[dict[str, Any] | None] | None = None,
+        timeout_s: float = 60.0,
+    ) -> list[str]:
+        """Add requests without waiting for them (``LLMEngine.add_request``); returns their
+        ids.  Drive them with :meth:`step`."""
+        params_list = (
+            list(kv_transfer_params) if kv_transfer_params is not None else [None] * len(prompts)
+        )
+        requests = [
+            {
+                "prompt": [int(t) for t in p],
+                "sampling": dict(sampling or {}),
+                "kv_transfer_params": kv,
+            }
+            for p, kv in zip(prompts, params_list)
+        ]
+        return list(self._call("submit", requests, timeout_s))
+
+    def step(self, seconds: float, timeout_s: float | None = None) -> list[Completion]:
+        """Run ``LLMEngine.step()`` for ``seconds``; returns the requests that finished."""
+        deadline = timeout_s if timeout_s is not None else seconds + 120.0
+        return [Completion(**c) for c in self._call("step", seconds, deadline)]
+
+    def abort(self, request_ids: Sequence[str], timeout_s: float = 60.0) -> None:
+        """``LLMEngine.abort_request``."""
+        self._call("abort", list(request_ids), timeout_s)
+
+    def scheduler_state(self, timeout_s: float = 60.0) -> dict[str, int]:
+        """Free KV blocks and requests the scheduler holds (needs the engine core in the LLM
+        process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+        return dict(self._call("scheduler_state", None, timeout_s))
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to every process of the engine (e.g. SIGSTOP / SIGCONT)."""
+        os.killpg(self.proc.pid, sig)
+
     def log_tail(self, lines: int = 60) -> str:
         """The last ``lines`` lines of the engine's log."""
         try:
@@ -454,6 +494,26 @@ def _sampled_logprobs(output: Any) -> list[float] | None:
     return [float(step[tok].logprob) for step, tok in zip(output.logprobs, output.token_ids)]
 
 
+def _sampling_params(cls: Any, request: dict[str, Any]) -> Any:
+    kwargs = {**DEFAULT_SAMPLING, **request["sampling"]}
+    if request["kv_transfer_params"] is not None:
+        extra = dict(kwargs.pop("extra_args", None) or {})
+        extra["kv_transfer_params"] = request["kv_transfer_params"]
+        kwargs["extra_args"] = extra
+    return cls(**kwargs)
+
+
+def _completion(o: Any) -> dict[str, Any]:
+    return {
+        "token_ids": list(o.outputs[0].token_ids),
+        "logprobs": _sampled_logprobs(o.outputs[0]),
+        "kv_transfer_params": o.kv_transfer_params,
+        "finish_reason": o.outputs[0].finish_reason,
+        "num_cached_tokens": o.num_cached_tokens,
+        "request_id": o.request_id,
+    }
+
+
 def _serve(fd: int) -> None:
     conn = Connection(fd)
     config = conn.recv()
@@ -482,6 +542,7 @@ def _serve(fd: int) -> None:
         conn.send(("error", traceback.format_exc()))
         raise
 
+    next_id = 0
     while True:
         try:
             op, payload = conn.recv()
@@ -495,27 +556,43 @@ def _serve(fd: int) -> None:
                 break
             if op == "generate":
                 prompts = [TokensPrompt(prompt_token_ids=r["prompt"]) for r in payload]
-                params = []
-                for r in payload:
-                    kwargs = {**DEFAULT_SAMPLING, **r["sampling"]}
-                    if r["kv_transfer_params"] is not None:
-                        extra = dict(kwargs.pop("extra_args", None) or {})
-                        extra["kv_transfer_params"] = r["kv_transfer_params"]
-                        kwargs["extra_args"] = extra
-                    params.append(SamplingParams(**kwargs))
+                params = [_sampling_params(SamplingParams, r) for r in payload]
                 outputs = llm.generate(prompts, params, use_tqdm=False)
-                result = [
-                    {
-                        "token_ids": list(o.outputs[0].token_ids),
-                        "logprobs": _sampled_logprobs(o.outputs[0]),
-                        "kv_transfer_params": o.kv_transfer_params,
-                        "finish_reason": o.outputs[0].finish_reason,
-                        "num_cached_tokens": o.num_cached_tokens,
-                        "request_id": o.request_id,
-                    }
-                    for o in outputs
-                ]
-                conn.send(("ok", result))
+                conn.send(("ok", [_completion(o) for o in outputs]))
+            elif op == "submit":
+                ids = []
+                for r in payload:
+                    next_id += 1
+                    rid = f"submitted-{next_id}"
+                    llm.llm_engine.add_request(
+                        rid,
+                        TokensPrompt(prompt_token_ids=r["prompt"]),
+                        _sampling_params(SamplingParams, r),
+                    )
+                    ids.append(rid)
+                conn.send(("ok", ids))
+            elif op == "step":
+                end = time.monotonic() + float(payload)
+                done = []
+                while time.monotonic() < end:
+                    done += [_completion(o) for o in llm.llm_engine.step() if o.finished]
+                    time.sleep(0.01)
+                conn.send(("ok", done))
+            elif op == "abort":
+                llm.llm_engine.abort_request(list(payload))
+                conn.send(("ok", None))
+            elif op == "scheduler_state":
+                core = llm.llm_engine.engine_core.engine_core
+                sched = core.scheduler
+                conn.send(
+                    (
+                        "ok",
+                        {
+                            "free_blocks": sched.kv_cache_manager.block_pool.get_num_free_blocks(),
+                            "requests": len(sched.requests),
+                        },
+                    )
+                )
             elif op == "metrics":
                 conn.send(("ok", _metric_dicts(llm.get_metrics(), payload)))
             elif op == "collective_rpc":

@@ -156,6 +156,7 @@ class EnginePool:
                 errors.append(exc)
                 continue
             self._engines[s] = engine
+            self._last_used[s] = time.monotonic()
             self.record(f"start {s.label}", engine.info.start_s)
         if errors:
             raise errors[0]

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import copy
 import inspect
+import signal
 import time
 from typing import Any
 
 import pytest
-from engines import Completion, Engine
+from engines import PREFILL_PARAMS, Completion, Engine
 from models import LLAMA, LLAMA_KV6, LLAMA_OTHER, NEMOTRON_H, NEMOTRON_H_G1, ModelSpec
 from pd_driver import PDResult, compare, connect, logprob_gap, make_prompts, run_pd
 from pool import EngineSpec, spec
@@ -307,3 +308,118 @@ def test_forged_params_fail_only_their_request(engine_pool, baselines, report):
         "LayoutcConnector forged kv_transfer_params",
         "valid request as a single engine; " + ", ".join(c.finish_reason or "" for c in dec[1:]),
     )
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+# Prefill engines of their own, so that killing or freezing them leaves P1 alone.
+P1_KILL = lc(LLAMA, 1, "kv_producer", extra={"kv_lease_duration": 301})
+P1_FREEZE = lc(LLAMA, 1, "kv_producer", extra={"kv_lease_duration": 302})
+# A 4 s lease and 16 blocks (15 usable): a later prefill reuses the blocks of an expired one.
+LEASE_S = 4
+P1_LEASE = lc(
+    LLAMA,
+    1,
+    "kv_producer",
+    extra={"kv_lease_duration": LEASE_S},
+    llm={"num_gpu_blocks_override": 16, "max_model_len": 1536},
+)
+D1_RECOMPUTE = lc(LLAMA, 1, "kv_consumer", kv_fields={"kv_load_failure_policy": "recompute"})
+D1_INPROC = lc(LLAMA, 1, "kv_consumer", env=IN_PROCESS, extra={"handshake_timeout_s": 60})
+
+
+def _prefill(prefill: Engine, prompts: list[list[int]]) -> list[dict[str, Any]]:
+    pre = prefill.generate(prompts, {"max_tokens": 1}, [dict(PREFILL_PARAMS) for _ in prompts])
+    assert all(c.kv_transfer_params for c in pre)
+    return [c.kv_transfer_params for c in pre]
+
+
+def _prefill_killed(engine_pool, baselines, report, d: EngineSpec) -> list[Completion]:
+    prefill, decode = engine_pool.get(P1_KILL, d)
+    expected = baselines.get(LLAMA, decode, PROMPTS, MAX_TOKENS)
+    connect(prefill, decode)
+    params = _prefill(prefill, PROMPTS)
+    engine_pool.kill(P1_KILL)
+    before = transfer_counts(decode)
+    t0 = time.monotonic()
+    dec = decode.generate(PROMPTS, {"max_tokens": MAX_TOKENS}, params)
+    report.record(f"decode from a killed prefill ({d.label})", time.monotonic() - t0)
+    assert transfer_counts(decode)[2] > before[2], "no failed transfer reported"
+    return dec if d is D1 else [*dec, *expected]
+
+
+def test_prefill_killed_under_recompute(engine_pool, baselines, report):
+    """The prefill engine dies after returning its kv_transfer_params: decode recomputes and
+    gives a single engine's tokens."""
+    out = _prefill_killed(engine_pool, baselines, report, D1_RECOMPUTE)
+    dec, expected = out[: len(PROMPTS)], out[len(PROMPTS) :]
+    assert [c.finish_reason for c in dec] == ["length"] * len(PROMPTS)
+    _assert_equal([PDResult([], dec, 0, 0)], expected)
+
+
+def _lease_case(engine_pool, baselines, d: EngineSpec) -> tuple[list[Completion], list[Completion]]:
+    """Prefill ``a``, let its lease end, prefill ``b`` (which takes ``a``'s freed blocks),
+    then decode both with their params: (decode results, single-engine results)."""
+    prefill, decode = engine_pool.get(P1_LEASE, d)
+    a, b = make_prompts([1400, 1400], seed=31)
+    expected = baselines.get(LLAMA, decode, [a, b], MAX_TOKENS)
+    connect(prefill, decode)
+    params_a = _prefill(prefill, [a])[0]
+    time.sleep(LEASE_S + 3)  # the prefill keeps stepping while it holds blocks: the lease ends
+    params_b = _prefill(prefill, [b])[0]
+    reused = set(params_a["remote_block_ids"][0]) & set(params_b["remote_block_ids"][0])
+    assert reused, "the second prefill did not take the first one's blocks"
+    return decode.generate([a, b], {"max_tokens": MAX_TOKENS}, [params_a, params_b]), expected
+
+
+def test_lease_ended_under_recompute(engine_pool, baselines, report):
+    """Decode comes after the prefill's lease ended and its blocks were reused: it never reads
+    them (the request recomputes) and gives a single engine's tokens."""
+    dec, expected = _lease_case(engine_pool, baselines, D1_RECOMPUTE)
+    assert [c.finish_reason for c in dec] == ["length", "length"]
+    for got, want in zip(dec, expected):
+        assert got.token_ids == want.token_ids
+        assert logprob_gap(got, want) <= LOGPROB_TOLERANCE
+    report.outcome("LayoutcConnector lease ended (recompute)", "decode as a single engine")
+
+
+def test_lease_ended_under_fail(engine_pool, baselines, report):
+    """The same under ``kv_load_failure_policy="fail"``: the late request ends with an error,
+    the other one decodes from its transfer."""
+    dec, expected = _lease_case(engine_pool, baselines, D1)
+    assert [c.finish_reason for c in dec] == ["error", "length"]
+    assert dec[1].token_ids == expected[1].token_ids
+    report.outcome("LayoutcConnector lease ended (fail)", "late request: error; other: as single")
+
+
+def test_prefill_killed_under_fail(engine_pool, baselines, report):
+    """The prefill engine dies after returning its kv_transfer_params: under the policy
+    ``fail`` every request that had to load ends with an error."""
+    dec = _prefill_killed(engine_pool, baselines, report, D1)
+    assert [c.finish_reason for c in dec] == ["error"] * len(PROMPTS)
+
+
+def test_abort_during_a_load_frees_blocks_after_it_ends(engine_pool, report):
+    """A decode request aborted while its load is in flight (here: waiting for a frozen
+    prefill engine's side channel) keeps its blocks until the load ends, then frees them."""
+    prefill, decode = engine_pool.get(P1_FREEZE, D1_INPROC)
+    prompt = make_prompts([1500], seed=55)
+    params = _prefill(prefill, prompt)  # decode has not met this prefill engine yet
+    free0 = decode.scheduler_state()["free_blocks"]
+    prefill.signal(signal.SIGSTOP)
+    try:
+        [rid] = decode.submit(prompt, {"max_tokens": MAX_TOKENS}, params)
+        decode.step(2.0)
+        held = decode.scheduler_state()
+        assert held["free_blocks"] < free0, (held, free0)
+        decode.abort([rid])
+        decode.step(2.0)
+        assert decode.scheduler_state() == held, "blocks freed while the load was in flight"
+    finally:
+        prefill.signal(signal.SIGCONT)
+    t0 = time.monotonic()
+    while decode.scheduler_state()["free_blocks"] != free0:
+        assert time.monotonic() - t0 < 120, "blocks never freed"
+        decode.step(0.5)
+    assert decode.scheduler_state()["requests"] == 0
+    report.record("aborted load: blocks freed after the prefill thawed", time.monotonic() - t0)
