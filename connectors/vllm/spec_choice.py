@@ -222,8 +222,7 @@ def choose_spec(layout: EngineLayout, layout_spec: str | None = None) -> SpecCho
     kinds = {g.kind for g in layout.groups}
     mamba = next((g for g in layout.groups if g.kind == "mamba"), None)
     group_kinds = tuple(layer_kind(g) for g in layout.groups)
+    family = _family(layout, kinds, mamba) if layout_spec is None else layout_spec
     params = _all_params(layout)
     conv = layout.conv_layout if mamba is not None else None
-    if layout_spec is None:
-        return SpecChoice(_family(layout, kinds, mamba), params, group_kinds, conv)
-    return SpecChoice(layout_spec, params, group_kinds, conv, builtin=False)
+    return SpecChoice(family, params, group_kinds, conv, builtin=layout_spec is None)
