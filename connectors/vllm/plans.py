@@ -48,6 +48,11 @@ class LoadedSpec:
             ) from None
         except OSError as e:
             raise ConfigError(f"layout spec {spec!r} cannot be read: {e}") from None
+        if self.unit.pending:
+            err = LayoutError(list(self.unit.pending))
+            raise ConfigError(
+                f"layout spec {spec!r} has errors:\n{render(err, self.compiler.sources)}"
+            )
         self.declared = frozenset(self.unit.params)
 
     def compile(self, sets: dict[str, str], prefill_tp: int, decode_tp: int) -> Plan:

@@ -1,0 +1,301 @@
+"""The vLLM connector's parts that need no vLLM: settings, request validation, the side
+channel, payload checks, plans compiled in memory, the version gate."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+from layoutc.connectors.vllm import SUPPORTED_VLLM
+from layoutc.connectors.vllm.config import check_vllm_version, parse_settings
+from layoutc.connectors.vllm.errors import (
+    BadRequestError,
+    ConfigError,
+    SideChannelError,
+    UnsupportedVllmError,
+)
+from layoutc.connectors.vllm.params import host_allowed, parse_remote
+from layoutc.connectors.vllm.plans import SpecPlans
+from layoutc.connectors.vllm.transport import PAYLOAD_FORMAT, check_payload
+from layoutc.runtime.errors import PlanError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def settings(**extra):
+    return parse_settings(
+        kv_role="kv_consumer",
+        kv_buffer_device="cpu",
+        extra=extra,
+        failure_policy="fail",
+        platform_device="cpu",
+    )
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+def test_settings_defaults_and_reports():
+    s = settings(kv_lease_duration=12, backends=["UCX"], num_threads=8, layuot_spec="typo")
+    assert (s.lease_s, s.enforce_compat, s.failure_policy) == (12, True, "fail")
+    assert s.allowed_peers == ("127.0.0.1", "localhost", "::1")
+    assert s.ignored == ("backends", "num_threads")
+    assert s.unknown == ("layuot_spec",)
+    assert s.is_consumer and not s.is_producer
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ({"kv_lease_duration": 0}, r"kv_lease_duration.*\[1, .*got 0"),
+        ({"kv_lease_duration": "30"}, r"kv_lease_duration.*got '30'"),
+        ({"enforce_handshake_compat": "no"}, r"enforce_handshake_compat.*got 'no'"),
+        ({"allowed_peers": "127.0.0.1"}, r"allowed_peers.*got '127.0.0.1'"),
+        ({"allowed_peers": [""]}, r"allowed_peers.*bad host ''"),
+        ({"transfer_timeout_s": math.nan}, r"transfer_timeout_s.*got nan"),
+        ({"strategy": "fast"}, r"strategy.*got 'fast'"),
+        ({"layout_spec": ""}, r"layout_spec.*got ''"),
+        ({"listen_port": 70000}, r"listen_port.*got 70000"),
+    ],
+)
+def test_bad_settings_name_the_key_and_value(extra, match):
+    with pytest.raises(ConfigError, match=match):
+        settings(**extra)
+
+
+def test_a_host_bounce_buffer_on_cuda_is_refused():
+    with pytest.raises(ConfigError, match="host bounce buffer"):
+        parse_settings(
+            kv_role="kv_producer", kv_buffer_device="cpu", extra={}, failure_policy="fail",
+            platform_device="cuda",
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="kv_role must be one of"):
+        parse_settings(
+            kv_role="producer", kv_buffer_device="cpu", extra={}, failure_policy="fail",
+            platform_device="cpu",
+        )  # fmt: skip
+
+
+def test_only_the_supported_vllm_is_accepted():
+    check_vllm_version("0.32.0")
+    check_vllm_version("0.32.1+cpu")
+    for other in ("0.33.0", "0.31.2", "1.0"):
+        with pytest.raises(UnsupportedVllmError, match=rf"supports vLLM {SUPPORTED_VLLM}.*{other}"):
+            check_vllm_version(other)
+
+
+# -- kv_transfer_params ---------------------------------------------------------------------------
+
+GOOD = {
+    "do_remote_prefill": True,
+    "remote_engine_id": "e-1",
+    "remote_request_id": "r-1",
+    "remote_host": "127.0.0.1",
+    "remote_port": 5600,
+    "tp_size": 2,
+    "remote_block_ids": [[3, 4]],
+    "remote_num_tokens": 200,
+    "remote_blocks_expiry_time": 123.5,
+}
+
+
+def parse(**changes):
+    return parse_remote(
+        {**GOOD, **changes}, num_groups=1, allowed_hosts=("127.0.0.1", "localhost"), max_tokens=300
+    )
+
+
+def test_valid_params_parse():
+    r = parse()
+    assert (r.engine_id, r.port, r.tp_size, r.block_ids, r.expiry) == (
+        "e-1", 5600, 2, ((3, 4),), 123.5,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"remote_host": "10.0.0.1"}, r"'10.0.0.1' is not an allowed peer"),
+        ({"remote_host": "a b"}, r"not a host name"),
+        ({"remote_port": "5600"}, r"remote_port.*got '5600'"),
+        ({"remote_port": 0}, r"remote_port"),
+        ({"tp_size": True}, r"tp_size.*got True"),
+        ({"remote_block_ids": [[3, -1]]}, r"\[0\]\[1\] must be a block id.*got -1"),
+        ({"remote_block_ids": [[3], [4]]}, r"list of 1 lists"),
+        ({"remote_block_ids": "all"}, r"remote_block_ids"),
+        ({"remote_block_ids": [[2**40]]}, r"must be a block id"),
+        ({"remote_num_tokens": 301}, r"remote_num_tokens.*\[0, 300\]"),
+        ({"remote_engine_id": ""}, r"remote_engine_id"),
+        ({"remote_request_id": "x" * 300}, r"remote_request_id"),
+        ({"remote_blocks_expiry_time": "soon"}, r"remote_blocks_expiry_time"),
+        ({"dcp_size": 2}, r"dcp_size"),
+        ({"do_remote_decode": True}, r"both do_remote_prefill and do_remote_decode"),
+    ],
+)
+def test_bad_params_are_refused_naming_the_field(changes, match):
+    with pytest.raises(BadRequestError, match=match):
+        parse(**changes)
+
+
+def test_params_must_be_a_dict_and_hosts_compare_as_addresses():
+    with pytest.raises(BadRequestError, match="must be a dict"):
+        parse_remote([1], num_groups=1, allowed_hosts=("*",), max_tokens=1)
+    assert host_allowed("::1", ("0:0:0:0:0:0:0:1",))
+    assert host_allowed("anything", ("*",))
+    assert not host_allowed("localhost2", ("localhost",))
+
+
+# -- side-channel payloads -----------------------------------------------------------------------
+
+LOCAL = {"spec": "vllm_cpu_attn", "spec_sha256": "ab" * 32, "conv_layout": None, "compat_hash": "h"}
+PAYLOAD = {
+    "format": PAYLOAD_FORMAT,
+    "engine_id": "e-1",
+    "tp_size": 2,
+    "tp_rank": 1,
+    "agent": "e-1-p1",
+    "host": "127.0.0.1",
+    "port": 41000,
+    "params": {"block_size": "128"},
+    "lease_s": 30,
+    "num_blocks": 4096,
+    "block_size": 128,
+    **LOCAL,
+}
+
+
+def check(payload, **kw):
+    args = dict(
+        engine_id="e-1", tp_size=2, tp_rank=1, local=LOCAL, allowed_hosts=("127.0.0.1",),
+        enforce_compat=True,
+    )  # fmt: skip
+    args.update(kw)
+    return check_payload(payload, **args)
+
+
+def test_a_good_payload_passes():
+    assert check(dict(PAYLOAD)) == PAYLOAD
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"conv_layout": "DS"}, r"conv state layout 'DS', expected None"),
+        ({"compat_hash": "other"}, r"compatibility hash 'other', expected 'h'"),
+        ({"engine_id": "e-2"}, r"engine id 'e-2', expected 'e-1'"),
+        ({"tp_rank": 0}, r"TP rank 0, expected 1"),
+        ({"host": "192.0.2.1"}, r"not an allowed peer"),
+        ({"port": 0}, r"port 0"),
+        ({"spec": "vllm_lbhnc"}, r"layout spec 'vllm_lbhnc'"),
+        ({"params": {"block_size": 128}}, r"malformed spec parameters"),
+        ({"lease_s": -1}, r"lease of -1"),
+        ({"agent": ""}, r"'agent'"),
+        ({"format": "nixl"}, r"payload format 'nixl'"),
+    ],
+)
+def test_bad_payloads_are_refused(changes, match):
+    with pytest.raises(SideChannelError, match=match):
+        check({**PAYLOAD, **changes})
+    with pytest.raises(SideChannelError, match="not an object"):
+        check([PAYLOAD])
+
+
+def test_compat_hash_is_not_enforced_when_turned_off():
+    assert check({**PAYLOAD, "compat_hash": "other"}, enforce_compat=False)
+
+
+# -- the side channel -------------------------------------------------------------------------------
+
+
+def test_side_channel_serves_and_survives_bad_requests():
+    pytest.importorskip("zmq")
+    import socket
+
+    import zmq
+    from layoutc.connectors.vllm.side_channel import SideChannelServer, query
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    seen = []
+
+    def handler(msg):
+        seen.append(msg)
+        if msg.get("op") == "boom":
+            raise RuntimeError("handler bug")
+        if msg.get("op") != "meta":
+            raise SideChannelError(f"unknown op {msg.get('op')!r}")
+        return {"ok": True, "payload": {"x": 1}, "clock": 5.0}
+
+    server = SideChannelServer("127.0.0.1", port, handler)
+    try:
+        reply, offset = query("127.0.0.1", port, {"op": "meta"}, 5.0)
+        assert reply["payload"] == {"x": 1} and math.isfinite(offset)
+        with pytest.raises(SideChannelError, match="unknown op 'hb'"):
+            query("127.0.0.1", port, {"op": "hb"}, 5.0)
+        with pytest.raises(SideChannelError, match="internal error: RuntimeError"):
+            query("127.0.0.1", port, {"op": "boom"}, 5.0)
+        # raw garbage from a REQ socket, then a frame that is no REQ at all
+        ctx = zmq.Context.instance()
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.RCVTIMEO, 5000)
+        req.connect(f"tcp://127.0.0.1:{port}")
+        req.send(b"\xff\x00 not json")
+        assert b"not a JSON message" in req.recv()
+        req.close(0)
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        dealer.send(b"no empty delimiter")
+        dealer.close(0)
+        # still serving
+        reply, _ = query("127.0.0.1", port, {"op": "meta"}, 5.0)
+        assert reply["ok"] is True
+        assert server.rejected >= 3
+    finally:
+        server.close()
+    with pytest.raises(SideChannelError, match="no answer"):
+        query("127.0.0.1", port, {"op": "meta"}, 0.3)
+
+
+# -- plans compiled in memory --------------------------------------------------------------------
+
+
+def test_plans_compile_on_demand_and_name_bad_pairs():
+    plans = SpecPlans(
+        "vllm_cpu_attn",
+        {"num_key_value_heads": 6, "head_dim": 32, "kv_dtype": "fp32", "not_a_param": 1},
+        role="decode",
+    )
+    assert "not_a_param" not in plans.params
+    plan = plans.plan(2, 3)
+    assert (plan.prefill_tp, plan.decode_tp) == (2, 3)
+    assert plans.plan(2, 3) is plan  # cached
+    with pytest.raises(PlanError, match="cannot be split over"):
+        plans.plan(4, 3)
+    errors = []
+
+    def compile_pair(p):
+        try:
+            plans.plan(p, 1)
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=compile_pair, args=(p,)) for p in (1, 2, 3, 6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_a_spec_that_does_not_exist_or_has_errors_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such spec file or built-in spec"):
+        SpecPlans("no_such_spec", {}, role="decode")
+    bad = tmp_path / "bad.layout"
+    bad.write_text("param x: int\nstate s : fp32 { d x split tp }\npage p = [s]\nlayer l = [q]\n")
+    with pytest.raises(ConfigError, match=r"bad\.layout:4:\d+: error"):
+        SpecPlans(str(bad), {"x": 4}, role="decode")
+    plans = SpecPlans("vllm_cpu_attn", {}, role="decode")
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        plans.check_bindable(1)
