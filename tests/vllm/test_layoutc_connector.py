@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 import pytest
-from engines import PREFILL_PARAMS, Completion, Engine
+from engines import PREFILL_PARAMS, Completion, Engine, EngineError
 from models import LLAMA, LLAMA_KV6, LLAMA_OTHER, NEMOTRON_H, NEMOTRON_H_G1, ModelSpec
 from pd_driver import PDResult, compare, connect, logprob_gap, make_prompts, run_pd
 from pool import EngineSpec, spec
@@ -70,7 +70,8 @@ def lc(
 
 P1 = lc(LLAMA, 1, "kv_producer")
 P2 = lc(LLAMA, 2, "kv_producer")
-D2 = lc(LLAMA, 2, "kv_consumer")
+# (num_threads: a NixlConnector setting the connector reports, once, as ignored)
+D2 = lc(LLAMA, 2, "kv_consumer", extra={"num_threads": 4})
 # D1 also decodes from the tamper engine (another model path): compatibility check off.
 D1 = lc(LLAMA, 1, "kv_consumer", extra={"enforce_handshake_compat": False})
 P1_OTHER = lc(LLAMA_OTHER, 1, "kv_producer")
@@ -163,6 +164,24 @@ def _assert_equal(
 
 def test_llama_p1_to_d2(engine_pool, baselines, report):
     _assert_equal(*_pd(engine_pool, baselines, report, LLAMA, P1, D2, "llama P1->D2"))
+    _, decode = engine_pool.get(P1, D2)
+    log = decode.log_path.read_text(errors="replace")
+    assert "LayoutcConnector ignores NixlConnector's setting 'num_threads'" in log
+
+
+def test_metrics_use_nixl_connector_names(engine_pool):
+    """The decode engine reports its transfers in NixlConnector's four histograms."""
+    prefill, decode = engine_pool.get(P1, D2)
+    run_pd(prefill, decode, PROMPTS[1:2], 2)
+    found = {m["name"]: m for m in decode.metrics("vllm:nixl_")}
+    for name in (
+        "vllm:nixl_xfer_time_seconds",
+        "vllm:nixl_post_time_seconds",
+        "vllm:nixl_bytes_transferred",
+        "vllm:nixl_num_descriptors",
+    ):
+        assert name in found, sorted(found)
+        assert _metric(decode, name, "count") > 0 and _metric(decode, name, "sum") > 0, name
 
 
 def test_llama_p1_to_d1(engine_pool, baselines, report):
@@ -279,6 +298,19 @@ def test_different_block_sizes(engine_pool, baselines, report):
     _assert_equal(
         *_pd(engine_pool, baselines, report, LLAMA, P1_BS64, D1, "llama P1 bs64->D1 bs128")
     )
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def test_a_spec_that_does_not_fit_is_refused_at_start(engine_pool, vllm_dir):
+    """A layout spec that cannot describe the engine's cache stops the engine at start-up with
+    a message naming what is missing."""
+    bad = lc(LLAMA, 1, "kv_consumer", extra={"layout_spec": "vllm_hybrid_mamba2"})
+    with pytest.raises(EngineError) as info:
+        engine_pool.get(bad)
+    text = str(info.value)
+    assert "layout spec 'vllm_hybrid_mamba2'" in text and "mamba_num_heads" in text, text[-3000:]
 
 
 # -- untrusted kv_transfer_params --------------------------------------------------------------
