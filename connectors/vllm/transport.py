@@ -23,6 +23,7 @@ Needs no vLLM (the tests drive it with plain endpoints).
 from __future__ import annotations
 
 import inspect
+import logging
 import queue
 import threading
 import time
@@ -47,6 +48,9 @@ __all__ = [
     "check_payload",
     "round_ids",
 ]
+
+#: under vLLM's logger namespace, so an engine's log configuration applies
+logger = logging.getLogger("vllm.layoutc.transport")
 
 PAYLOAD_FORMAT = "layoutc-vllm/1"
 _IDLE_S = 0.005
@@ -173,6 +177,7 @@ class _Engine:
     waiting: list[PullJob] = field(default_factory=list)
     future: Future[Any] | None = None
     offset: float = 0.0  # its scheduler clock minus ours
+    started: float = 0.0  # when the handshake began (perf_counter)
     error: str = ""
     block_size: int = 0  # tokens per logical block
     leases: dict[str, float] = field(default_factory=dict)  # its request id -> deadline
@@ -458,6 +463,7 @@ class Transport:
         eng.waiting.append(job)
         if eng.state == "new":
             eng.state = "querying"
+            eng.started = time.perf_counter()
             eng.future = self._helper.submit(self._fetch_payloads, eng)
 
     def _fetch_payloads(self, eng: _Engine) -> tuple[list[dict[str, Any]], float]:
@@ -491,6 +497,7 @@ class Transport:
             worked = True
             try:
                 payloads, eng.offset = eng.future.result()
+                t_query = time.perf_counter() - eng.started
                 self._connect(eng, payloads)
             except (LayoutcError, OSError) as e:
                 eng.state, eng.error = (
@@ -504,6 +511,15 @@ class Transport:
                 eng.waiting.clear()
                 continue
             eng.state = "connected"
+            logger.info(
+                "connected to prefill engine %s at %s:%d (TP %d) in %.3f s (side channel %.3f s)",
+                eng.engine_id,
+                eng.host,
+                eng.port,
+                eng.tp,
+                time.perf_counter() - eng.started,
+                t_query,
+            )
             waiting, eng.waiting = eng.waiting, []
             for job in waiting:
                 self._start_pull(eng, job)
