@@ -4,6 +4,6 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/site/layoutc
-for d in compiler runtime grammar specs; do ln -sfn "$PWD/$d" /tmp/site/layoutc/$d; done
+for d in compiler runtime tools connectors grammar specs; do ln -sfn "$PWD/$d" /tmp/site/layoutc/$d; done
 cp compiler/pkg/__init__.py compiler/pkg/__main__.py /tmp/site/layoutc/
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 NIXL_LOG_LEVEL=WARN
