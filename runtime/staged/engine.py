@@ -205,11 +205,13 @@ class Staged:
             self.reg = None
         for lane in self.lanes.values():
             lane.close()  # (a thread lane finishes the work it was given)
-        if self.draining or self.bounce:
-            with self.on_device():
-                for fence, _s in self.draining:
-                    fence.wait(5.0)
+        for fence, _s in self.draining:
+            fence.wait(5.0)
         self.draining.clear()
+        if self._device is not None:
+            import torch
+
+            torch.cuda.synchronize(self._device)  # no copy touches the staging buffer now
         self.memory.release()
 
     def advertise(self) -> dict[str, Any]:
@@ -417,7 +419,7 @@ class Staged:
         copies, so it waits for the poll."""
         if not self.blocking_kernels:
             with self.on_device():
-                self._pack_more(1 << 30 if budget is None else budget)
+                self._pack_more(1 << 30 if budget is None else budget, count=True)
 
     def drop_ahead(self, req: Request, ctx: StagedCtx) -> None:
         """Forget a context packed ahead that its peer did not take up (its slots go back:
@@ -938,13 +940,14 @@ class Staged:
                 return ctx
         return None
 
-    def _pack_more(self, budget: int) -> None:
+    def _pack_more(self, budget: int, *, count: bool = False) -> None:
         """Pack granted chunks into free source slots, one context after the other.
 
         Contexts packed ahead (``expect(blocks=)``) pack before any grant, but only into
         slots nobody else wants: a granted chunk that finds no free slot takes back the slot
         of the newest chunk packed without a grant (packed again later), so chunks packed
-        speculatively can never hold up one that was asked for."""
+        speculatively can never hold up one that was asked for.  ``budget`` counts the packs
+        that block the poll (inline ones), or every pack with ``count``."""
         while self.src and budget > 0:
             ctx = self._next_to_pack(ahead=False)
             if ctx is not None:
@@ -963,7 +966,7 @@ class Staged:
             t0 = self.tel.clock()
             self._launch(ctx, c, s, pack)
             self.tel.span("pack", t0)
-            if self.blocking_kernels:
+            if self.blocking_kernels or count:
                 budget -= 1
         self._prune(self.src)
 

@@ -73,11 +73,13 @@ class BenchConfig:
     gpu_bytes_per_decode_rank: int = 512 * MiB
     gpu_contiguous_bytes: int = 8 * GiB
     gpu_staging_bytes: int = 1 * GiB
-    # 8 slots of 128 MiB: four chunks per decode rank, so that packing, crossing and
-    # unpacking of different chunks overlap (pack and unpack run on streams of their own);
-    # the other slot counts are measured beside it (``gpu_scattered_slot_variants``)
-    gpu_staging_slots: int = 8
-    gpu_scattered_slot_variants: tuple[int, ...] = (2,)
+    # 2 slots: one 512 MiB chunk per decode rank.  On one GPU the three rank processes
+    # time-slice it, and each chunk costs the prefill process ~0.1-0.3 ms of host time (a
+    # launch, a post) while its GPU work at 128 MiB is ~0.1 ms: more, smaller chunks
+    # pipeline but lose (0.17 with 8 slots of 128 MiB on an H100, docs/benchmarks.md), so
+    # the variants beside it measure the pipelined cut
+    gpu_staging_slots: int = 2
+    gpu_scattered_slot_variants: tuple[int, ...] = (8,)
     gpus: int = 1  # >= 2: also the cross-GPU section (prefill on GPU 0, decode on GPU 1)
     xgpu_bytes_per_decode_rank: int = 512 * MiB
     xgpu_contiguous_bytes: int = 4 * GiB
@@ -98,7 +100,8 @@ class BenchConfig:
     concurrency_levels: tuple[int, ...] = (1, 8, 32)
     concurrency_request_bytes: int = 64 * MiB
     concurrency_layers: int = 32
-    concurrency_staging_bytes: int = 256 * MiB
+    # 32 MiB slots: one chunk per (request, decode rank) of the 64 MiB requests
+    concurrency_staging_bytes: int = 512 * MiB
     concurrency_staging_slots: int = 16
     # engine-shaped workloads (tools.bench.engines.EngineCase; None: the defaults)
     engine_cases: tuple[Any, ...] | None = None

@@ -171,7 +171,7 @@ def _engine_case(compile_plan: Callable[..., Plan], run: Run, case: EngineCase) 
             run.check_time()
             t, infos = run_request(workers, names, f"e-{i}", dec, local, remote, cfg.strategy, 120)
             if i == 0:  # warm-up: verified, not timed
-                descriptors = sum(int(info["descriptors"]) for info in infos)
+                descriptors = int(infos[0]["descriptors_all_ranks"])
                 chosen = {s for info in infos for s in info["strategies"].values()}
                 for r in range(d):
                     srcs = list(plan.rank(r).sources)
@@ -219,7 +219,7 @@ def _engine_case(compile_plan: Callable[..., Plan], run: Run, case: EngineCase) 
                 round_to(total / max(ts) / copy_Bps, 4),
                 round_to(total / min(ts) / copy_Bps, 4),
             ],
-            "descriptors_posted_by_decode_ranks": descriptors,
+            "descriptors_posted": descriptors,
             "staging": {"bytes": cfg.engines_staging_bytes, "slots": cfg.engines_staging_slots},
             "verified_bytes": verified,
             "runs": runs,

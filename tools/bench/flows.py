@@ -144,19 +144,27 @@ def run_op(
     res = [workers[wi].result(timeout + 30, f"{op} {rid}") for wi in init_by_worker]
     errs = [e for r in res for e in r["errors"]]
     ends = []
+    passive_infos = []
     for wi, n in others:
         r = workers[wi].call("result", n, rid, within=timeout, timeout=timeout + 30)
         if r["error"]:
             errs.append(r["error"])
         ends.append(r["t"])
+        passive_infos.append(r["info"])
     if errs:
         raise BenchError(f"request {rid} failed: {errs[0]}")
     t0 = min(r["t0"] for r in res)
     t1 = max(ends) if op == "push" else max(r["t1"] for r in res)
     infos = [i for r in res for i in r["infos"]]
+    # NIXL transfers the request posted on every rank (staged chunks are posted by whoever
+    # moves them: with the GPU's writer mover, the prefill ranks)
+    posted = sum(int(i["descriptors"]) for i in infos) + sum(
+        int(i["descriptors"]) for i in passive_infos
+    )
     for i in infos:  # host seconds in pull()/push() on the slowest worker (the rest: waiting)
         i["pull_call_s"] = max(r["t_posted"] - r["t0"] for r in res)
         i["from_ready_s"] = t1 - min([t0] + t_ready)
+        i["descriptors_all_ranks"] = posted
     return t1 - t0, infos
 
 

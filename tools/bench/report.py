@@ -163,7 +163,7 @@ def format_table(out: dict[str, Any]) -> str:
     ):
         rows += [
             (f"{key}.fraction_of_copy", f"GPU engine-shaped: {label} / torch copy"),
-            (f"{key}.descriptors", "  descriptors posted (all decode ranks)"),
+            (f"{key}.descriptors", "  NIXL transfers posted (all ranks)"),
             (f"{key}.verified", "  verified"),
             (f"{key}.scaled_down", "  scaled down"),
         ]
