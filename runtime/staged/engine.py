@@ -34,6 +34,12 @@ Protocol (messages of :mod:`~layoutc.runtime.protocol`; the initiator decides th
   chunk itself only when it has nothing else to pack; the default on host memory, where the
   copy through the kernel (CMA) costs the process that posts it, so pack, copy and unpack
   balance over two cores).  On GPUs the source writes every chunk (no RDY/ACK round trip).
+* Pipelining: pack and unpack run on lanes of their own (:mod:`.lanes`: a CUDA stream each on
+  GPUs, inline or a worker thread each on host memory) beside NIXL's transfers, so chunk
+  ``k + 1`` packs while chunk ``k`` crosses and chunk ``k - 1`` unpacks, within the slots both
+  sides have (the grants are the back-pressure).  With host staging beside GPU pages
+  (:mod:`.memory`) a pack is a kernel into a device bounce buffer plus a copy to host memory,
+  an unpack the reverse, each on its lane's stream.
 * The destination unpacks a chunk as soon as it has landed, frees the slot and grants the
   next chunk.
 * Packing ahead: a prefill rank given its block ids in ``expect`` makes the source contexts of
