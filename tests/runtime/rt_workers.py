@@ -121,6 +121,54 @@ class _Session:
             checked += got.size
         return checked
 
+    def tag_tokens(self, req: int, blocks: Any, chunk: int) -> None:
+        """Fill request ``req``'s blocks with its tags, per-kernel-block pages by token (for
+        engines holding different tokens per logical block; windows of ``chunk`` tokens)."""
+        from layoutc.runtime.tags import TokenPageTagger, block_keys
+
+        for li, page, view in self._views(write=True):
+            ids = self._layer_blocks(li, blocks)
+            if ids is None:
+                continue
+            if self.side.page(page).per == "kernel":
+                TokenPageTagger(self.side, self.rank, page, chunk).fill(view, ids, li, req)
+            else:
+                self.taggers[page].fill(view, ids, block_keys(li, req, np.arange(ids.size)))
+
+    def verify_tokens(self, reqs: list[tuple[int, Any, int]], chunk: int) -> int:
+        """Every byte of every buffer, for requests ``(req, blocks, num_tokens)`` moved window
+        by window: the tags of every token of the windows the request covers (its tokens,
+        rounded up to whole windows of ``chunk``) and its per-logical-block state in their
+        blocks, the sentinel everywhere else.  Returns the bytes checked."""
+        from layoutc.runtime.tags import TokenPageTagger, block_keys
+
+        checked = 0
+        for li, page, got in self._views():
+            want = np.full_like(got, SENTINEL)
+            for req, blocks, num_tokens in reqs:
+                ids = self._layer_blocks(li, blocks)
+                if ids is None:
+                    continue
+                if self.side.page(page).per != "kernel":
+                    self.taggers[page].fill(want, ids, block_keys(li, req, np.arange(ids.size)))
+                    continue
+                last = -(-num_tokens // chunk) * chunk
+                tagger = TokenPageTagger(self.side, self.rank, page, chunk)
+                for off, t, token in tagger.tags(li, req, np.arange(ids.size)):
+                    isz = t.shape[1] // token.shape[1]
+                    moved = np.repeat(token < last, isz, axis=1)
+                    cur = want[ids, off : off + t.shape[1]]
+                    want[ids, off : off + t.shape[1]] = np.where(moved, t, cur)
+            bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
+            if bad.size:
+                b, off = divmod(int(bad[0]), got.shape[1])
+                raise AssertionError(
+                    f"{self.ep.label}: layer {li} page {page!r}: {bad.size} "
+                    f"wrong bytes, first in block {b} at offset {off}"
+                )
+            checked += got.size
+        return checked
+
     def check_blocks(self, req: int, blocks: Any) -> int:
         """Only the state bytes of ``blocks``: do they hold request ``req``'s tags?"""
         from layoutc.runtime.tags import block_keys
