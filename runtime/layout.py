@@ -1,6 +1,6 @@
 """Logical identity of every element of a state on one rank.
 
-The distribution rule (DESIGN.md §3), shared by the planner and by anything that checks
+The distribution rule (docs/design.md §3), shared by the planner and by anything that checks
 bytes (the compiler's verifier, the demo's tag check):
 
 * replicated: every rank holds the whole segment;

@@ -7,7 +7,7 @@ from layoutc.compiler.pipeline import Compiler, SideSets
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 
-NANO = dict(  # Nemotron-3-Nano-30B-A3B (VLLM_SEMANTICS.md §5)
+NANO = dict(  # Nemotron-3-Nano-30B-A3B (docs/vllm-reference.md §6)
     num_key_value_heads=2,
     head_dim=128,
     mamba_num_heads=64,
