@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from conftest import NANO, NEMOTRON_H_8B, compile_pair
+from planner_cases import NANO, NEMOTRON_H_8B, compile_pair
 
 
 def reads(plan, rank, state=None):
