@@ -450,6 +450,76 @@ def run_requests(pre, dec, mode, pb, db, *, prefix="r", expect_ids=None, **start
     return infos, verified
 
 
+def _token_ids(rng: np.random.Generator, counts: list[int], pool: int) -> list[np.ndarray]:
+    """Disjoint scattered block ids, ``counts[i]`` for request ``i``."""
+    perm = rng.permutation(pool)
+    assert sum(counts) <= pool
+    out, at = [], 0
+    for n in counts:
+        out.append(perm[at : at + n])
+        at += n
+    return out
+
+
+def run_token_requests(ranks, plan, mode, lengths, kinds, seed, num_blocks=64, **ep_kwargs):
+    """Requests of ``lengths`` tokens between engines holding different tokens per logical
+    block (``plan.remap``), all in flight at once: tag by token, ``expect``, ``pull``/``push``
+    with ``num_tokens=``, wait, verify every decode byte (``verify_tokens``)."""
+    rm = plan.remap
+    assert rm is not None
+    chunk = rm.chunk_tokens
+    layers = 2 * len(kinds)
+    pre = ranks.ranks(
+        [(plan, "prefill", r) for r in range(plan.prefill_tp)],
+        num_blocks=num_blocks,
+        layers=layers,
+        **ep_kwargs,
+    )
+    dec = ranks.ranks(
+        [(plan, "decode", r) for r in range(plan.decode_tp)],
+        num_blocks=num_blocks,
+        layers=layers,
+        **ep_kwargs,
+    )
+    connect_all(pre, dec)
+    rng = np.random.default_rng(seed)
+    p_ids = {
+        k: _token_ids(rng, [rm.blocks_for("prefill", n) for n in lengths], num_blocks)
+        for k in kinds
+    }
+    d_ids = {
+        k: _token_ids(rng, [rm.blocks_for("decode", n) for n in lengths], num_blocks) for k in kinds
+    }
+    if "mamba" in kinds:  # a request's Mamba state: one block on each side
+        p_ids["mamba"] = _token_ids(rng, [1] * len(lengths), num_blocks)
+        d_ids["mamba"] = _token_ids(rng, [1] * len(lengths), num_blocks)
+    per_req = [
+        ({k: p_ids[k][i] for k in kinds}, {k: d_ids[k][i] for k in kinds}, n)
+        for i, n in enumerate(lengths)
+    ]
+    for r in pre:
+        for i, (pb, _db, _n) in enumerate(per_req):
+            r.call("tag_tokens", i, pb, chunk)
+    initiators, passive = (dec, pre) if mode == "pull" else (pre, dec)
+    for r in passive:
+        for i, (_pb, _db, n) in enumerate(per_req):
+            r.call("expect", f"{mode}-{i}", num_tokens=n)
+    for r in initiators:
+        for i, (pb, db, n) in enumerate(per_req):
+            local, remote = (db, pb) if mode == "pull" else (pb, db)
+            r.call(mode, f"{mode}-{i}", local, remote, num_tokens=n)
+    for r in initiators + passive:
+        for i in range(len(per_req)):
+            info = r.call("wait", f"{mode}-{i}")
+            assert info.ok
+            if r in initiators and info.bytes:
+                assert info.strategy == "zero-copy"
+    for d in dec:
+        got = d.call("verify_tokens", [(i, db, n) for i, (_pb, db, n) in enumerate(per_req)], chunk)
+        assert got > 0
+    return pre, dec
+
+
 # --------------------------------------------------------------------------------------------
 # pytest fixture (imported by the test modules; this folder has no conftest.py so that it
 # does not shadow another folder's ``from conftest import ...``)

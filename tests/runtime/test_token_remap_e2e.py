@@ -8,71 +8,14 @@ of its per-request Mamba state in its blocks, the sentinel everywhere else.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from layoutc.runtime.errors import BlockIdError, UsageError
 from rt_plans import GQA4, HYBRID, compiled
-from rt_workers import connect_all, ranks_fixture  # noqa: F401 (the `ranks` fixture)
+from rt_workers import connect_all, ranks_fixture, run_token_requests  # noqa: F401 (`ranks`)
 
 pytestmark = pytest.mark.timeout(600)
 
 NB = 64
-
-
-def _ids(rng: np.random.Generator, counts: list[int]) -> list[np.ndarray]:
-    """Disjoint scattered block ids, ``counts[i]`` for request ``i``."""
-    pool = rng.permutation(NB)
-    assert sum(counts) <= NB
-    out, at = [], 0
-    for n in counts:
-        out.append(pool[at : at + n])
-        at += n
-    return out
-
-
-def _run(ranks, plan, mode, lengths, kinds, seed):
-    rm = plan.remap
-    assert rm is not None
-    chunk = rm.chunk_tokens
-    layers = 2 * len(kinds)
-    pre = ranks.ranks(
-        [(plan, "prefill", r) for r in range(plan.prefill_tp)], num_blocks=NB, layers=layers
-    )
-    dec = ranks.ranks(
-        [(plan, "decode", r) for r in range(plan.decode_tp)], num_blocks=NB, layers=layers
-    )
-    connect_all(pre, dec)
-    rng = np.random.default_rng(seed)
-    p_ids = {k: _ids(rng, [rm.blocks_for("prefill", n) for n in lengths]) for k in kinds}
-    d_ids = {k: _ids(rng, [rm.blocks_for("decode", n) for n in lengths]) for k in kinds}
-    if "mamba" in kinds:  # a request's Mamba state: one block on each side
-        p_ids["mamba"] = _ids(rng, [1] * len(lengths))
-        d_ids["mamba"] = _ids(rng, [1] * len(lengths))
-    per_req = [
-        ({k: p_ids[k][i] for k in kinds}, {k: d_ids[k][i] for k in kinds}, n)
-        for i, n in enumerate(lengths)
-    ]
-    for r in pre:
-        for i, (pb, _db, _n) in enumerate(per_req):
-            r.call("tag_tokens", i, pb, chunk)
-    initiators, passive = (dec, pre) if mode == "pull" else (pre, dec)
-    for r in passive:
-        for i, (_pb, _db, n) in enumerate(per_req):
-            r.call("expect", f"{mode}-{i}", num_tokens=n)
-    for r in initiators:
-        for i, (pb, db, n) in enumerate(per_req):
-            local, remote = (db, pb) if mode == "pull" else (pb, db)
-            r.call(mode, f"{mode}-{i}", local, remote, num_tokens=n)
-    for r in initiators + passive:
-        for i in range(len(per_req)):
-            info = r.call("wait", f"{mode}-{i}")
-            assert info.ok
-            if r in initiators and info.bytes:
-                assert info.strategy == "zero-copy"
-    for d in dec:
-        got = d.call("verify_tokens", [(i, db, n) for i, (_pb, db, n) in enumerate(per_req)], chunk)
-        assert got > 0
-    return pre, dec
 
 
 def test_hybrid_pull_16_token_prefill_blocks_into_48_token_decode_blocks(ranks):
@@ -85,7 +28,7 @@ def test_hybrid_pull_16_token_prefill_blocks_into_48_token_decode_blocks(ranks):
         {**HYBRID, "prefill.block_size": 16, "decode.block_size": 48},
     )
     lengths = [1, 15, 16, 17, 47, 48, 49, 95, 96, 97, 150]
-    _run(ranks, plan, "pull", lengths, ["attention", "mamba"], seed=1)
+    run_token_requests(ranks, plan, "pull", lengths, ["attention", "mamba"], seed=1)
 
 
 def test_push_64_token_blocks_of_vllm_cpu_page_into_16_token_blocks(ranks):
@@ -98,7 +41,7 @@ def test_push_64_token_blocks_of_vllm_cpu_page_into_16_token_blocks(ranks):
         {**GQA4, "prefill.block_size": 64, "decode.block_size": 16},
     )
     lengths = [1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 200]
-    _run(ranks, plan, "push", lengths, ["attention"], seed=2)
+    run_token_requests(ranks, plan, "push", lengths, ["attention"], seed=2)
 
 
 def test_token_mapping_needs_num_tokens_and_enough_blocks(ranks):
