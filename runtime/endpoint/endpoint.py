@@ -1199,6 +1199,7 @@ class Endpoint:
         for kind, local, remote in sets:
             layers = self._kind_layers(kind, sel)
             rows = table.rows_for_layers(layers)
+            explicit = None
             if rm is not None and req.num_tokens is not None:
                 loc, rem, nbytes = window_descriptors(
                     table,
@@ -1208,21 +1209,11 @@ class Endpoint:
                     rm.windows(self.role, req.num_tokens),
                     rm.windows(self.peer_role, req.num_tokens),
                 )
-                parts.append(
-                    JobPart(
-                        kind=kind,
-                        local=local,
-                        remote=remote,
-                        layers=layers,
-                        rows=rows,
-                        runs=block_runs(local, local),
-                        nbytes=nbytes,
-                        posted=int(loc.shape[0]),
-                        explicit=(loc, rem),
-                    )
-                )
-                continue
-            runs = block_runs(local, remote)  # consecutive on both sides: what NIXL merges
+                runs, posted, explicit = block_runs(local, local), int(loc.shape[0]), (loc, rem)
+            else:
+                runs = block_runs(local, remote)  # consecutive on both sides: what NIXL merges
+                nbytes = int(table.row_nbytes[rows].sum()) * int(local.shape[0])
+                posted = posted_count(table, local, remote, rows, runs)
             parts.append(
                 JobPart(
                     kind=kind,
@@ -1231,8 +1222,9 @@ class Endpoint:
                     layers=layers,
                     rows=rows,
                     runs=runs,
-                    nbytes=int(table.row_nbytes[rows].sum()) * int(local.shape[0]),
-                    posted=posted_count(table, local, remote, rows, runs),
+                    nbytes=nbytes,
+                    posted=posted,
+                    explicit=explicit,
                 )
             )
         return PeerJob(req=req, peer=peer, op=op, table=table, parts=parts)

@@ -111,15 +111,18 @@ class _Session:
                     if ids is not None:
                         keys = block_keys(li, req, np.arange(ids.size))
                         self.taggers[page].fill(want, ids, keys)
-            bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
-            if bad.size:
-                b, off = divmod(int(bad[0]), got.shape[1])
-                raise AssertionError(
-                    f"{self.ep.label}: layer {li} page {page!r}: {bad.size} "
-                    f"wrong bytes, first in block {b} at offset {off}"
-                )
-            checked += got.size
+            checked += self._compare(li, page, got, want)
         return checked
+
+    def _compare(self, li: int, page: str, got: np.ndarray, want: np.ndarray) -> int:
+        bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
+        if bad.size:
+            b, off = divmod(int(bad[0]), got.shape[1])
+            raise AssertionError(
+                f"{self.ep.label}: layer {li} page {page!r}: {bad.size} "
+                f"wrong bytes, first in block {b} at offset {off}"
+            )
+        return int(got.size)
 
     def tag_tokens(self, req: int, blocks: Any, chunk: int) -> None:
         """Fill request ``req``'s blocks with its tags, per-kernel-block pages by token (for
@@ -159,14 +162,7 @@ class _Session:
                     moved = np.repeat(token < last, isz, axis=1)
                     cur = want[ids, off : off + t.shape[1]]
                     want[ids, off : off + t.shape[1]] = np.where(moved, t, cur)
-            bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
-            if bad.size:
-                b, off = divmod(int(bad[0]), got.shape[1])
-                raise AssertionError(
-                    f"{self.ep.label}: layer {li} page {page!r}: {bad.size} "
-                    f"wrong bytes, first in block {b} at offset {off}"
-                )
-            checked += got.size
+            checked += self._compare(li, page, got, want)
         return checked
 
     def check_blocks(self, req: int, blocks: Any) -> int:
