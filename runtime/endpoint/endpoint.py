@@ -443,7 +443,8 @@ class Endpoint:
         peer_tp = layout.get("tp") if isinstance(layout, dict) else None
         role = header.get("role")
         if role == self.peer_role:
-            plan = self.plans.for_peer(peer_tp, f"{self.label}: {who}")
+            params = layout.get("params") if isinstance(layout, dict) else None
+            plan = self.plans.for_peer(peer_tp, f"{self.label}: {who}", params)
         else:
             plan = self.plan  # (validate_header refuses the role, naming both)
         label = hs.validate_header(

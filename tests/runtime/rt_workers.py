@@ -457,24 +457,31 @@ def _token_ids(rng: np.random.Generator, counts: list[int], pool: int) -> list[n
     return out
 
 
-def run_token_requests(ranks, plan, mode, lengths, kinds, seed, num_blocks=64, **ep_kwargs):
+def run_token_requests(
+    ranks, plan, mode, lengths, kinds, seed, num_blocks=64, sources=None, **ep_kwargs
+):
     """Requests of ``lengths`` tokens between engines holding different tokens per logical
     block (``plan.remap``), all in flight at once: tag by token, ``expect``, ``pull``/``push``
-    with ``num_tokens=``, wait, verify every decode byte (``verify_tokens``)."""
+    with ``num_tokens=``, wait, verify every decode byte (``verify_tokens``).  ``sources``:
+    (prefill, decode) plan sources given to the endpoints instead of ``plan``."""
+    from layoutc.runtime.endpoint import layer_kind_sequence
+
     rm = plan.remap
     assert rm is not None
     chunk = rm.chunk_tokens
     layers = 2 * len(kinds)
+    psrc, dsrc = sources or (plan, plan)
+    kinds_seq = layer_kind_sequence(plan, layers)
     pre = ranks.ranks(
-        [(plan, "prefill", r) for r in range(plan.prefill_tp)],
+        [(psrc, "prefill", r, {"tp": plan.prefill_tp}) for r in range(plan.prefill_tp)],
         num_blocks=num_blocks,
-        layers=layers,
+        kinds=kinds_seq,
         **ep_kwargs,
     )
     dec = ranks.ranks(
-        [(plan, "decode", r) for r in range(plan.decode_tp)],
+        [(dsrc, "decode", r, {"tp": plan.decode_tp}) for r in range(plan.decode_tp)],
         num_blocks=num_blocks,
-        layers=layers,
+        kinds=kinds_seq,
         **ep_kwargs,
     )
     connect_all(pre, dec)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from layoutc.runtime.errors import BlockIdError, UsageError
-from rt_plans import GQA4, HYBRID, compiled
+from rt_plans import GQA4, HYBRID, PeerValuePlans, compiled
 from rt_workers import connect_all, ranks_fixture, run_token_requests  # noqa: F401 (`ranks`)
 
 pytestmark = pytest.mark.timeout(600)
@@ -65,3 +65,23 @@ def test_token_mapping_needs_num_tokens_and_enough_blocks(ranks):
     dec.call("pull", "f", [7, 8, 9], [3, 4, 5, 6], num_tokens=33)
     assert dec.call("wait", "f").ok and pre.call("wait", "f").ok
     assert dec.call("verify_tokens", [(0, [7, 8], 33)], 16) > 0
+
+
+def test_block_size_learned_from_the_peers_handshake(ranks):
+    """Each engine knows only its own block size; the plan for the pair is made when the
+    peer's handshake announces its own (``plan_for_peer``)."""
+    sets = dict(HYBRID)
+    plan = compiled(
+        "vllm_hybrid_mamba2", 1, 2, {**sets, "prefill.block_size": 16, "decode.block_size": 48}
+    )
+    take = ("block_size",)
+    sources = (
+        PeerValuePlans("vllm_hybrid_mamba2", "prefill", sets, {"block_size": 16}, take),
+        PeerValuePlans("vllm_hybrid_mamba2", "decode", sets, {"block_size": 48}, take),
+    )
+    lengths = [1, 47, 48, 49, 100]
+    pre, dec = run_token_requests(
+        ranks, plan, "pull", lengths, ["attention", "mamba"], seed=4, sources=sources
+    )
+    for r in pre + dec:
+        assert r.call("stats")["peers"] == len(dec if r in pre else pre)
