@@ -50,7 +50,7 @@ class PlanSet:
         self._by_peer_tp: dict[int, Plan] = {}
         self.first: Plan | None
         self._per_values = False
-        self._by_values = {}
+        self._by_values: dict[tuple[int, str], Plan] = {}
         if isinstance(plans, Plan):
             self._source: Any = None
             own = side_of(plans, role).tp
@@ -70,7 +70,6 @@ class PlanSet:
             )
         self._source = plans
         self._per_values = callable(getattr(plans, "plan_for_peer", None))
-        self._by_values: dict[tuple[int, str], Plan] = {}
         pairs = [tuple(p) for p in getattr(plans, "COMPILED_PAIRS", ())]
         mine = [p for p in pairs if p[0 if role == "prefill" else 1] == tp] if tp else []
         if tp is None:
