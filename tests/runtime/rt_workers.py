@@ -287,6 +287,9 @@ class TestRank:
     def pid(self) -> int:
         return os.getpid()
 
+    def environ(self, name: str) -> str | None:
+        return os.environ.get(name)
+
     def tick(self) -> bool:
         if self.session is not None:
             self.session.collect()
