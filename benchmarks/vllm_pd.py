@@ -1,5 +1,6 @@
-"""LayoutcConnector against vLLM's NixlConnector in real vLLM P/D on CPU (DESIGN.md §9,
-"Inside a real engine").
+"""LayoutcConnector against vLLM's NixlConnector in real vLLM P/D on CPU (the target: per
+request, transfer time and decode handover no worse than NixlConnector's, better on
+heterogeneous TP).
 
 For each case -- a (prefill TP, decode TP) pair, a block size and a prompt length -- requests
 go one at a time: prefill with ``max_tokens=1`` and ``do_remote_decode``, then decode one token
