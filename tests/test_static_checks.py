@@ -44,8 +44,8 @@ def test_private_access_is_not_suppressed():
 
 
 def test_mypy(tmp_path):
-    """mypy over layoutc.compiler, layoutc.runtime and layoutc.tools.  The folders are linked
-    into a ``layoutc`` tree first: mypy cannot follow the editable install's import hook."""
+    """mypy over layoutc.compiler, layoutc.runtime, layoutc.tools and layoutc.connectors.
+    The folders are linked into a ``layoutc`` tree first: mypy cannot follow the editable install's import hook."""
     pkg = tmp_path / "layoutc"
     pkg.mkdir()
     for f in (ROOT / "compiler" / "pkg").iterdir():
@@ -66,6 +66,8 @@ def test_mypy(tmp_path):
             "layoutc.runtime",
             "-p",
             "layoutc.tools",
+            "-p",
+            "layoutc.connectors",
         ],
         capture_output=True,
         text=True,
