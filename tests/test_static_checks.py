@@ -45,7 +45,8 @@ def test_private_access_is_not_suppressed():
 
 def test_mypy(tmp_path):
     """mypy over layoutc.compiler, layoutc.runtime, layoutc.tools and layoutc.connectors.
-    The folders are linked into a ``layoutc`` tree first: mypy cannot follow the editable install's import hook."""
+    The folders are linked into a ``layoutc`` tree first: mypy cannot follow the editable
+    install's import hook."""
     pkg = tmp_path / "layoutc"
     pkg.mkdir()
     for f in (ROOT / "compiler" / "pkg").iterdir():
