@@ -36,6 +36,7 @@ from ...runtime.errors import LayoutcError, TransferError
 from .errors import SideChannelError
 from .params import RemoteRequest, host_allowed
 from .plans import SpecPlans
+from .rounds import Round
 from .side_channel import query
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "Transfer",
     "Transport",
     "check_payload",
-    "round_ids",
 ]
 
 #: under vLLM's logger namespace, so an engine's log configuration applies
@@ -57,11 +57,6 @@ _IDLE_S = 0.005
 _BUSY_MIN_S = 50e-6
 _BUSY_MAX_S = 2e-3
 _MAX_TEXT = 256
-
-
-def round_ids(rid: str, rounds: int) -> list[str]:
-    """Request ids of a request's rounds on both sides: ``rid``, ``rid#1``, ..."""
-    return [rid if j == 0 else f"{rid}#{j}" for j in range(rounds)]
 
 
 @dataclass(frozen=True)
@@ -84,17 +79,6 @@ class EndpointConfig:
     staging_bytes: int | None = None
     auth_key: str | None = None
     listen_host: str | None = None
-
-
-@dataclass(frozen=True)
-class Round:
-    """One ``pull``/``expect`` of a job: its id, block ids per layer kind, layers (None:
-    every layer)."""
-
-    rid: str
-    local: Mapping[str, Sequence[int]]
-    remote: Mapping[str, Sequence[int]]
-    layers: tuple[int, ...] | None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.stats import NixlKVConnectorStats
@@ -35,6 +34,7 @@ from .errors import BadRequestError, ConfigError
 from .metadata import LayoutcConnectorMetadata, LayoutcHandshakePayload
 from .params import parse_remote
 from .plans import LoadedSpec, SpecPlans
+from .rounds import GroupRounds, align
 from .spec_choice import choose_spec
 from .tensors import wrap
 from .transport import (
@@ -44,9 +44,7 @@ from .transport import (
     FailJob,
     HeartbeatJob,
     PullJob,
-    Round,
     Transport,
-    round_ids,
 )
 
 __all__ = ["LayoutcWorker", "listen_ports"]
@@ -87,31 +85,6 @@ def listen_ports(
     return out
 
 
-@dataclass(frozen=True)
-class _Kinds:
-    """Layer kinds of the transfer groups and how they make rounds."""
-
-    group_kinds: tuple[str, ...]
-    rounds: tuple[tuple[int, ...], ...]  # round -> group indices (one group per kind at most)
-    layers: tuple[tuple[int, ...] | None, ...]  # round -> registered layer indices (None: all)
-    token_kinds: frozenset[str]  # kinds whose blocks hold tokens (attention)
-
-
-def _kinds(
-    group_kinds: tuple[str, ...], group_layers: list[list[int]], token_kinds: frozenset[str]
-) -> _Kinds:
-    by_kind: dict[str, list[int]] = {}
-    for g, k in enumerate(group_kinds):
-        by_kind.setdefault(k, []).append(g)
-    n = max(len(v) for v in by_kind.values())
-    rounds = tuple(tuple(v[j] for v in by_kind.values() if j < len(v)) for j in range(n))
-    if n == 1:
-        layers: tuple[tuple[int, ...] | None, ...] = (None,)
-    else:
-        layers = tuple(tuple(sorted(i for g in r for i in group_layers[g])) for r in rounds)
-    return _Kinds(group_kinds, rounds, layers, token_kinds)
-
-
 class LayoutcWorker:
     """Worker side of :class:`~.connector.LayoutcConnector` (see the module)."""
 
@@ -133,7 +106,7 @@ class LayoutcWorker:
         self.dp_size = int(getattr(pc, "data_parallel_size", 1) or 1)
         self.transport: Transport | None = None
         self.payload: LayoutcHandshakePayload | None = None
-        self.kinds: _Kinds | None = None
+        self.kinds: GroupRounds | None = None
         self.block_size = 0
         self.stats = NixlKVConnectorStats()
         self._leases: dict[str, float] = {}  # prefill request -> lease deadline (our clock)
@@ -159,7 +132,7 @@ class LayoutcWorker:
             for k, pages in kind_pages(plan).items()
             if all(side.page(p).per == "kernel" for p in pages)
         )
-        self.kinds = _kinds(choice.group_kinds, reg.group_layers, token_kinds)
+        self.kinds = GroupRounds.of(choice.group_kinds, reg.group_layers, token_kinds)
         self.block_size = (
             max(g.block_size for g in layout.groups if g.kind != "mamba")
             if any(g.kind != "mamba" for g in layout.groups)
@@ -269,12 +242,7 @@ class LayoutcWorker:
 
     def _expect_job(self, req_id: str, blocks: tuple[list[int], ...]) -> ExpectJob:
         assert self.kinds is not None
-        rids = round_ids(f"{self.engine_id}:{req_id}", len(self.kinds.rounds))
-        rounds = []
-        for rid, groups, layers in zip(rids, self.kinds.rounds, self.kinds.layers):
-            local = {self.kinds.group_kinds[g]: list(blocks[g]) for g in groups if g < len(blocks)}
-            rounds.append(Round(rid, local, {}, layers))
-        return ExpectJob(req_id, tuple(rounds))
+        return ExpectJob(req_id, self.kinds.make(f"{self.engine_id}:{req_id}", blocks))
 
     def _pull_job(self, req_id: str, m: Any, prompt_tokens: int | None) -> PullJob | FailJob | None:
         assert self.kinds is not None
@@ -298,61 +266,16 @@ class LayoutcWorker:
                 allowed_hosts=self.settings.allowed_peers,
                 max_tokens=prompt_tokens if prompt_tokens is not None else 1 << 31,
             )
-            local, remote_ids = self._align(m.local_block_ids, remote.block_ids)
+            local, remote_ids = align(
+                m.local_block_ids, remote.block_ids, self.kinds.group_kinds, self.kinds.token_kinds
+            )
         except BadRequestError as e:
             if not report:
                 logger.warning("request %s: %s (nothing to load; prefill not notified)", req_id, e)
                 return None
             return FailJob(req_id, str(e))
-        rids = round_ids(f"{remote.engine_id}:{remote.request_id}", len(self.kinds.rounds))
-        rounds = []
-        for rid, groups, layers in zip(rids, self.kinds.rounds, self.kinds.layers):
-            kinds = self.kinds.group_kinds
-            rounds.append(
-                Round(
-                    rid,
-                    {kinds[g]: local[g] for g in groups},
-                    {kinds[g]: remote_ids[g] for g in groups},
-                    layers,
-                )
-            )
-        token_groups = tuple(
-            g for g, k in enumerate(self.kinds.group_kinds) if k in self.kinds.token_kinds
-        )
-        return PullJob(req_id, remote, tuple(rounds), report, token_groups)
-
-    def _align(
-        self, local: Any, remote: tuple[tuple[int, ...], ...]
-    ) -> tuple[list[list[int]], list[list[int]]]:
-        """Pair each group's decode and prefill block ids as vLLM's NIXL worker does: decode
-        holds only the blocks its prefix cache lacks (the prefill list is end-trimmed to
-        them); a decode list one longer holds the token decode recomputes (cut).  Anything
-        else is a bad request.  (The transport checks the prefill lists against the request's
-        length once it knows the prefill block size.)"""
-        assert self.kinds is not None
-        if len(local) not in (0, len(remote)):
-            raise BadRequestError(f"{len(local)} local block groups for {len(remote)} remote")
-        out_l, out_r = [], []
-        for g, rem in enumerate(remote):
-            loc = list(local[g]) if local else []
-            rem_l = list(rem)
-            kind = self.kinds.group_kinds[g]
-            if kind not in self.kinds.token_kinds and len(rem_l) > 2:
-                raise BadRequestError(
-                    f"kv_transfer_params['remote_block_ids'][{g}] holds {len(rem_l)} state "
-                    f"blocks for a {kind} group (at most 2)"
-                )
-            if len(loc) <= len(rem_l):
-                rem_l = rem_l[len(rem_l) - len(loc) :]
-            elif len(loc) - len(rem_l) == 1:
-                loc = loc[: len(rem_l)]
-            else:
-                raise BadRequestError(
-                    f"group {g}: {len(loc)} blocks to fill here but the prefill holds {len(rem_l)}"
-                )
-            out_l.append(loc)
-            out_r.append(rem_l)
-        return out_l, out_r
+        rounds = self.kinds.make(f"{remote.engine_id}:{remote.request_id}", local, remote_ids)
+        return PullJob(req_id, remote, rounds, report, self.kinds.token_groups)
 
     # ------------------------------------------------------------------ completion
     def get_finished(self) -> tuple[set[str], set[str], set[str]]:

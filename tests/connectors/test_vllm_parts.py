@@ -17,6 +17,7 @@ from layoutc.connectors.vllm.errors import (
 )
 from layoutc.connectors.vllm.params import host_allowed, parse_remote
 from layoutc.connectors.vllm.plans import SpecPlans
+from layoutc.connectors.vllm.rounds import GroupRounds, align
 from layoutc.connectors.vllm.transport import PAYLOAD_FORMAT, check_payload
 from layoutc.runtime.errors import PlanError
 
@@ -299,3 +300,36 @@ def test_a_spec_that_does_not_exist_or_has_errors_is_a_config_error(tmp_path):
     plans = SpecPlans("vllm_cpu_attn", {}, role="decode")
     with pytest.raises(ConfigError, match="num_key_value_heads"):
         plans.check_bindable(1)
+
+
+# -- per-group block ids: rounds and prefix-cache alignment -----------------------------------
+
+
+def test_groups_of_one_kind_make_rounds():
+    r = GroupRounds.of(
+        ("mamba", "mamba", "attention"), [[0, 3], [2, 5], [1, 4]], frozenset({"attention"})
+    )
+    assert r.rounds == ((0, 2), (1,))
+    assert r.layers == ((0, 1, 3, 4), (2, 5))
+    rounds = r.make("e:q", [[7], [8], [1, 2]], [[3], [4], [5, 6]])
+    assert [x.rid for x in rounds] == ["e:q", "e:q#1"]
+    assert rounds[0].local == {"mamba": [7], "attention": [1, 2]}
+    assert rounds[1].remote == {"mamba": [4]}
+    single = GroupRounds.of(("attention",), [[0, 1]], frozenset({"attention"}))
+    assert single.layers == (None,) and [x.rid for x in single.make("x", [[1]])] == ["x"]
+
+
+def test_align_pairs_block_ids_as_vllm_does():
+    kinds, tok = ("mamba", "attention"), frozenset({"attention"})
+    # decode's prefix cache holds the first 2 blocks: the prefill list is end-trimmed
+    assert align([[9], [5, 6]], [[1], [2, 3, 4, 7]], kinds, tok) == ([[9], [5, 6]], [[1], [4, 7]])
+    # decode holds one block more (the token it recomputes): cut
+    assert align([[9], [5, 6, 8]], [[1], [2, 3]], kinds, tok) == ([[9], [5, 6]], [[1], [2, 3]])
+    # a full prefix hit / an aborted request: nothing moves
+    assert align([], [[1], [2]], kinds, tok) == ([[], []], [[], []])
+    with pytest.raises(BadRequestError, match="4 blocks to fill here but the prefill holds 2"):
+        align([[9], [5, 6, 8, 10]], [[1], [2, 3]], kinds, tok)
+    with pytest.raises(BadRequestError, match="3 state blocks for a mamba group"):
+        align([[9], [5]], [[1, 2, 3], [4]], kinds, tok)
+    with pytest.raises(BadRequestError, match="1 local block groups for 2 remote"):
+        align([[9]], [[1], [4]], kinds, tok)

@@ -42,6 +42,7 @@ PAIRS = [
     ("flash", 1, 2),
     ("mla", 2, 1),
     ("hybrid", 1, 2),
+    ("hybrid_groups", 2, 1),
     ("cpu_attn", 2, 1),
 ]
 PARAMS = [
@@ -51,15 +52,17 @@ PARAMS = [
 ]
 
 NUM_BLOCKS = 12
-# per request: block ids of each layer kind on each side (scattered; kinds disjoint per side)
-PREFILL_IDS = [
-    {"attention": [5, 2, 9], "mamba": [11]},
-    {"attention": [0, 7], "mamba": [4]},
-]
-DECODE_IDS = [
-    {"attention": [7, 3, 1], "mamba": [10]},
-    {"attention": [4, 11], "mamba": [0]},
-]
+# per request and side: block ids per Mamba group (their first blocks) and for the attention
+# group; scattered, and disjoint within a side (one block pool serves every group)
+PREFILL_IDS = [([11, 6], [5, 2, 9]), ([4, 3], [0, 7])]
+DECODE_IDS = [([10, 8], [7, 3, 1]), ([0, 2], [4, 11])]
+
+
+def _groups(case: str, ids: tuple[list[int], list[int]]) -> list[list[int]]:
+    """Block ids per transfer group of ``case`` (Mamba groups first, as vLLM orders them)."""
+    c = CASES[case]
+    mamba = [[b] for b in ids[0][: c.mamba_groups]] if c.mamba else []
+    return [*mamba, ids[1]]
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +81,6 @@ def workers():
     for ws in pool.values():
         for w in ws:
             w.stop()
-
-
-def _ids(kinds: set[str], ids: dict[str, list[int]]) -> dict[str, list[int]]:
-    return {k: v for k, v in ids.items() if k in kinds}
 
 
 @pytest.mark.parametrize("mode", ["pull", "push"])
@@ -104,24 +103,23 @@ def test_transfer_between_vllm_shaped_caches(workers, case, ptp, dtp, device, mo
         for w in dec:
             for h in hp:
                 w.call("add_peer", h)
-        kinds = {"attention", "mamba"} if CASES[case].mamba else {"attention"}
-        pb = [_ids(kinds, x) for x in PREFILL_IDS]
-        db = [_ids(kinds, x) for x in DECODE_IDS]
+        pb = [_groups(case, x) for x in PREFILL_IDS]
+        db = [_groups(case, x) for x in DECODE_IDS]
         for w in pre:
             for i, blocks in enumerate(pb):
                 w.call("tag", i, blocks)
         initiators, passive = (dec, pre) if mode == "pull" else (pre, dec)
         for w in passive:
             for i in range(len(pb)):
-                kw = {"blocks": pb[i]} if w in pre else {}
-                w.call("expect", f"r{i}", **kw)
+                w.call("expect_rounds", f"r{i}", pb[i] if w in pre else None)
         for w in initiators:
             for i in range(len(pb)):
                 local, remote = (db[i], pb[i]) if mode == "pull" else (pb[i], db[i])
-                w.call(mode, f"r{i}", local, remote)
+                rounds = w.call("start", mode, f"r{i}", local, remote)
+                assert rounds == (CASES[case].mamba_groups if CASES[case].mamba else 1)
         for w in ws:
             for i in range(len(pb)):
-                w.call("wait", f"r{i}")
+                w.call("wait_rounds", f"r{i}")
         checked = sum(w.call("verify", list(enumerate(db))) for w in dec)
         assert checked > 0
     finally:
@@ -150,6 +148,7 @@ def test_every_case_wraps_with_its_builtin_spec():
         "flash": "vllm_lbhnc",
         "mla": "vllm_mla",
         "hybrid": "vllm_lbhnc_hybrid_mamba2",
+        "hybrid_groups": "vllm_lbhnc_hybrid_mamba2",
         "cpu_attn": "vllm_cpu_attn",
     }
     for case, spec in expected.items():
@@ -157,9 +156,9 @@ def test_every_case_wraps_with_its_builtin_spec():
         assert choose_spec(layout).spec == spec
         reg = _wrap(case, tp=2)
         assert len(reg.layer_names) == len(kv)
-        # hybrid groups alias one buffer: the Mamba layer and the attention layer after it
+        # hybrid groups alias one buffer: the i-th layers of every group share a region
         ptrs = {b[next(iter(b))].data_ptr() for b in reg.buffers}
-        assert len(ptrs) == (2 if case == "hybrid" else len(kv))
+        assert len(ptrs) == (2 if case.startswith("hybrid") else len(kv))
 
 
 def _model(**values):

@@ -66,6 +66,7 @@ class Case:
     mla: tuple[int, int] | None = None  # (kv_lora_rank, qk_rope_head_dim)
     mamba_layers: int = 0
     mamba: tuple[int, int, int, int, int] | None = None  # heads, head dim, n_groups, d_state, conv
+    mamba_groups: int = 1  # KV-cache groups the Mamba layers make (vLLM: equal-sized groups)
     conv_dtype: str = "bf16"
     ssm_dtype: str = "fp32"
 
@@ -86,6 +87,19 @@ CASES = {
         mamba_layers=2,
         mamba=(8, 16, 2, 16, 4),
     ),
+    # more Mamba layers than attention layers: two Mamba groups, each with its own block ids
+    "hybrid_groups": Case(
+        "hybrid_groups",
+        "gpu",
+        attention_layers=2,
+        kv_heads=2,
+        head_dim=64,
+        block_size=64,
+        kernel_block_size=64,
+        mamba_layers=4,
+        mamba=(8, 16, 2, 16, 4),
+        mamba_groups=2,
+    ),
     "cpu_attn": Case(
         "cpu_attn",
         "cpu",
@@ -100,11 +114,15 @@ CASES = {
 
 
 def _layer_names(case: Case) -> tuple[list[str], list[str]]:
-    """(attention layers, Mamba layers) named as vLLM names them, interleaved M, A, M, A..."""
+    """(attention layers, Mamba layers) named as vLLM names them: a Mamba layer first, then
+    alternating while both kinds remain, the rest of the larger kind at the end."""
     attn, mamba = [], []
     n = case.attention_layers + case.mamba_layers
     for i in range(n):
-        if case.mamba_layers and i % 2 == 0 and len(mamba) < case.mamba_layers:
+        want_mamba = len(mamba) < case.mamba_layers and (
+            len(attn) >= case.attention_layers or len(mamba) <= len(attn)
+        )
+        if want_mamba:
             mamba.append(f"model.layers.{i}.mixer")
         else:
             attn.append(f"model.layers.{i}.self_attn.attn")
@@ -117,6 +135,10 @@ def _mamba_shapes(case: Case, tp: int) -> tuple[tuple[int, int], tuple[int, int,
     extra = 0 if groups % tp == 0 else tp - groups  # vLLM's extra_groups_for_head_shards
     conv_dim = heads * head_dim + 2 * (groups + extra) * d_state
     return (conv_dim // tp, conv - 1), (heads // tp, head_dim, d_state)
+
+
+def _index(name: str) -> int:
+    return int(name.split(".")[2])
 
 
 def vllm_cache(
@@ -143,12 +165,16 @@ def vllm_cache(
         )
         assert mamba_bytes <= attn_page, "vLLM would raise the block size"
     layer_stride = num_blocks * page
-    n_per_group = max(len(attn_names), len(mamba_names))
-    size = n_per_group * layer_stride
+    # vLLM's hybrid groups hold equally many layers; the i-th layer of every group shares
+    # one KVCacheTensor slot (offset i * layer_stride): groups overlay the same buffer
+    mamba_sets = [mamba_names[i :: case.mamba_groups] for i in range(case.mamba_groups)]
+    mamba_sets = [sorted(m, key=_index) for m in mamba_sets if m]
+    per_group = max([len(attn_names)] + [len(m) for m in mamba_sets])
+    size = per_group * layer_stride
     buf = torch.zeros(size, dtype=torch.int8, device=device)
     kv: dict[str, Any] = {}
     placements = []
-    # attention group: one KVCacheTensor, layer-outermost, LBHNC strides (C, N, H innermost)
+    # attention group: layer-outermost, LBHNC strides (C, N, H innermost)
     shape = (num_blocks * ratio, heads, case.kernel_block_size, content)
     strides = (page // ratio, case.kernel_block_size * content, content, 1)
     for li, name in enumerate(attn_names):
@@ -184,30 +210,31 @@ def vllm_cache(
             )
         )
     if case.mamba is not None:
-        # the Mamba group overlays the same buffer (its own KVCacheTensor, same offsets); its
-        # page is padded to the attention page: block stride = page
-        for li, name in enumerate(mamba_names):
-            kv[name] = torch.as_strided(
-                buf,
-                (num_blocks, 1, 1, mamba_bytes),
-                (page, mamba_bytes, mamba_bytes, 1),
-                li * layer_stride,
-            )
-        placements.append(Placement(tuple(mamba_names), layer_stride, page, 0, size))
         conv, ssm = _mamba_shapes(case, tp)
-        groups.insert(
-            0,
-            GroupLayout(
-                "mamba",
-                tuple(mamba_names),
-                4096,
-                4096,
-                shapes=(conv, ssm),
-                dtypes=(case.conv_dtype, case.ssm_dtype),
-                mamba_type="mamba2",
-                page_size_bytes=page,
-            ),
-        )
+        mamba_groups = []
+        for names in mamba_sets:
+            # raw int8 [blocks, 1, 1, state bytes], block stride = the padded page
+            for li, name in enumerate(names):
+                kv[name] = torch.as_strided(
+                    buf,
+                    (num_blocks, 1, 1, mamba_bytes),
+                    (page, mamba_bytes, mamba_bytes, 1),
+                    li * layer_stride,
+                )
+            placements.append(Placement(tuple(names), layer_stride, page, 0, size))
+            mamba_groups.append(
+                GroupLayout(
+                    "mamba",
+                    tuple(names),
+                    4096,
+                    4096,
+                    shapes=(conv, ssm),
+                    dtypes=(case.conv_dtype, case.ssm_dtype),
+                    mamba_type="mamba2",
+                    page_size_bytes=page,
+                )
+            )
+        groups = mamba_groups + groups  # vLLM's transfer order: Mamba groups first
     model: dict[str, int] = {}
     if case.mla is not None:
         model.update(kv_lora_rank=case.mla[0], qk_rope_head_dim=case.mla[1])

@@ -28,6 +28,7 @@ class VllmRank:
         self, case: str, role: str, rank: int, ptp: int, dtp: int, num_blocks: int, device: str
     ) -> str:
         from layoutc.connectors.vllm.plans import SpecPlans
+        from layoutc.connectors.vllm.rounds import GroupRounds
         from layoutc.connectors.vllm.spec_choice import choose_spec
         from layoutc.connectors.vllm.tensors import wrap
         from layoutc.runtime.endpoint import Endpoint, kind_pages
@@ -40,7 +41,16 @@ class VllmRank:
         plans = SpecPlans(choice.spec, choice.params, role=role)
         plan = plans.plan(ptp, dtp)
         side = plan.prefill if role == "prefill" else plan.decode
-        self.reg = wrap(kv, layout, choice, side, kind_pages(plan))
+        pages = kind_pages(plan)
+        self.reg = wrap(kv, layout, choice, side, pages)
+        token_kinds = frozenset(
+            k for k, ps in pages.items() if all(side.page(p).per == "kernel" for p in ps)
+        )
+        # a request's rounds, as the connector's workers make them
+        self.rounds = GroupRounds.of(choice.group_kinds, self.reg.group_layers, token_kinds)
+        self.layer_group = {
+            li: g for g, layers in enumerate(self.reg.group_layers) for li in layers
+        }
         self.kv = kv  # keeps the allocation alive
         self.role, self.side, self.spec = role, side, choice.spec
         self.ep = Endpoint(
@@ -60,11 +70,12 @@ class VllmRank:
         return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
 
     def _want(self, li: int, page: str, view: np.ndarray, reqs: list[tuple[int, Any]]) -> None:
+        """Tags of requests ``reqs`` (``(request, block ids per group)``) in layer ``li``."""
         from layoutc.runtime.tags import block_keys
 
-        for req, blocks in reqs:
-            ids = blocks.get(self.reg.kinds[li]) if isinstance(blocks, dict) else blocks
-            if ids is not None and len(ids):
+        for req, groups in reqs:
+            ids = groups[self.layer_group[li]]
+            if len(ids):
                 ids = np.asarray(ids, dtype=np.int64)
                 self.taggers[page].fill(view, ids, block_keys(li, req, np.arange(ids.size)))
 
@@ -102,6 +113,29 @@ class VllmRank:
                 )
             checked += got.size
         return checked
+
+    # -- requests, in rounds --------------------------------------------------------------------
+    def start(self, mode: str, rid: str, local: list[list[int]], remote: list[list[int]]) -> int:
+        """``pull`` or ``push`` request ``rid`` (block ids per group on each side) round by
+        round; returns the number of rounds."""
+        rounds = self.rounds.make(rid, local, remote)
+        for r in rounds:
+            getattr(self.ep, mode)(r.rid, dict(r.local), dict(r.remote), layers=r.layers)
+        return len(rounds)
+
+    def expect_rounds(self, rid: str, blocks: list[list[int]] | None) -> None:
+        """``expect`` every round of ``rid`` (a prefill rank passes its block ids per group)."""
+        groups = blocks if blocks is not None else [[] for _ in self.rounds.group_kinds]
+        for r in self.rounds.make(rid, groups):
+            self.ep.expect(r.rid, blocks=dict(r.local) if blocks is not None else None)
+
+    def wait_rounds(self, rid: str) -> int:
+        from layoutc.connectors.vllm.rounds import round_ids
+
+        ids = round_ids(rid, len(self.rounds.rounds))
+        for r in ids:
+            self.wait(r)
+        return len(ids)
 
     # -- endpoint -------------------------------------------------------------------------------
     def tick(self) -> bool:
