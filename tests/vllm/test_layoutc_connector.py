@@ -70,8 +70,9 @@ def lc(
 
 P1 = lc(LLAMA, 1, "kv_producer")
 P2 = lc(LLAMA, 2, "kv_producer")
-# (num_threads: a NixlConnector setting the connector reports, once, as ignored)
-D2 = lc(LLAMA, 2, "kv_consumer", extra={"num_threads": 4})
+# kv_both: every worker holds a prefill and a decode endpoint (num_threads: a NixlConnector
+# setting the connector reports, once, as ignored)
+D2 = lc(LLAMA, 2, "kv_both", extra={"num_threads": 4}, llm=STATS)
 # D1 also decodes from the tamper engine (another model path): compatibility check off.
 D1 = lc(LLAMA, 1, "kv_consumer", extra={"enforce_handshake_compat": False})
 P1_OTHER = lc(LLAMA_OTHER, 1, "kv_producer")
