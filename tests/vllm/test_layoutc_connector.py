@@ -189,6 +189,35 @@ def test_llama_p1_to_d1(engine_pool, baselines, report):
     _assert_equal(*_pd(engine_pool, baselines, report, LLAMA, P1, D1, "llama P1->D1"))
 
 
+# -- untrusted kv_transfer_params --------------------------------------------------------------
+
+
+def test_forged_params_fail_only_their_request(engine_pool, baselines, report):
+    """Forged ``kv_transfer_params`` (a host not allowed, block ids beyond the prefill's
+    registration, wrong types) end their own request with an error (policy ``fail``); a valid
+    request in the same batch decodes as a single engine does."""
+    prefill, decode = engine_pool.get(P1, D1)
+    prompts = make_prompts([300, 300, 300, 300, 300], seed=7)
+    expected = baselines.get(LLAMA, prefill, prompts[:1], MAX_TOKENS)
+    connect(prefill, decode)
+    pre = prefill.generate(
+        prompts, {"max_tokens": 1}, [{"do_remote_decode": True} for _ in prompts]
+    )
+    params = [copy.deepcopy(c.kv_transfer_params) for c in pre]
+    params[1]["remote_host"] = "10.255.255.1"
+    params[2]["remote_block_ids"] = [[10**7 + i for i in range(3)]]
+    params[3]["remote_port"] = "side-channel"
+    params[4]["remote_block_ids"] = "all of them"
+    dec = decode.generate(prompts, {"max_tokens": MAX_TOKENS}, params)
+    assert dec[0].finish_reason == "length"
+    assert dec[0].token_ids == expected[0].token_ids
+    assert [c.finish_reason for c in dec[1:]] == ["error"] * 4
+    report.outcome(
+        "LayoutcConnector forged kv_transfer_params",
+        "valid request as a single engine; " + ", ".join(c.finish_reason or "" for c in dec[1:]),
+    )
+
+
 def test_tamper_control(engine_pool, baselines, report):
     """Prefill with other weights: decode must differ wherever it loaded KV (every prompt
     longer than one token; decode recomputes a one-token prompt's only token)."""
@@ -204,6 +233,32 @@ def test_tamper_control(engine_pool, baselines, report):
 
 def test_llama_p2_to_d1(engine_pool, baselines, report):
     _assert_equal(*_pd(engine_pool, baselines, report, LLAMA, P2, D1, "llama P2->D1"))
+
+
+# -- different block sizes -------------------------------------------------------------------
+
+
+def _runtime_maps_tokens() -> bool:
+    from layoutc.runtime.endpoint import Endpoint
+
+    return "num_tokens" in inspect.signature(Endpoint.pull).parameters
+
+
+@pytest.mark.xfail(
+    not _runtime_maps_tokens(),
+    reason="the layoutc runtime has no num_tokens= on pull/expect yet (plans with a token "
+    "remap between sides holding different tokens per block)",
+    strict=True,
+)
+def test_different_block_sizes(engine_pool, baselines, report):
+    """Prefill in 64-token blocks, decode in 128 (vLLM's NixlConnector scrambles K and V of
+    CPU pages here: see test_nixl_reference)."""
+    _assert_equal(
+        *_pd(engine_pool, baselines, report, LLAMA, P1_BS64, D1, "llama P1 bs64->D1 bs128")
+    )
+
+
+# -- neither TP divides the other --------------------------------------------------------------
 
 
 def test_neither_tp_divides_the_other(engine_pool, baselines, report):
@@ -278,29 +333,6 @@ def test_hybrid_n_groups_1_p1_to_d2(engine_pool, baselines, report):
     )
 
 
-# -- different block sizes -------------------------------------------------------------------
-
-
-def _runtime_maps_tokens() -> bool:
-    from layoutc.runtime.endpoint import Endpoint
-
-    return "num_tokens" in inspect.signature(Endpoint.pull).parameters
-
-
-@pytest.mark.xfail(
-    not _runtime_maps_tokens(),
-    reason="the layoutc runtime has no num_tokens= on pull/expect yet (plans with a token "
-    "remap between sides holding different tokens per block)",
-    strict=True,
-)
-def test_different_block_sizes(engine_pool, baselines, report):
-    """Prefill in 64-token blocks, decode in 128 (vLLM's NixlConnector scrambles K and V of
-    CPU pages here: see test_nixl_reference)."""
-    _assert_equal(
-        *_pd(engine_pool, baselines, report, LLAMA, P1_BS64, D1, "llama P1 bs64->D1 bs128")
-    )
-
-
 # -- configuration ---------------------------------------------------------------------------
 
 
@@ -312,35 +344,6 @@ def test_a_spec_that_does_not_fit_is_refused_at_start(engine_pool, vllm_dir):
         engine_pool.get(bad)
     text = str(info.value)
     assert "layout spec 'vllm_hybrid_mamba2'" in text and "mamba_num_heads" in text, text[-3000:]
-
-
-# -- untrusted kv_transfer_params --------------------------------------------------------------
-
-
-def test_forged_params_fail_only_their_request(engine_pool, baselines, report):
-    """Forged ``kv_transfer_params`` (a host not allowed, block ids beyond the prefill's
-    registration, wrong types) end their own request with an error (policy ``fail``); a valid
-    request in the same batch decodes as a single engine does."""
-    prefill, decode = engine_pool.get(P1, D1)
-    prompts = make_prompts([300, 300, 300, 300, 300], seed=7)
-    expected = baselines.get(LLAMA, prefill, prompts[:1], MAX_TOKENS)
-    connect(prefill, decode)
-    pre = prefill.generate(
-        prompts, {"max_tokens": 1}, [{"do_remote_decode": True} for _ in prompts]
-    )
-    params = [copy.deepcopy(c.kv_transfer_params) for c in pre]
-    params[1]["remote_host"] = "10.255.255.1"
-    params[2]["remote_block_ids"] = [[10**7 + i for i in range(3)]]
-    params[3]["remote_port"] = "side-channel"
-    params[4]["remote_block_ids"] = "all of them"
-    dec = decode.generate(prompts, {"max_tokens": MAX_TOKENS}, params)
-    assert dec[0].finish_reason == "length"
-    assert dec[0].token_ids == expected[0].token_ids
-    assert [c.finish_reason for c in dec[1:]] == ["error"] * 4
-    report.outcome(
-        "LayoutcConnector forged kv_transfer_params",
-        "valid request as a single engine; " + ", ".join(c.finish_reason or "" for c in dec[1:]),
-    )
 
 
 # -- failures ----------------------------------------------------------------------------------
@@ -414,6 +417,34 @@ def test_lease_ended_under_recompute(engine_pool, baselines, report):
         assert got.token_ids == want.token_ids
         assert logprob_gap(got, want) <= LOGPROB_TOLERANCE
     report.outcome("LayoutcConnector lease ended (recompute)", "decode as a single engine")
+
+
+D1_HOLD = lc(LLAMA, 1, "kv_consumer", llm={"max_num_seqs": 1})
+
+
+def test_heartbeats_keep_a_queued_request_leased(engine_pool, baselines, report):
+    """A decode engine that runs one request at a time holds a P/D request in its queue
+    longer than the prefill's lease: its heartbeats renew the lease (over the side channel),
+    so the request still loads its KV -- one transfer, no failure -- and decodes as a single
+    engine does."""
+    prefill, decode = engine_pool.get(P1_LEASE, D1_HOLD)
+    a = make_prompts([1400], seed=41)[0]
+    filler = make_prompts([16], seed=42)[0]
+    expected = baselines.get(LLAMA, decode, [a], MAX_TOKENS)
+    connect(prefill, decode)
+    params = _prefill(prefill, [a])[0]
+    before = transfer_counts(decode)
+    t0 = time.monotonic()
+    dec = decode.generate(
+        [filler, a], [{"max_tokens": 1500}, {"max_tokens": MAX_TOKENS}], [None, params]
+    )
+    held = time.monotonic() - t0
+    after = transfer_counts(decode)
+    report.record("request held in the decode queue (heartbeats)", held)
+    assert held > LEASE_S + 3, f"the queue held the request only {held:.1f} s: no test"
+    assert dec[1].finish_reason == "length"
+    assert dec[1].token_ids == expected[0].token_ids
+    assert (after[0] - before[0], after[2] - before[2]) == (1, 0)
 
 
 def test_lease_ended_under_fail(engine_pool, baselines, report):
