@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The tests marked `gpu` (VRAM endpoints, the staged pipeline on CUDA streams, host staging
-# beside GPU pages, the vLLM connector's KV caches as vLLM allocates them on CUDA), run on the GPU box from the repo root with the NIXL wheels in .whl/.
+# beside GPU pages, the vLLM connector's KV caches as vLLM allocates them on CUDA), run on
+# the GPU box from the repo root with the NIXL wheels in .whl/.
 # Writes their summary to $OUT/h100-gpu-tests.txt (committed as
 # benchmarks/results/h100-gpu-tests.txt).  GPU_TESTS_TIMEOUT caps the run (default 240 s);
 # GPU_TESTS names other test files.
