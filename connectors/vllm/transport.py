@@ -32,7 +32,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...runtime.errors import LayoutcError, TransferError
+from ...runtime.errors import (
+    LayoutcError,
+    PeerDisconnectedError,
+    PeerNotConnectedError,
+    TransferError,
+)
 from .errors import SideChannelError
 from .params import RemoteRequest, host_allowed
 from .plans import SpecPlans
@@ -301,6 +306,8 @@ class Transport:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._crashed: str | None = None  # why the thread ended early
+        self._pending: dict[str, PullJob | ExpectJob] = {}  # by vLLM request id
         self._endpoints: dict[str, Any] = {}
         self._active: dict[str, _Job] = {}  # by round id
         self._engines: dict[str, _Engine] = {}
@@ -317,11 +324,24 @@ class Transport:
 
     # ------------------------------------------------------------------ the caller's side
     def submit(self, job: PullJob | ExpectJob | HeartbeatJob | FailJob) -> None:
+        if isinstance(job, PullJob | ExpectJob):
+            with self._lock:
+                self._pending[job.req_id] = job
         self._jobs.put(job)
 
     def drain(self) -> Results:
-        """What finished since the last call (and forget it)."""
+        """What finished since the last call (and forget it).  Should the thread have died,
+        every job still pending is reported ended -- a pull failed, an expect done -- so
+        that vLLM frees their blocks instead of waiting for ever."""
         with self._lock:
+            if self._crashed is not None and self._pending:
+                for job in self._pending.values():
+                    if isinstance(job, ExpectJob):
+                        self._results.send_done.add(job.req_id)
+                    elif job.report:
+                        self._results.recv_failed[job.req_id] = self._crashed
+                        self._results.recv_done.add(job.req_id)
+                self._pending.clear()
             out, self._results = self._results, Results()
         return out
 
@@ -354,31 +374,36 @@ class Transport:
             self._ready.set()
             return
         self._ready.set()
-        delay = _BUSY_MIN_S
         try:
-            while not self._stop.is_set():
-                worked = self._take_jobs()
-                worked = self._progress() or worked
-                worked = self._handshakes() or worked
-                if worked:
-                    delay = _BUSY_MIN_S
-                busy = bool(self._active) or any(
-                    e.state == "querying" for e in self._engines.values()
-                )
-                wait = min(delay, _BUSY_MAX_S) if busy else _IDLE_S
-                try:
-                    job = self._jobs.get(timeout=wait)
-                except queue.Empty:
-                    delay = min(delay * 2, _BUSY_MAX_S)
-                    continue
-                self._handle(job)
-                delay = _BUSY_MIN_S
+            self._loop()
+        except BaseException as e:  # a bug: reported, and pending jobs end (see drain)
+            logger.exception("layoutc transfer thread failed")
+            with self._lock:
+                self._crashed = f"the layoutc transfer thread failed: {type(e).__name__}: {e}"
         finally:
             for ep in self._endpoints.values():
                 try:
                     ep.close()
                 except LayoutcError:
                     pass
+
+    def _loop(self) -> None:
+        delay = _BUSY_MIN_S
+        while not self._stop.is_set():
+            worked = self._take_jobs()
+            worked = self._progress() or worked
+            worked = self._handshakes() or worked
+            if worked:
+                delay = _BUSY_MIN_S
+            busy = bool(self._active) or any(e.state == "querying" for e in self._engines.values())
+            wait = min(delay, _BUSY_MAX_S) if busy else _IDLE_S
+            try:
+                job = self._jobs.get(timeout=wait)
+            except queue.Empty:
+                delay = min(delay * 2, _BUSY_MAX_S)
+                continue
+            self._handle(job)
+            delay = _BUSY_MIN_S
 
     def _take_jobs(self) -> bool:
         worked = False
@@ -586,12 +611,20 @@ class Transport:
                 state.error = str(e)
                 with self._lock:
                     self._results.failed_transfers += 1
+                self._peer_trouble(eng.engine_id, e)
                 break
             state.posted[r.rid] = time.perf_counter() - t0
             state.pending.add(r.rid)
             self._active[r.rid] = state
         if not state.pending:
             self._finish(state)
+
+    def _peer_trouble(self, engine_id: str, err: BaseException) -> None:
+        """A prefill rank died or was never connected: the next request of its engine
+        handshakes again (a restarted engine may come back under the same id)."""
+        eng = self._engines.get(engine_id)
+        if eng is not None and isinstance(err, PeerDisconnectedError | PeerNotConnectedError):
+            eng.state, eng.error = "failed", str(err)
 
     def _heartbeat(self, job: HeartbeatJob) -> None:
         eng = self._engines.get(job.engine_id)
@@ -623,9 +656,10 @@ class Transport:
         self._helper.submit(renew)
 
     def _fail_job(self, job: PullJob, error: str) -> None:
-        if not job.report:
-            return  # nothing waits for it (a notify-only job)
         with self._lock:
+            self._pending.pop(job.req_id, None)
+            if not job.report:
+                return  # nothing waits for it (a notify-only job)
             self._results.recv_failed[job.req_id] = error
             self._results.recv_done.add(job.req_id)
 
@@ -651,6 +685,8 @@ class Transport:
             if state.error is None:
                 state.error = str(err)
             if isinstance(state.job, PullJob):
+                self._peer_trouble(state.job.remote.engine_id, err)
+            if isinstance(state.job, PullJob):
                 with self._lock:
                     self._results.failed_transfers += 1
         elif isinstance(state.job, PullJob):
@@ -668,6 +704,7 @@ class Transport:
     def _finish(self, state: _Job) -> None:
         job = state.job
         with self._lock:
+            self._pending.pop(job.req_id, None)
             if isinstance(job, ExpectJob):
                 self._results.send_done.add(job.req_id)
                 return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import pytest
 from layoutc.connectors.vllm import SUPPORTED_VLLM
@@ -17,8 +18,16 @@ from layoutc.connectors.vllm.errors import (
 )
 from layoutc.connectors.vllm.params import host_allowed, parse_remote
 from layoutc.connectors.vllm.plans import SpecPlans
-from layoutc.connectors.vllm.rounds import GroupRounds, align
-from layoutc.connectors.vllm.transport import PAYLOAD_FORMAT, check_payload
+from layoutc.connectors.vllm.rounds import GroupRounds, Round, align
+from layoutc.connectors.vllm.transport import (
+    PAYLOAD_FORMAT,
+    ExpectJob,
+    FailJob,
+    PullJob,
+    Results,
+    Transport,
+    check_payload,
+)
 from layoutc.runtime.errors import PlanError
 
 pytestmark = pytest.mark.timeout(120)
@@ -333,3 +342,70 @@ def test_align_pairs_block_ids_as_vllm_does():
         align([[9], [5]], [[1, 2, 3], [4]], kinds, tok)
     with pytest.raises(BadRequestError, match="1 local block groups for 2 remote"):
         align([[9]], [[1], [4]], kinds, tok)
+
+
+# -- the transfer thread: failures end requests, never leave them waiting ----------------------
+
+
+def _transport(query_fn):
+    return Transport(
+        [], local=LOCAL, plans=None, tp_rank=0, tp_size=1, allowed_hosts=("127.0.0.1",),
+        enforce_compat=True, handshake_timeout_s=1.0, transfer_timeout_s=1.0,
+        lease_margin_s=0.0, expect_timeout_s=10.0, query_fn=query_fn,
+    )  # fmt: skip
+
+
+def _pull_job(req_id, report=True):
+    remote = parse(remote_request_id=f"p-{req_id}")
+    return PullJob(
+        req_id,
+        remote,
+        (Round(f"e-1:p-{req_id}", {"attention": [1]}, {"attention": [3]}, None),),
+        report,
+    )
+
+
+def _drain_until(t, check, timeout=10.0):
+    end = time.monotonic() + timeout
+    got = Results()
+    while time.monotonic() < end:
+        r = t.drain()
+        got.recv_done |= r.recv_done
+        got.recv_failed.update(r.recv_failed)
+        got.send_done |= r.send_done
+        got.failed_handshakes += r.failed_handshakes
+        if check(got):
+            return got
+        time.sleep(0.01)
+    raise AssertionError(f"not reported within {timeout} s: {got}")
+
+
+def test_a_failed_handshake_fails_its_requests_only_if_awaited():
+    def refuse(host, port, msg, timeout):
+        raise SideChannelError("nobody home")
+
+    t = _transport(refuse)
+    try:
+        t.submit(_pull_job("a"))
+        t.submit(_pull_job("b", report=False))  # notify-only: nothing waits for it
+        t.submit(FailJob("c", "bad params"))
+        got = _drain_until(t, lambda g: {"a", "c"} <= g.recv_done)
+        assert "nobody home" in got.recv_failed["a"] and got.recv_failed["c"] == "bad params"
+        assert "b" not in got.recv_done and got.failed_handshakes == 1
+    finally:
+        t.close()
+
+
+def test_a_crashed_thread_ends_every_pending_request():
+    def bug(host, port, msg, timeout):
+        raise RuntimeError("a bug")
+
+    t = _transport(bug)
+    try:
+        t.submit(_pull_job("a"))
+        t.submit(ExpectJob("s", (Round("x:s", {}, {}, None),)))  # no prefill endpoint: the bug
+        got = _drain_until(t, lambda g: "a" in g.recv_done and "s" in g.send_done)
+        assert "transfer thread failed" in got.recv_failed["a"]
+        assert not t.alive
+    finally:
+        t.close()
