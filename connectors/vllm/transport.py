@@ -417,6 +417,19 @@ class Transport:
         return worked
 
     def _handle(self, job: Any) -> None:
+        try:
+            self._dispatch(job)
+        except Exception as e:  # a bug: this job ends, the thread goes on
+            logger.exception("layoutc transfer thread: %s failed", type(job).__name__)
+            why = f"internal error in the layoutc transfer thread: {type(e).__name__}: {e}"
+            if isinstance(job, PullJob):
+                self._fail_job(job, why)
+            elif isinstance(job, ExpectJob):
+                with self._lock:
+                    self._pending.pop(job.req_id, None)
+                    self._results.send_done.add(job.req_id)
+
+    def _dispatch(self, job: Any) -> None:
         if isinstance(job, tuple):
             fn, fut = job
             try:
@@ -508,7 +521,7 @@ class Transport:
                 payloads, eng.offset = eng.future.result()
                 t_query = time.perf_counter() - eng.started
                 self._connect(eng, payloads)
-            except (LayoutcError, OSError) as e:
+            except Exception as e:  # refused, unreachable -- or a bug: the engine's jobs fail
                 eng.state, eng.error = (
                     "failed",
                     f"handshake with prefill engine {eng.engine_id!r} at {eng.host}:{eng.port} failed: {e}",

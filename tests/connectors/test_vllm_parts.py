@@ -396,15 +396,29 @@ def test_a_failed_handshake_fails_its_requests_only_if_awaited():
         t.close()
 
 
-def test_a_crashed_thread_ends_every_pending_request():
+def test_a_bug_ends_its_requests_and_the_thread_goes_on():
     def bug(host, port, msg, timeout):
         raise RuntimeError("a bug")
 
     t = _transport(bug)
     try:
         t.submit(_pull_job("a"))
-        t.submit(ExpectJob("s", (Round("x:s", {}, {}, None),)))  # no prefill endpoint: the bug
+        t.submit(ExpectJob("s", (Round("x:s", {}, {}, None),)))  # no prefill endpoint here
         got = _drain_until(t, lambda g: "a" in g.recv_done and "s" in g.send_done)
+        assert got.recv_failed["a"].endswith("failed: a bug")
+        assert t.alive
+    finally:
+        t.close()
+
+
+def test_a_dead_thread_ends_every_pending_request():
+    def fatal(host, port, msg, timeout):
+        raise SystemExit("the thread must not survive this")
+
+    t = _transport(fatal)
+    try:
+        t.submit(_pull_job("a"))
+        got = _drain_until(t, lambda g: "a" in g.recv_done)
         assert "transfer thread failed" in got.recv_failed["a"]
         assert not t.alive
     finally:
