@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import nixl_compat, protocol
+from .. import nixl_compat
 from ..costmodel import CostModel
 from ..endpoint.host import Host, JobPart, PeerJob
 from ..endpoint.peers import Peer
@@ -520,7 +520,7 @@ class Staged:
         rem = np.array([[st.slot_addr(remote_slot), nbytes, st.devid]], np.uint64)
         notif = b""
         if op == "WRITE":
-            notif = protocol.encode(Dat(ctx.req.rid, ctx.kind, x.chunk))
+            notif = host.notif_bytes(ctx.peer, Dat(ctx.req.rid, ctx.kind, x.chunk))
         t0 = self.tel.clock()
         try:
             ld = host.agent.get_xfer_descs(loc, self.mem_type)
