@@ -86,6 +86,7 @@ class _Conn:
     probe_next: float = 0.0
     probe_end: float = 0.0
     peer: Peer | None = None  # installed, waiting for the client's confirmation
+    shut: bool = False  # our side of the connection is shut (closing)
 
     def flush(self) -> None:
         while self.outbuf:
@@ -247,8 +248,7 @@ class HandshakeServer:
         try:
             conn.flush()
             if conn.state == "closing":
-                if not conn.outbuf or t > conn.deadline:
-                    self._close(conn)
+                self._closing(conn, t)
                 return
             if t > conn.deadline:
                 self._end(conn, "timed out")
@@ -273,6 +273,25 @@ class HandshakeServer:
         except Exception:  # noqa: BLE001 - a peer's handshake must never break the engine loop
             log.exception("%s: a socket handshake from %s failed", self.label, conn.where)
             self._end(conn, "internal error")
+
+    def _closing(self, conn: _Conn, t: float) -> None:
+        """After a refusal: once the reason is out, half-close and drain what the peer still
+        sends (closing with unread bytes would reset the connection and lose the reason)."""
+        if t > conn.deadline:
+            self._close(conn)
+            return
+        if conn.outbuf:
+            return
+        if not conn.shut:
+            conn.shut = True
+            conn.sock.shutdown(socket.SHUT_WR)
+        for _ in range(16):
+            try:
+                if not conn.sock.recv(1 << 16):
+                    self._close(conn)
+                    return
+            except (BlockingIOError, InterruptedError):
+                return
 
     def _on_frame(self, conn: _Conn, kind: bytes, payload: bytes) -> None:
         if conn.state == "hello" and kind == protocol.F_HELLO:
