@@ -1,4 +1,4 @@
-"""Compile cost against kernel blocks (DESIGN.md §9, "Compile").
+"""Compile cost against kernel blocks (docs/design.md §8, "Compile").
 
 A 128-layer hybrid (vllm_hybrid_mamba2 with Nemotron-3-Nano's shapes: 16 attention and 112
 Mamba2 layers) compiled for every pair of {1, 2, 4, 8, 16}^2, at kernel_blocks 131 (what the

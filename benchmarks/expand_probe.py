@@ -7,7 +7,7 @@ layers attention and half Mamba (alternating), scattered block ids on both sides
 
 * ``expand``: block ids -> zero-copy NIXL index arrays (one PairTable's rows x blocks, both
   sides) + staged stream map and chunk table, for one (decode rank, prefill rank) pair;
-  ``expand_loop``: the same arrays with a per-block Python loop (DESIGN.md §9 target: expand
+  ``expand_loop``: the same arrays with a per-block Python loop (docs/design.md §8 target: expand
   under 1 ms and at least 20x faster than the loop).
 * ``pack``/``unpack``: GB/s of stream bytes through a reused 64 MiB staging buffer, and the
   per-row kernels against one gather per (layer, page) with per-unit indices.

@@ -9,7 +9,7 @@ import jinja2
 
 from .. import __version__
 from ..runtime.layout import DimDesc
-from ..runtime.plan import PLAN_FORMAT, Plan, RunGroup, SideLayout
+from ..runtime.plan import Plan, RunGroup, SideLayout
 from .ir import Unit
 from .pyfmt import comment, escape, fmt, string
 
@@ -47,10 +47,12 @@ def _dims_table(dims: tuple[DimDesc, ...]) -> tuple[Any, ...]:
 
 
 def module_format(plans: list[Plan]) -> tuple[int, int]:
-    """The oldest plan format that holds `plans` (1.1 only for structured segments), so a
-    module is readable by every runtime that can read it."""
+    """The oldest plan format that holds `plans` (1.2 for token remaps, 1.1 for structured
+    segments), so a module is readable by every runtime that can read it."""
+    if any(pl.remap is not None for pl in plans):
+        return (1, 2)
     structured = any(d.structured for pl in plans for s in pl.decode.states for d in s.dims)
-    return PLAN_FORMAT if structured else (1, 0)
+    return (1, 1) if structured else (1, 0)
 
 
 def _side_table(side: SideLayout) -> tuple[Any, ...]:
@@ -74,7 +76,7 @@ def _side_table(side: SideLayout) -> tuple[Any, ...]:
 
 
 def _group(g: RunGroup, pages: tuple[str, ...], states: tuple[str, ...]) -> tuple:
-    return (
+    row = (
         pages.index(g.page),
         g.prefill_rank,
         g.decode_offset,
@@ -85,6 +87,7 @@ def _group(g: RunGroup, pages: tuple[str, ...], states: tuple[str, ...]) -> tupl
         g.prefill_stride,
         -1 if g.state is None else states.index(g.state),
     )
+    return row if g.token_stride == (0, 0) else (*row, g.token_stride)
 
 
 def render_module(unit: Unit, source: str, plans: list[Plan], command: str) -> str:
@@ -109,6 +112,17 @@ def render_module(unit: Unit, source: str, plans: list[Plan], command: str) -> s
             for r in pl.ranks
         )
     sides = dict(sorted(sides.items()))
+    remap = {
+        (pl.prefill_tp, pl.decode_tp): (
+            pl.remap.chunk_tokens,
+            pl.remap.prefill_kernel_tokens,
+            pl.remap.prefill_kernel_blocks,
+            pl.remap.decode_kernel_tokens,
+            pl.remap.decode_kernel_blocks,
+        )
+        for pl in plans
+        if pl.remap is not None
+    }
     spans = [(f"state {s.name}", str(s.span)) for s in unit.states.values()]
     spans += [(f"page {p.name}", str(p.span)) for p in unit.pages.values()]
     params = {
@@ -130,6 +144,7 @@ def render_module(unit: Unit, source: str, plans: list[Plan], command: str) -> s
         "layer_kinds": fmt(plans[0].layer_kinds, 0, "LAYER_KINDS = "),
         "sides": fmt(sides, 0, "SIDES = "),
         "pairs": fmt(pairs, 0, "PAIRS = "),
+        "remap": fmt(remap, 0, "REMAP = ") if remap else "",
         "compiled_pairs": fmt(tuple(pairs)),
     }
     return _env().get_template("plan_module.py.j2").render(**view)

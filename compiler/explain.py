@@ -66,6 +66,19 @@ def render_text(plan: Plan, decode_rank: int | None) -> str:
             f"x {_num(p.kernel_blocks, dp.kernel_blocks)} kernel blocks = logical stride "
             f"{_pair(p.logical_stride, dp.logical_stride)}"
         )
+    rm = plan.remap
+    unit = "logical block"
+    if rm is not None:
+        unit = "window (per-kernel-block pages) or logical block"
+        lines.append(
+            f"tokens per logical block: prefill {rm.prefill_kernel_tokens * rm.prefill_kernel_blocks}"
+            f" ({rm.prefill_kernel_tokens} x {rm.prefill_kernel_blocks} kernel blocks), decode "
+            f"{rm.decode_kernel_tokens * rm.decode_kernel_blocks} ({rm.decode_kernel_tokens} x "
+            f"{rm.decode_kernel_blocks}): requests move in windows of {rm.chunk_tokens} tokens "
+            f"(num_tokens= decides how many); the runs of per-kernel-block pages below move one "
+            f"window, rows 0-{rm.chunk_tokens - 1} of a kernel block, and are shifted by "
+            "the bytes per token for the others"
+        )
     ranks = plan.ranks if decode_rank is None else (plan.rank(decode_rank),)
     for r in ranks:
         per_block = plan.descriptors_per_block(r.rank)
@@ -73,7 +86,7 @@ def render_text(plan: Plan, decode_rank: int | None) -> str:
         lines.append(
             f"decode rank {r.rank}: reads {list(r.sources)}"
             + (f", notifies only {list(r.notify_only)}" if r.notify_only else "")
-            + "; descriptors per logical block: "
+            + f"; descriptors per {unit}: "
             + ", ".join(f"{k} {v}" for k, v in sorted(per_block.items()))
         )
         lines.append(
@@ -90,7 +103,7 @@ def render_text(plan: Plan, decode_rank: int | None) -> str:
             )
         total = sum(g.nbytes * g.count for g in r.posts)
         lines.append(
-            f"  posted: {sum(g.count for g in r.posts)} runs per logical block, {size_text(total)}"
+            f"  posted: {sum(g.count for g in r.posts)} runs per {unit}, {size_text(total)}"
         )
     lines.append("")
     lines.append(
@@ -242,6 +255,8 @@ def _paged_size(dims: tuple[DimDesc, ...]) -> int | None:
 def periods(plan: Plan) -> tuple[int, int]:
     """(decode, prefill) kernel blocks after which the runs of every kernel page repeat."""
     P, D = plan.prefill, plan.decode
+    if plan.remap is not None:  # the runs move one window of kernel block 0
+        return 1, 1
     period = 1
     for st in D.states:
         if D.page(st.page).per != "kernel":

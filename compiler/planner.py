@@ -11,6 +11,14 @@ Kernel blocks cost nothing: the runs of a per-kernel-block page repeat with a pe
 kernel blocks (one, unless the two sides use different block sizes: then the least common
 multiple of the two in tokens), so the planner plans one period and adds the repetition as the
 outermost mode of each run group.
+
+Engines may also hold different tokens per *logical* block (vLLM sizes a hybrid model's block
+by TP).  A request's token ``T`` then sits in different logical blocks on the two sides, so no
+block-to-block plan exists; the planner plans a *window* instead -- ``gcd`` of the two sides'
+tokens per kernel block, rows ``[0, window)`` of a kernel block on both sides -- and records
+each run's bytes per token (``token_stride``) and the sides' block geometry (``TokenRemap``):
+the runtime places every window of a request from its token count.  Per-logical-block state
+(a request's Mamba state) still moves block to block.
 """
 
 from __future__ import annotations
@@ -22,7 +30,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..runtime.layout import DimDesc, SegmentDesc, components, has_paged, local_dim
-from ..runtime.plan import PageLayout, Plan, RankPlan, RunGroup, SideLayout, StateLayout
+from ..runtime.plan import (
+    PageLayout,
+    Plan,
+    RankPlan,
+    RunGroup,
+    SideLayout,
+    StateLayout,
+    TokenRemap,
+)
 from .ast import Span
 from .diagnostics import Diagnostic, LayoutSemanticError
 from .ir import DimIR, LayerIR, RankedSpec, SegmentIR, StateIR
@@ -85,13 +101,14 @@ def _compare_dims(
     pkb: int,
     dkb: int,
     per_kernel: bool,
+    remap: bool = False,
 ) -> None:
     if len(a_dims) != len(b_dims):
         raise _refuse(f"state '{state.name}' has different dims on the two sides", state.span)
     for da, db in zip(a_dims, b_dims):
         if da.paged and per_kernel:
             ta, tb = da.size * pkb, db.size * dkb
-            if ta != tb:
+            if ta != tb and not remap:
                 raise _refuse(
                     f"a logical block holds {ta} tokens on prefill ('{da.name}' {da.size} x "
                     f"kernel_blocks {pkb}) but {tb} on decode ({db.size} x "
@@ -110,7 +127,7 @@ def _compare_dims(
             )
         for sa_, sb_ in zip(da.segments, db.segments):
             if sa_.dims or sb_.dims:
-                _compare_dims(state, sa_.dims, sb_.dims, pkb, dkb, per_kernel)
+                _compare_dims(state, sa_.dims, sb_.dims, pkb, dkb, per_kernel, remap)
 
 
 def _layer_counts(p: tuple[LayerIR, ...], d: tuple[LayerIR, ...]) -> None:
@@ -124,12 +141,17 @@ def _layer_counts(p: tuple[LayerIR, ...], d: tuple[LayerIR, ...]) -> None:
             )
 
 
-def check_compatible(p: RankedSpec, d: RankedSpec) -> None:
-    """Refuse (with the reason) prefill/decode layouts whose logical contents differ."""
+def check_compatible(p: RankedSpec, d: RankedSpec) -> TokenRemap | None:
+    """Refuse (with the reason) prefill/decode layouts whose logical contents differ.
+
+    Returns the :class:`TokenRemap` of a pair whose sides hold different tokens per logical
+    block (None when they hold the same).
+    """
     ps, ds = p.bound, d.bound
     if [s.name for s in ps.states] != [s.name for s in ds.states]:
         raise _refuse("prefill and decode specs declare different states", None)
     _layer_counts(ps.layers, ds.layers)
+    remap = token_remap(p, d)
     for a, b in zip(ps.states, ds.states):
         if a.dtype != b.dtype:
             raise _refuse(
@@ -140,13 +162,79 @@ def check_compatible(p: RankedSpec, d: RankedSpec) -> None:
         if a.page != b.page:
             raise _refuse(f"state '{a.name}' is in different pages on the two sides", a.span)
         per_kernel = ps.page(a.page).per == "kernel_block"
-        _compare_dims(a, a.dims, b.dims, ps.kernel_blocks, ds.kernel_blocks, per_kernel)
+        _compare_dims(
+            a, a.dims, b.dims, ps.kernel_blocks, ds.kernel_blocks, per_kernel, remap is not None
+        )
         if per_kernel and not has_paged(dim_desc(a.dims)) and ps.kernel_blocks != ds.kernel_blocks:
             raise _refuse(
                 f"state '{a.name}' is stored per kernel block with no paged dim, so both sides need "
                 f"the same kernel_blocks (prefill {ps.kernel_blocks}, decode {ds.kernel_blocks})",
                 a.span,
             )
+    return remap
+
+
+def token_remap(p: RankedSpec, d: RankedSpec) -> TokenRemap | None:
+    """The token mapping of a pair whose sides hold different tokens per logical block, or
+    None.  Refused (with the reason) where no mapping exists: a per-kernel-block state with no
+    token dim, or states of one side holding different tokens per kernel block."""
+    ps, ds = p.bound, d.bound
+    tokens: dict[tuple[int, int], StateIR] = {}
+    for a, b in zip(ps.states, ds.states):
+        if ps.page(a.page).per != "kernel_block":
+            continue
+        pt, dt = _paged_size(a.dims), _paged_size(b.dims)
+        if pt is not None and dt is not None:
+            tokens.setdefault((pt * ps.kernel_blocks, dt * ds.kernel_blocks), a)
+    if all(pt == dt for pt, dt in tokens):
+        return None
+    (pt, dt), first = next(((k, v) for k, v in tokens.items() if k[0] != k[1]))
+    why = f"a logical block holds {pt} tokens on prefill but {dt} on decode (state '{first.name}')"
+    for ly in ps.layers:
+        pers = sorted({ps.page(pg).per for pg in ly.pages})
+        if len(pers) > 1:
+            raise _refuse(
+                f"{why}, so requests are mapped token by token: per-kernel-block pages by "
+                f"tokens, per-logical-block pages block to block; layer '{ly.name}' holds both "
+                "kinds of page under one block table -- split them into layers of their own",
+                ly.span,
+            )
+    kernel: dict[tuple[int | None, int | None], StateIR] = {}
+    for a, b in zip(ps.states, ds.states):
+        if ps.page(a.page).per != "kernel_block":
+            continue
+        pt_, dt_ = _paged_size(a.dims), _paged_size(b.dims)
+        if pt_ is None or dt_ is None or not _paged_everywhere(a.dims):
+            raise _refuse(
+                f"{why}, so requests are mapped token by token; state '{a.name}' is stored "
+                "per kernel block but not every part of it has a paged (token) dim, so its "
+                "bytes cannot follow the tokens; bind kernel_blocks and block sizes so both "
+                "sides hold the same tokens per logical block",
+                a.span,
+            )
+        kernel.setdefault((pt_, dt_), a)
+    if len(kernel) > 1:
+        (k1, s1), (k2, s2) = list(kernel.items())[:2]
+        raise _refuse(
+            f"{why}, so requests are mapped token by token, which needs every per-kernel-block "
+            f"state of a side to hold the same tokens per kernel block; state '{s1.name}' holds "
+            f"{k1[0]} (prefill) / {k1[1]} (decode) but '{s2.name}' {k2[0]} / {k2[1]}",
+            s2.span,
+        )
+    (pkt, dkt), _ = next(iter(kernel.items()))
+    assert pkt is not None and dkt is not None
+    return TokenRemap(math.gcd(pkt, dkt), pkt, ps.kernel_blocks, dkt, ds.kernel_blocks)
+
+
+def _paged_everywhere(dims: tuple[DimIR, ...]) -> bool:
+    """Does every component of these dims (every structured segment's part) hold the paged
+    dim?"""
+    if any(d.paged for d in dims):
+        return True
+    structured = [d for d in dims if any(s.dims for s in d.segments)]
+    return bool(structured) and all(
+        all(_paged_everywhere(s.dims) for s in d.segments) for d in structured
+    )
 
 
 def _paged_size(dims: tuple[DimIR, ...]) -> int | None:
@@ -191,8 +279,18 @@ class _Piece:
 
 
 def _pieces(
-    dd: DimDesc, pd: DimDesc, dtp: int, d: int, ptp: int, p: int, dkb: int, per_kernel: bool
+    dd: DimDesc,
+    pd: DimDesc,
+    dtp: int,
+    d: int,
+    ptp: int,
+    p: int,
+    dkb: int,
+    per_kernel: bool,
+    window: int | None = None,
 ) -> list[_Piece]:
+    if dd.paged and per_kernel and window is not None:
+        return [_Piece(0, window, 0, 0, 0, 0)]  # rows [0, window) of kernel block 0, both sides
     if dd.paged and per_kernel:
         total = dd.size * dkb
         cuts = sorted(set(range(0, total, dd.size)) | set(range(0, total, pd.size)) | {total})
@@ -214,13 +312,16 @@ def _natural(d: int, dtp: int, ptp: int) -> range:
 
 
 def _state_reads(
-    pr: RankedSpec, dr: RankedSpec, name: str, d: int, dkb: int
+    pr: RankedSpec, dr: RankedSpec, name: str, d: int, dkb: int, window: int | None = None
 ) -> tuple[list[RunGroup], int]:
     """One state's runs into decode rank `d` over `dkb` decode kernel blocks (a period), and
-    how many runs they are."""
+    how many runs they are.  With `window` (a token remap), a per-kernel-block state's runs
+    move that many tokens, rows [0, window) of kernel block 0 on both sides."""
     pst, dst = pr.state(name), dr.state(name)
     ddims, pdims = dim_desc(dst.ir.dims), dim_desc(pst.ir.dims)
     per_kernel = dr.page(dst.ir.page).ir.per == "kernel_block"
+    if not per_kernel:
+        window = None
     copies = dkb if (per_kernel and not has_paged(ddims)) else 1
     isz = dst.ir.itemsize
     dks, pks = dr.page(dst.ir.page).kernel_stride, pr.page(pst.ir.page).kernel_stride
@@ -231,13 +332,18 @@ def _state_reads(
         boxes: dict[tuple[tuple[int, int, int], ...], list[tuple[int, tuple[_Piece, ...]]]] = {}
         for p in range(pr.tp):
             per_dim = [
-                _pieces(a, b, dr.tp, d, pr.tp, p, dkb, per_kernel) for a, b in zip(dc.dims, pc.dims)
+                _pieces(a, b, dr.tp, d, pr.tp, p, dkb, per_kernel, window)
+                for a, b in zip(dc.dims, pc.dims)
             ]
             for combo in itertools.product(*per_dim):
                 key = tuple((c.g, c.n, c.dk) for c in combo)
                 boxes.setdefault(key, []).append((p, combo))
         dstr = tuple(s * isz for s in reversed(dc.local_strides))
         pstr = tuple(s * isz for s in reversed(pc.local_strides))
+        token_stride = (0, 0)
+        if window is not None:  # bytes per token of this part of the state, on each side
+            i = next(i for i, x in enumerate(dc.dims) if x.paged)
+            token_stride = (dc.local_strides[i] * isz, pc.local_strides[i] * isz)
         for key in sorted(boxes):
             holders = boxes[key]
             p, combo = next((h for h in holders if h[0] in natural), holders[d % len(holders)])
@@ -270,6 +376,7 @@ def _state_reads(
                         decode_stride=tuple(reversed(ds)),
                         prefill_stride=tuple(reversed(ps)),
                         state=name,
+                        token_stride=token_stride,
                     )
                 )
     return out, count
@@ -282,14 +389,16 @@ def _compress(
     p_arr: np.ndarray,
     n_arr: np.ndarray,
     state: str | None = None,
+    token_stride: tuple[int, int] = (0, 0),
 ) -> list[RunGroup]:
     """Runs (sorted by decode offset) -> 1-D strided RunGroups of equal length and step."""
+    ts = token_stride
     if len(n_arr) > 2 and (n_arr == n_arr[0]).all():
         dd, dp = np.diff(d_arr), np.diff(p_arr)
         if (dd == dd[0]).all() and (dp == dp[0]).all():  # one family: the common case
             count = (len(n_arr),)
             first = (int(d_arr[0]), int(p_arr[0]), int(n_arr[0]))
-            return [RunGroup(page, p, *first, count, (int(dd[0]),), (int(dp[0]),), state)]
+            return [RunGroup(page, p, *first, count, (int(dd[0]),), (int(dp[0]),), state, ts)]
     d_off, p_off, n = d_arr.tolist(), p_arr.tolist(), n_arr.tolist()  # plain ints: fast loop
     out: list[RunGroup] = []
     i, total = 0, len(n)
@@ -305,11 +414,11 @@ def _compress(
             ):
                 j += 1
             out.append(
-                RunGroup(page, p, d_off[i], p_off[i], n[i], (j - i + 1,), (dd,), (dp,), state)
+                RunGroup(page, p, d_off[i], p_off[i], n[i], (j - i + 1,), (dd,), (dp,), state, ts)
             )
             i = j + 1
         else:
-            out.append(RunGroup(page, p, d_off[i], p_off[i], n[i], state=state))
+            out.append(RunGroup(page, p, d_off[i], p_off[i], n[i], state=state, token_stride=ts))
             i += 1
     return out
 
@@ -334,12 +443,15 @@ def merge_posts(
 
     With `state` given, `reads` are one state's and the result keeps that state, and runs do not
     merge across kernel blocks (`kernel_strides` = decode, prefill); otherwise runs merge across
-    states and kernel blocks (what the runtime posts).
+    states and kernel blocks (what the runtime posts).  Runs of different token strides (a
+    token remap's parts of states) never merge.
     """
     out: list[RunGroup] = []
-    keys = sorted({(g.page, g.prefill_rank) for g in reads})
-    for page, p in keys:
-        d, pp, n = _expand_runs([g for g in reads if g.page == page and g.prefill_rank == p])
+    keys = sorted({(g.page, g.prefill_rank, g.token_stride) for g in reads})
+    for page, p, ts in keys:
+        d, pp, n = _expand_runs(
+            [g for g in reads if (g.page, g.prefill_rank, g.token_stride) == (page, p, ts)]
+        )
         # start a new run wherever the previous one does not end exactly here on both sides
         brk = np.ones(len(d), dtype=bool)
         brk[1:] = (d[:-1] + n[:-1] != d[1:]) | (pp[:-1] + n[:-1] != pp[1:])
@@ -348,7 +460,7 @@ def merge_posts(
             brk[1:] |= (d[:-1] // dks != d[1:] // dks) | (pp[:-1] // pks != pp[1:] // pks)
         starts = np.flatnonzero(brk)
         lengths = np.add.reduceat(n, starts)
-        out.extend(_compress(page, p, d[starts], pp[starts], lengths, state))
+        out.extend(_compress(page, p, d[starts], pp[starts], lengths, state, ts))
     return out
 
 
@@ -408,9 +520,10 @@ def plan(
     spec_name: str, sha256: str, pr: RankedSpec, dr: RankedSpec, limits: Limits = DEFAULT
 ) -> Plan:
     """Plan every decode rank of (pr.tp -> dr.tp).  The result is not yet verified."""
-    check_compatible(pr, dr)
-    dkb, pkb = kernel_period(pr, dr)
-    count = dr.kernel_blocks // dkb
+    remap = check_compatible(pr, dr)
+    window = None if remap is None else remap.chunk_tokens
+    dkb, pkb = (1, 1) if remap is not None else kernel_period(pr, dr)
+    count = 1 if remap is not None else dr.kernel_blocks // dkb
     kernel_pages = {p.ir.name for p in dr.pages if p.ir.per == "kernel_block"}
     steps = {
         name: (dkb * dr.page(name).kernel_stride, pkb * pr.page(name).kernel_stride)
@@ -426,8 +539,12 @@ def plan(
             ks = None
             if page in kernel_pages:
                 ks = (dr.page(page).kernel_stride, pr.page(page).kernel_stride)
-            got, n = _state_reads(pr, dr, st.ir.name, d, dkb)
+            got, n = _state_reads(pr, dr, st.ir.name, d, dkb, window)
             times = count if page in kernel_pages else 1
+            if remap is not None and page in kernel_pages:  # windows per decode logical block
+                times = (
+                    remap.decode_kernel_tokens * remap.decode_kernel_blocks // remap.chunk_tokens
+                )
             runs += n * times
             if runs > limits.max_runs:
                 raise _too_many_runs(pr, dr, d, st.ir, runs, limits)
@@ -451,4 +568,5 @@ def plan(
         decode=side_layout(dr, "decode"),
         ranks=tuple(ranks),
         layer_kinds=layer_kinds,
+        remap=remap,
     )

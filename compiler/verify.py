@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..runtime.layout import components, global_elements, has_paged, local_dim
+from ..runtime.layout import components, global_elements, has_paged, local_dim, window_ids
 from ..runtime.plan import Plan, RankPlan, RunGroup, SideLayout
 from .diagnostics import Diagnostic, InternalError, LayoutSemanticError
 from .layout_algebra import coalesce_joint
@@ -137,6 +137,14 @@ def _expand(groups: list[RunGroup]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return np.concatenate(ds), np.concatenate(ps), n, src
 
 
+def _token_strides(groups: list[RunGroup] | tuple[RunGroup, ...]) -> np.ndarray:
+    """(decode, prefill) bytes per token of every run of `groups` (an (N, 2) array)."""
+    if not groups:
+        return np.zeros((0, 2), dtype=np.int64)
+    counts = np.array([g.count for g in groups], dtype=np.int64)
+    return np.repeat(np.array([g.token_stride for g in groups], dtype=np.int64), counts, axis=0)
+
+
 def _locate(
     side: SideLayout, state: str, off: np.ndarray, nbytes: np.ndarray, what: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -228,6 +236,103 @@ def _check_state(
         )
 
 
+#: Elements of one kernel block of one state on one rank the window check expands one by one
+MAX_WINDOW_ELEMENTS = 1 << 24
+
+_Window = tuple[np.ndarray, np.ndarray]
+
+
+def _window(
+    cache: dict[tuple[str, str, int], _Window], side: SideLayout, state: str, rank: int, c: int
+) -> _Window:
+    key = (side.role, state, rank)
+    if key not in cache:
+        st = side.state(state)
+        if st.nbytes // st.itemsize > MAX_WINDOW_ELEMENTS:
+            raise LayoutSemanticError(
+                [
+                    Diagnostic(
+                        f"state '{state}' holds {st.nbytes // st.itemsize} elements per kernel "
+                        f"block on {side.role} rank {rank}; plans mapping tokens between "
+                        f"different block sizes check at most {MAX_WINDOW_ELEMENTS}",
+                        None,
+                        "E064",
+                    )
+                ]
+            )
+        try:
+            cache[key] = window_ids(st.dims, side.tp, rank, c)
+        except ValueError as e:
+            raise InternalError(f"state '{state}': {e}") from None
+    return cache[key]
+
+
+def _check_window_state(
+    plan: Plan, r: RankPlan, state: str, cache: dict[tuple[str, str, int], _Window], where: str
+) -> None:
+    """A token remap's per-kernel-block state: its runs move one window (rows [0, c) of kernel
+    block 0 on both sides), element by element the same tokens and the same identity; shifted
+    by whole windows (``r * token_stride`` on each side) they move rows [r, r + c), for every
+    window a kernel block of either side holds."""
+    rm = plan.remap
+    assert rm is not None
+    c = rm.chunk_tokens
+    D, P = plan.decode, plan.prefill
+    groups = [g for g in r.reads if g.state == state]
+    d_off, p_off, n, src = _expand(groups)
+    ts = _token_strides(groups)
+    isz = D.state(state).itemsize
+    fd, cnt = _locate(D, state, d_off, n, where + " (decode side)")
+    fp, _ = _locate(P, state, p_off, n, where + " (prefill side)")
+    tok_d, wid_d = _window(cache, D, state, r.rank, c)
+    ed = tok_d.shape[0]
+    if np.any(fd + cnt > ed):
+        raise InternalError(f"{where}: a window run of state '{state}' leaves kernel block 0")
+    if np.any(ts % isz) or np.any(ts <= 0):
+        raise InternalError(f"{where}: state '{state}' has runs without a whole token stride")
+    xd = _ranges(fd, cnt)
+    run = np.repeat(np.arange(len(cnt), dtype=np.int64), cnt)
+    xp = _ranges(fp, cnt)
+    hits = np.bincount(xd, minlength=ed)
+    if np.any(hits[tok_d < c] != 1) or np.any(hits[tok_d >= c] != 0):
+        bad = int(np.count_nonzero(hits[tok_d < c] != 1) + np.count_nonzero(hits[tok_d >= c]))
+        raise InternalError(
+            f"{where}: {bad} elements of state '{state}' are not written exactly once in a window"
+        )
+    # window 0: every decode element gets the prefill element of the same token and identity
+    for sr in np.unique(src).tolist():
+        m = src[run] == sr
+        tok_p, wid_p = _window(cache, P, state, int(sr), c)
+        if np.any(xp[m] >= tok_p.shape[0]):
+            raise InternalError(f"{where}: a window run of state '{state}' leaves its state")
+        wrong = (tok_p[xp[m]] != tok_d[xd[m]]) | (wid_p[xp[m]] != wid_d[xd[m]])
+        if np.any(wrong):
+            raise InternalError(
+                f"{where}: {int(np.count_nonzero(wrong))} elements of state '{state}' get wrong "
+                "data in a window"
+            )
+    # the other windows of a kernel block: the first, shifted by whole windows of tokens
+    sides = [(D, r.rank, np.ones(len(xd), dtype=bool), xd, 0, rm.decode_kernel_tokens)]
+    sides += [
+        (P, int(sr), src[run] == sr, xp, 1, rm.prefill_kernel_tokens)
+        for sr in np.unique(src).tolist()
+    ]
+    for side, rank, m, x, col, kt in sides:
+        tok, wid = _window(cache, side, state, rank, c)
+        xs, step = x[m], ts[run[m], col] // isz
+        for shift in range(c, kt, c):
+            y = xs + shift * step
+            if (
+                np.any(y >= tok.shape[0])
+                or np.any(tok[y] != tok[xs] + shift)
+                or np.any(wid[y] != wid[xs])
+            ):
+                raise InternalError(
+                    f"{where}: state '{state}' on {side.role} rank {rank}: the window at row "
+                    f"{shift} is not the first window shifted by its token stride"
+                )
+
+
 def _identity(
     cache: dict[tuple[str, str, int], Identity],
     side: SideLayout,
@@ -244,6 +349,7 @@ def _identity(
 def verify_plan(plan: Plan, limits: Limits = DEFAULT) -> None:
     """Raise InternalError unless `plan` moves exactly the right bytes."""
     ident: dict[tuple[str, str, int], Identity] = {}
+    windows: dict[tuple[str, str, int], _Window] = {}
     for r in plan.ranks:
         where = f"plan {plan.spec} {plan.prefill_tp}->{plan.decode_tp}, decode rank {r.rank}"
         read_src = {g.prefill_rank for g in r.reads}
@@ -254,7 +360,12 @@ def verify_plan(plan: Plan, limits: Limits = DEFAULT) -> None:
         if any(not 0 <= p < plan.prefill_tp for p in r.notified):
             raise InternalError(f"{where}: a source is not a prefill rank")
         for st in plan.decode.states:
-            _check_state(plan, r, st.name, ident, limits, where)
+            if plan.remap is not None and plan.decode.page(st.page).per == "kernel":
+                _check_window_state(plan, r, st.name, windows, where)
+            else:
+                if any(g.token_stride != (0, 0) for g in r.reads if g.state == st.name):
+                    raise InternalError(f"{where}: state '{st.name}' has token strides")
+                _check_state(plan, r, st.name, ident, limits, where)
         _check_posts(plan, r, where)
     heard: set[int] = set()
     for r in plan.ranks:
@@ -274,20 +385,23 @@ def _check_posts(plan: Plan, r: RankPlan, where: str) -> None:
     """Posted runs must be exactly the reads, regrouped (same bytes, same pairing)."""
     rd, rp, rn, rs = _expand(list(r.reads))
     pd_, pp, pn, ps = _expand(list(r.posts))
+    rt, pt = _token_strides(r.reads), _token_strides(r.posts)
     pages_r, pages_p = _page_index(plan, r.reads), _page_index(plan, r.posts)
     if rn.sum() != pn.sum():
         raise InternalError(f"{where}: posts move {pn.sum()} bytes, reads {rn.sum()}")
     # order posts by (page, decode offset) and find the post holding each read
     key_p = np.lexsort((pd_, pages_p))
     pd_, pp, pn, ps, pages_p = pd_[key_p], pp[key_p], pn[key_p], ps[key_p], pages_p[key_p]
+    pt = pt[key_p]
     for page in np.unique(pages_r):
         mr, mp = pages_r == page, pages_p == page
-        a_d, a_p, a_n, a_s = rd[mr], rp[mr], rn[mr], rs[mr]
-        b_d, b_p, b_n, b_s = pd_[mp], pp[mp], pn[mp], ps[mp]
+        a_d, a_p, a_n, a_s, a_t = rd[mr], rp[mr], rn[mr], rs[mr], rt[mr]
+        b_d, b_p, b_n, b_s, b_t = pd_[mp], pp[mp], pn[mp], ps[mp], pt[mp]
         j = np.searchsorted(b_d, a_d, side="right") - 1
         if np.any(j < 0):
             raise InternalError(f"{where}: a read is not posted")
         ok = (a_d + a_n <= b_d[j] + b_n[j]) & (a_p - a_d == b_p[j] - b_d[j]) & (a_s == b_s[j])
+        ok &= np.all(a_t == b_t[j], axis=1)
         if not np.all(ok):
             raise InternalError(f"{where}: posted runs differ from the reads")
         if not np.array_equal(np.bincount(j, weights=a_n, minlength=len(b_n)), b_n):

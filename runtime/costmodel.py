@@ -1,4 +1,4 @@
-"""Cost model: choose zero-copy or staged per request (DESIGN.md §4).
+"""Cost model: choose zero-copy or staged per request (docs/design.md §7).
 
 Both strategies move the same ``B`` bytes between one pair of ranks.  With ``n`` posted
 descriptors (after NIXL's merging of neighbours), ``c`` staging chunks and ``k`` pack kernels
@@ -17,12 +17,12 @@ with ``Tp, Tl, Tu`` = ``B / pack_Bps``, ``B / link_Bps``, ``B / unpack_Bps`` (th
 goes through every stage, then the slowest stage sets the pace).
 
 * ``descriptor_s``: cost of one posted, non-adjacent descriptor (post + completion share);
-  NIXL.md §5/§8: ~1.4 µs on host memory (UCX/cma, one ``process_vm_readv`` each), ~11 µs over
-  cuda_ipc on the H100 (~1.5 µs on RDMA NICs, PEERS.md §4).
-* ``link_Bps``: bytes/s of one large descriptor (NIXL.md: ~8.3-9.2 GB/s cma, ~1.42 TB/s
+  docs/nixl.md §6/§7: ~1.4 µs on host memory (UCX/cma, one ``process_vm_readv`` each), ~11 µs
+  over cuda_ipc on the H100 (~1.5 µs on RDMA NICs, nixl#1695 in docs/design.md §9).
+* ``link_Bps``: bytes/s of one large descriptor (docs/nixl.md: ~8.3-9.2 GB/s cma, ~1.42 TB/s
   cuda_ipc on one H100).
 * ``pack_Bps``/``unpack_Bps``: gather into / scatter from the staging buffer (H100: ~1.1 TB/s
-  with the fused kernel, NIXL.md §8 measured 1.28 / 1.23 TB/s for bare torch gathers; CPU:
+  with the fused kernel, docs/nixl.md §7: 1.28 / 1.23 TB/s for bare torch gathers; CPU:
   8 / 7 GB/s, see below).
 * ``chunk_s``: fixed cost per staging chunk (make/post/poll one transfer, stream sync).
 * ``staged_request_s``: per-request extra of the staged protocol (the notification round
@@ -33,7 +33,7 @@ goes through every stage, then the slowest stage sets the pace).
   another, 1 once it pipelines them (source packs chunk ``i+1`` while ``i`` moves and the
   destination unpacks ``i-1``); values between interpolate.
 
-The sum for zero-copy matches NIXL.md's host-memory table within ~5 % (65,536 x 4 KiB:
+The sum for zero-copy matches docs/nixl.md's host-memory table (§6) within ~5 % (65,536 x 4 KiB:
 92 ms of descriptors + 31 ms of bytes = 123 ms against 122-138 ms measured; 4,096 x 64 KiB:
 37 ms against 36-39 ms).  Over cuda_ipc it underestimates very large scattered descriptors
 (1 MiB ones measured ~29 µs each), so it favours zero-copy there.  Host-memory defaults for
@@ -206,7 +206,8 @@ class CostModel:
 
 
 DEFAULTS: dict[str, CostModel] = {
-    # Host memory, UCX/cma (NIXL.md §5): ~1.4 µs per scattered descriptor, ~8.5 GB/s one big one.
+    # Host memory, UCX/cma (docs/nixl.md §6): ~1.4 µs per scattered descriptor, ~8.5 GB/s for
+    # one big one.
     # pack/unpack/op_s: benchmarks/expand_probe.py on the 2-core dev box (one torch thread,
     # DRAM-resident pages; ~4.2 µs of host time per gather call).  overlap: the endpoint
     # pipelines chunks through its staging slots and, on host memory, splits the copies
@@ -226,7 +227,7 @@ DEFAULTS: dict[str, CostModel] = {
         op_s=5e-6,
         overlap=0.7,
     ),
-    # One H100, cuda_ipc between processes (NIXL.md §8): ~11 µs per scattered descriptor,
+    # One H100, cuda_ipc between processes (docs/nixl.md §7): ~11 µs per scattered descriptor,
     # ~1.42 TB/s one big one.  pack/unpack: staging's fused triton kernel on the H100
     # (benchmarks/staging_gpu_probe.py: 1.13-1.27 TB/s for 4-8 KiB runs, ~0.79 TB/s for a
     # hybrid plan with 192-byte runs); op_s: host cost of one torch gather call there.

@@ -86,6 +86,13 @@ class PairTable:
     remote_row_start: np.ndarray  # int64 (N,): same in the remote list
     local_limit: int  # logical blocks every local row can address
     remote_limit: int  # same on the remote side
+    #: per row, for plans with a token remap (zeros otherwise): bytes per token and per kernel
+    #: block on each side, and whether the row's page is stored per kernel block
+    local_token_stride: np.ndarray | None = None
+    remote_token_stride: np.ndarray | None = None
+    local_kernel_stride: np.ndarray | None = None
+    remote_kernel_stride: np.ndarray | None = None
+    per_kernel: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -259,6 +266,106 @@ def merged_descriptors(
     return np.concatenate(locs)[order], np.concatenate(rems)[order], nbytes
 
 
+def window_descriptors(
+    table: PairTable,
+    rows: np.ndarray | slice,
+    local_blocks: np.ndarray,
+    remote_blocks: np.ndarray,
+    local_windows: tuple[np.ndarray, np.ndarray, np.ndarray],
+    remote_windows: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One request's descriptors under a token remap: ``Nx3`` rows ``(addr, len, devid)`` for
+    each side, and the bytes.
+
+    The table's rows of per-kernel-block pages move one window of tokens (rows from 0 of
+    kernel block 0); ``*_windows`` give, for every window of the request on each side, the
+    index of its logical block in the request's block list, its kernel block and its first
+    row (:meth:`~layoutc.runtime.plan.TokenRemap.windows`), and the rows are shifted there.
+    Rows of per-logical-block pages pair ``local_blocks[i]`` with ``remote_blocks[i]``.
+    Neighbours contiguous on both sides are merged into one descriptor.
+    """
+    assert table.per_kernel is not None
+    assert table.local_token_stride is not None and table.remote_token_stride is not None
+    assert table.local_kernel_stride is not None and table.remote_kernel_stride is not None
+    idx = np.arange(table.num_rows, dtype=np.int64)[rows]
+    pk = table.per_kernel[idx]
+    parts_l: list[np.ndarray] = []
+    parts_r: list[np.ndarray] = []
+    nbytes = 0
+    kr = idx[pk]
+    if kr.size and local_windows[0].size:
+        for rows_out, side_rows, blocks, (bi, kb, row), ks, ts in (
+            (
+                parts_l,
+                table.local_rows,
+                local_blocks,
+                local_windows,
+                table.local_kernel_stride,
+                table.local_token_stride,
+            ),
+            (
+                parts_r,
+                table.remote_rows,
+                remote_blocks,
+                remote_windows,
+                table.remote_kernel_stride,
+                table.remote_token_stride,
+            ),
+        ):
+            r = side_rows[kr].astype(np.int64)
+            addr = (
+                r[:, 0:1]
+                + blocks[bi][None, :] * r[:, 3:4]
+                + kb[None, :] * ks[kr][:, None]
+                + row[None, :] * ts[kr][:, None]
+            )
+            m = np.empty((kr.size, bi.size, 3), dtype=np.uint64)
+            m[:, :, 0] = addr
+            m[:, :, 1] = r[:, 1:2]
+            m[:, :, 2] = r[:, 2:3]
+            rows_out.append(m.reshape(-1, 3))
+        nbytes += int(table.row_nbytes[kr].sum()) * int(local_windows[0].size)
+    lr_ = idx[~pk]
+    n = min(local_blocks.shape[0], remote_blocks.shape[0])
+    if lr_.size and n:
+        for rows_out, side_rows, blocks in (
+            (parts_l, table.local_rows, local_blocks[:n]),
+            (parts_r, table.remote_rows, remote_blocks[:n]),
+        ):
+            r = side_rows[lr_].astype(np.int64)
+            m = np.empty((lr_.size, n, 3), dtype=np.uint64)
+            m[:, :, 0] = r[:, 0:1] + blocks[None, :] * r[:, 3:4]
+            m[:, :, 1] = r[:, 1:2]
+            m[:, :, 2] = r[:, 2:3]
+            rows_out.append(m.reshape(-1, 3))
+        nbytes += int(table.row_nbytes[lr_].sum()) * n
+    if not parts_l:
+        z = np.zeros((0, 3), dtype=np.uint64)
+        return z, z.copy(), nbytes
+    loc, rem = merge_contiguous(np.concatenate(parts_l), np.concatenate(parts_r))
+    return loc, rem, nbytes
+
+
+def merge_contiguous(loc: np.ndarray, rem: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge neighbouring descriptor rows ``(addr, len, devid)`` that continue each other on
+    both sides (same device, the next starting where the previous ends)."""
+    if loc.shape[0] < 2:
+        return loc, rem
+    brk = np.ones(loc.shape[0], dtype=bool)
+    for m in (loc, rem):
+        brk[1:] |= (m[:-1, 0] + m[:-1, 1] != m[1:, 0]) | (m[:-1, 2] != m[1:, 2])
+    starts = np.flatnonzero(brk)
+    if starts.size == loc.shape[0]:
+        return loc, rem
+    lengths = np.add.reduceat(loc[:, 1], starts)
+    out = []
+    for m in (loc, rem):
+        x = m[starts].copy()
+        x[:, 1] = lengths
+        out.append(x)
+    return out[0], out[1]
+
+
 def build_pair_table(
     plan: Plan,
     *,
@@ -278,6 +385,11 @@ def build_pair_table(
     loc_rows: list[np.ndarray] = []
     rem_rows: list[np.ndarray] = []
     row_layer: list[np.ndarray] = []
+    # per row: (local, remote) token strides and kernel strides, per-kernel flag
+    extra: list[np.ndarray] = []
+    local_side, remote_side = (
+        (plan.decode, plan.prefill) if local_is_decode else (plan.prefill, plan.decode)
+    )
     for layer, pages in enumerate(layer_pages):
         for page in pages:
             runs = rank_plan.runs(page, prefill_rank)
@@ -286,8 +398,16 @@ def build_pair_table(
                 continue
             if local_is_decode:
                 loff, roff = runs.decode_offset, runs.prefill_offset
+                lts, rts = runs.decode_token_stride, runs.prefill_token_stride
             else:
                 loff, roff = runs.prefill_offset, runs.decode_offset
+                lts, rts = runs.prefill_token_stride, runs.decode_token_stride
+            e = np.empty((n, 5), dtype=np.int64)
+            e[:, 0], e[:, 1] = lts, rts
+            e[:, 2] = local_side.page(page).kernel_stride
+            e[:, 3] = remote_side.page(page).kernel_stride
+            e[:, 4] = local_side.page(page).per == "kernel"
+            extra.append(e)
             for seg, off, out in (
                 (local_segments[(layer, page)], loff, loc_rows),
                 (remote_segments[(layer, page)], roff, rem_rows),
@@ -304,6 +424,7 @@ def build_pair_table(
         return None
     local_rows = np.concatenate(loc_rows)
     remote_rows = np.concatenate(rem_rows)
+    ex = np.concatenate(extra)
 
     def starts(rows: np.ndarray) -> np.ndarray:
         counts = rows[:, 4].astype(np.int64)
@@ -320,6 +441,11 @@ def build_pair_table(
         remote_row_start=starts(remote_rows),
         local_limit=int(local_rows[:, 4].min()),
         remote_limit=int(remote_rows[:, 4].min()),
+        local_token_stride=ex[:, 0].copy(),
+        remote_token_stride=ex[:, 1].copy(),
+        local_kernel_stride=ex[:, 2].copy(),
+        remote_kernel_stride=ex[:, 3].copy(),
+        per_kernel=ex[:, 4].astype(bool),
     )
 
 

@@ -1,6 +1,6 @@
 """Logical identity of every element of a state on one rank.
 
-The distribution rule (DESIGN.md §3), shared by the planner and by anything that checks
+The distribution rule (docs/design.md §3), shared by the planner and by anything that checks
 bytes (the compiler's verifier, the demo's tag check):
 
 * replicated: every rank holds the whole segment;
@@ -234,3 +234,58 @@ def element_ids(
             ids = ids + k * total_one_copy
         rows.append(ids)
     return np.stack(rows)
+
+
+def with_paged_size(dims: tuple[DimDesc, ...], size: int) -> tuple[DimDesc, ...]:
+    """``dims`` with the paged dim (wherever it is nested) holding ``size`` tokens."""
+    out = []
+    for d in dims:
+        if d.paged:
+            seg = d.segments[0]
+            out.append(DimDesc(d.name, (SegmentDesc(seg.name, size, seg.unit),), True))
+            continue
+        segs = tuple(
+            _resized(s, with_paged_size(s.dims, size)) if s.dims else s for s in d.segments
+        )
+        out.append(DimDesc(d.name, segs, d.paged))
+    return tuple(out)
+
+
+def _resized(seg: SegmentDesc, dims: tuple[DimDesc, ...]) -> SegmentDesc:
+    return SegmentDesc(seg.name, math.prod(d.size for d in dims), seg.unit, dims)
+
+
+def window_ids(
+    dims: tuple[DimDesc, ...], tp: int, rank: int, chunk: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token-window identity of a per-kernel-block paged state on one rank.
+
+    For every element of one kernel block (in the state's local byte order): its token
+    ``t`` within the kernel block, and its identity within a *window* of ``chunk`` tokens --
+    the global id the element would have in a layout whose paged dim held ``chunk`` tokens,
+    with token ``t % chunk``.  An element of the request's global token ``T`` then is
+    (window ``T // chunk``, that identity), whatever the block sizes of the side: the identity
+    two engines holding different tokens per block agree on.
+    """
+    comps = components(dims, tp, 1)
+    comps_w = components(with_paged_size(dims, chunk), tp, 1)
+    n_local = sum(math.prod(local_size(d, tp) for d in c.dims) for c in comps)
+    token = np.full(n_local, -1, dtype=np.int64)
+    wid = np.full(n_local, -1, dtype=np.int64)
+    for c, cw in zip(comps, comps_w):
+        if not any(d.paged for d in c.dims):
+            raise ValueError("window identity needs a paged dim in every part of the state")
+        loc = np.array([c.local_base], dtype=np.int64)
+        t = np.zeros(1, dtype=np.int64)
+        w = np.array([cw.global_base], dtype=np.int64)
+        for dim, ls, ws in zip(c.dims, c.local_strides, cw.global_strides):
+            pieces = local_dim(dim, tp, rank)
+            lidx = np.concatenate([np.arange(l0, l0 + n, dtype=np.int64) for _, l0, n in pieces])
+            gidx = np.concatenate([np.arange(g0, g0 + n, dtype=np.int64) for g0, _, n in pieces])
+            tt = gidx if dim.paged else np.zeros_like(gidx)
+            wx = gidx % chunk if dim.paged else gidx
+            loc = (loc[:, None] + lidx[None, :] * ls).reshape(-1)
+            t = (t[:, None] + tt[None, :]).reshape(-1)
+            w = (w[:, None] + wx[None, :] * ws).reshape(-1)
+        token[loc], wid[loc] = t, w
+    return token, wid

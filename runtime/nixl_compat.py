@@ -185,11 +185,24 @@ def create_agent(
     return agent
 
 
+#: NVLink multicast (NVLS) off for NCCL, torch's symmetric memory and NVSHMEM: the runtime
+#: never needs it, and on shared multi-GPU hosts creating multicast objects is not allowed.
+NO_MULTICAST_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
 def prepare_cuda_env() -> None:
-    """Environment UCX needs for fast GPU READs; must run before the first agent is created.
+    """Environment UCX needs for fast GPU READs; must run before the first agent is created
+    (and before torch initialises CUDA).
 
     Without NVLink, UCX's cuda_ipc transport refuses GET (READ) unless
     ``UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y``; READs then fall back to a ~0.4 GB/s software path.
-    An explicit setting by the user is kept.
+    NVLink multicast is turned off (:data:`NO_MULTICAST_ENV`).  An explicit setting by the
+    user is kept.
     """
     os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
+    for k, v in NO_MULTICAST_ENV.items():
+        os.environ.setdefault(k, v)

@@ -31,9 +31,10 @@ import numpy as np
 from .errors import PlanError, PlanFormatError
 from .layout import DimDesc, SegmentDesc, element_ids
 
-#: (major, minor) of the table format this runtime reads.  1.1 adds structured segments
+#: (major, minor) of the table format this runtime reads.  1.2 adds token remaps (pairs
+#: holding different tokens per logical block); 1.1 added structured segments
 #: (a segment table ``(name, size, unit, dims)``); modules without them are written as 1.0.
-PLAN_FORMAT = (1, 1)
+PLAN_FORMAT = (1, 2)
 
 
 def require_plan_format(module_format: tuple[int, int], module_name: str) -> None:
@@ -141,6 +142,46 @@ class SideLayout:
 
 
 @dataclass(frozen=True)
+class TokenRemap:
+    """How requests map between engines holding different tokens per logical block.
+
+    A request's tokens are cut into windows of ``chunk_tokens`` (the greatest common divisor of
+    the two sides' kernel block sizes).  Window ``q`` lives, on each side, in the request's
+    logical block ``q*chunk_tokens // block_tokens``, its kernel block
+    ``(q*chunk_tokens % block_tokens) // kernel_tokens``, from row ``q*chunk_tokens %
+    kernel_tokens``.  The plan's runs of per-kernel-block pages move window 0 (rows from 0 of
+    kernel block 0 on both sides); the runtime shifts them per window.  Per-logical-block
+    pages (a request's state, e.g. Mamba's) move once, logical block to logical block.
+    """
+
+    chunk_tokens: int
+    prefill_kernel_tokens: int
+    prefill_kernel_blocks: int
+    decode_kernel_tokens: int
+    decode_kernel_blocks: int
+
+    def side(self, role: str) -> tuple[int, int]:
+        """(tokens per kernel block, kernel blocks per logical block) of ``role``."""
+        if role == "prefill":
+            return self.prefill_kernel_tokens, self.prefill_kernel_blocks
+        return self.decode_kernel_tokens, self.decode_kernel_blocks
+
+    def blocks_for(self, role: str, num_tokens: int) -> int:
+        """Logical blocks of ``role`` holding ``num_tokens`` tokens."""
+        kt, kb = self.side(role)
+        return -(-num_tokens // (kt * kb))
+
+    def windows(self, role: str, num_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For every window of a request of ``num_tokens`` tokens on ``role``: (index of its
+        logical block in the request, kernel block within it, first row), int64 arrays."""
+        kt, kb = self.side(role)
+        start = np.arange(-(-num_tokens // self.chunk_tokens), dtype=np.int64) * self.chunk_tokens
+        per_logical = kt * kb
+        within = start % per_logical
+        return start // per_logical, within // kt, within % kt
+
+
+@dataclass(frozen=True)
 class RunGroup:
     """A strided family of byte runs copied from one prefill rank into one decode rank.
 
@@ -159,6 +200,10 @@ class RunGroup:
     decode_stride: tuple[int, ...] = ()
     prefill_stride: tuple[int, ...] = ()
     state: str | None = None
+    #: (decode, prefill) bytes between consecutive tokens of the runs' state, for a plan with a
+    #: token remap (:class:`TokenRemap`): the runs of a window of tokens starting at row ``r``
+    #: of a kernel block are these shifted by ``r * token_stride``; (0, 0) otherwise
+    token_stride: tuple[int, int] = (0, 0)
 
     @property
     def count(self) -> int:
@@ -194,6 +239,9 @@ class Runs:
     decode_offset: np.ndarray
     prefill_offset: np.ndarray
     nbytes: np.ndarray
+    #: bytes per token of each run on each side (a token remap's runs; zeros otherwise)
+    decode_token_stride: np.ndarray
+    prefill_token_stride: np.ndarray
 
     def __len__(self) -> int:
         return int(self.nbytes.shape[0])
@@ -206,17 +254,31 @@ class Runs:
 def _expand(groups: tuple[RunGroup, ...]) -> Runs:
     if not groups:
         z = np.zeros(0, dtype=np.int64)
-        return Runs(z, z.copy(), z.copy())
-    ds, ps, ns = [], [], []
+        return Runs(z, z.copy(), z.copy(), z.copy(), z.copy())
+    ds, ps, ns, dts, pts = [], [], [], [], []
     for g in groups:
         d, p = g.expand()
         ds.append(d)
         ps.append(p)
         ns.append(np.full(d.shape[0], g.nbytes, dtype=np.int64))
+        dts.append(np.full(d.shape[0], g.token_stride[0], dtype=np.int64))
+        pts.append(np.full(d.shape[0], g.token_stride[1], dtype=np.int64))
     d = np.concatenate(ds)
     order = np.argsort(d, kind="stable")
-    runs = Runs(d[order], np.concatenate(ps)[order], np.concatenate(ns)[order])
-    for a in (runs.decode_offset, runs.prefill_offset, runs.nbytes):
+    runs = Runs(
+        d[order],
+        np.concatenate(ps)[order],
+        np.concatenate(ns)[order],
+        np.concatenate(dts)[order],
+        np.concatenate(pts)[order],
+    )
+    for a in (
+        runs.decode_offset,
+        runs.prefill_offset,
+        runs.nbytes,
+        runs.decode_token_stride,
+        runs.prefill_token_stride,
+    ):
         a.setflags(write=False)
     return runs
 
@@ -262,6 +324,8 @@ class Plan:
     ranks: tuple[RankPlan, ...]
     layer_kinds: tuple[tuple[str, tuple[str, ...]], ...] = ()
     spans: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    #: set when the two sides hold different tokens per logical block (see TokenRemap)
+    remap: TokenRemap | None = None
 
     @property
     def prefill_tp(self) -> int:
@@ -312,23 +376,49 @@ class Plan:
         return out
 
     def iter_reads(self, decode_rank: int) -> Iterator[dict[str, Any]]:
-        """Per-state reads as in ``layoutc plan --format json`` (offsets from state start)."""
+        """Per-state reads as in ``layoutc plan --format json`` (offsets from state start; with
+        a token remap, a per-kernel-block state's reads move one window of tokens and carry
+        their bytes per token)."""
         for g in self.rank(decode_rank).reads:
             assert g.state is not None
             dst = self.decode.state(g.state)
             src = self.prefill.state(g.state)
             d, p = g.expand()
             for do, po in zip(d.tolist(), p.tolist()):
-                yield {
+                row: dict[str, Any] = {
                     "state": g.state,
                     "prefill_rank": g.prefill_rank,
                     "decode_offset": do - dst.offset,
                     "prefill_offset": po - src.offset,
                     "nbytes": g.nbytes,
                 }
+                if g.token_stride != (0, 0):
+                    row["token_stride"] = {
+                        "decode": g.token_stride[0],
+                        "prefill": g.token_stride[1],
+                    }
+                yield row
 
     def to_json(self) -> dict[str, Any]:
-        """The ``layoutc.plan/1`` JSON document of this plan."""
+        """The ``layoutc.plan/1`` JSON document of this plan (``token_remap`` only for a pair
+        whose sides hold different tokens per logical block)."""
+        doc = self._json()
+        if self.remap is not None:
+            rm = self.remap
+            doc["token_remap"] = {
+                "chunk_tokens": rm.chunk_tokens,
+                "prefill": {
+                    "kernel_tokens": rm.prefill_kernel_tokens,
+                    "kernel_blocks": rm.prefill_kernel_blocks,
+                },
+                "decode": {
+                    "kernel_tokens": rm.decode_kernel_tokens,
+                    "kernel_blocks": rm.decode_kernel_blocks,
+                },
+            }
+        return doc
+
+    def _json(self) -> dict[str, Any]:
         return {
             "format": "layoutc.plan/1",
             "spec": self.spec,
@@ -420,7 +510,8 @@ def _side_from_table(role: str, t: tuple, params: dict[str, Any]) -> SideLayout:
 
 
 def _group(page_names: tuple[str, ...], state_names: tuple[str, ...], t: tuple) -> RunGroup:
-    page, src, doff, poff, nbytes, shape, dstride, pstride, state = t
+    page, src, doff, poff, nbytes, shape, dstride, pstride, state = t[:9]
+    token_stride = tuple(t[9]) if len(t) > 9 else (0, 0)
     return RunGroup(
         page_names[page],
         src,
@@ -431,6 +522,7 @@ def _group(page_names: tuple[str, ...], state_names: tuple[str, ...], t: tuple) 
         tuple(dstride),
         tuple(pstride),
         None if state < 0 else state_names[state],
+        (int(token_stride[0]), int(token_stride[1])),
     )
 
 
@@ -447,6 +539,7 @@ class PlanTables:
         pairs: dict[tuple[int, int], tuple],
         layer_kinds: tuple[tuple[str, tuple[str, ...]], ...],
         compile_command: str,
+        remap: dict[tuple[int, int], tuple[int, ...]] | None = None,
     ):
         self.spec = spec
         self.spec_sha256 = spec_sha256
@@ -455,6 +548,8 @@ class PlanTables:
         self.pairs = pairs
         self.layer_kinds = layer_kinds
         self.compile_command = compile_command
+        #: (prefill TP, decode TP) -> TokenRemap fields, for pairs holding different tokens
+        self.remap = dict(remap or {})
         self._cache: dict[tuple[int, int], Plan] = {}
 
     @property
@@ -490,7 +585,14 @@ class PlanTables:
                 )
                 for rank, sources, notify, reads, posts in self.pairs[key]
             )
+            rm = self.remap.get(key)
             self._cache[key] = Plan(
-                self.spec, self.spec_sha256, prefill, decode, ranks, self.layer_kinds
+                self.spec,
+                self.spec_sha256,
+                prefill,
+                decode,
+                ranks,
+                self.layer_kinds,
+                remap=None if rm is None else TokenRemap(*rm),
             )
         return self._cache[key]

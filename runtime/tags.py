@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .layout import window_ids
 from .plan import DTYPE_SIZES, SideLayout
 
 _PHI = np.uint64(0x9E3779B97F4A7C15)
@@ -119,3 +120,89 @@ class PageTagger:
         view of the page's buffer)."""
         for off, t in self.tags(keys):
             buf2d[blocks, off : off + t.shape[1]] = t
+
+
+class TokenPageTagger:
+    """Tags of a per-kernel-block page for engines holding different tokens per logical block.
+
+    A byte's identity is ``(layer, request, the request's token, the element's identity within
+    a window of ``chunk`` tokens, byte)`` (:func:`~layoutc.runtime.layout.window_ids`), so a
+    prefill block of 16 tokens and a decode block of 48 agree on every token they share.
+    """
+
+    def __init__(self, side: SideLayout, rank: int, page: str, chunk: int) -> None:
+        pl = side.page(page)
+        if pl.per != "kernel":
+            raise ValueError(f"page {page!r} is not stored per kernel block")
+        self.logical_stride = pl.logical_stride
+        pieces = []
+        tokens_per_kernel = None
+        for sname in pl.states:
+            st = side.state(sname)
+            tok, wid = window_ids(st.dims, side.tp, rank, chunk)
+            kt = _paged_tokens(st.dims)
+            if tokens_per_kernel not in (None, kt):
+                raise ValueError(f"page {page!r}: states hold different tokens per kernel block")
+            tokens_per_kernel = kt
+            skey = np.uint64(zlib.crc32(sname.encode())) << np.uint64(32)
+            for k in range(pl.kernel_blocks):
+                pieces.append(
+                    (
+                        k * pl.kernel_stride + st.offset,
+                        k * kt + tok,
+                        wid.astype(np.uint64) * _PHI + skey,
+                        _itemsize(st),
+                    )
+                )
+        assert tokens_per_kernel is not None
+        self.tokens_per_block = tokens_per_kernel * pl.kernel_blocks
+        self.pieces = tuple(sorted(pieces, key=lambda p: p[0]))
+
+    def tags(
+        self, layer: int, request: int, block_index: np.ndarray
+    ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """For the request's blocks at ``block_index`` (n,): per piece ``(byte offset, uint8
+        (n, bytes), token (n, elements))``, the token being the request's token each element
+        holds."""
+        bi = np.asarray(block_index, dtype=np.int64)
+        out = []
+        for off, tok, gids, isz in self.pieces:
+            token = bi[:, None] * self.tokens_per_block + tok[None, :]
+            h = mix64(block_keys(layer, request, token) + gids[None, :])
+            b = h.view(np.uint8).reshape(bi.shape[0], gids.shape[0], 8)[:, :, :isz]
+            out.append((off, b.reshape(bi.shape[0], -1), token))
+        return out
+
+    def fill(self, buf2d: np.ndarray, blocks: np.ndarray, layer: int, request: int) -> None:
+        """Write the tags of a request's logical ``blocks`` (its block ``i`` is ``blocks[i]``)
+        into ``buf2d``, a (num_blocks, stride) uint8 view of the page's buffer."""
+        blocks = np.asarray(blocks, dtype=np.int64)
+        for off, t, _ in self.tags(layer, request, np.arange(blocks.shape[0])):
+            buf2d[blocks, off : off + t.shape[1]] = t
+
+    def mismatches(
+        self, buf2d: np.ndarray, blocks: np.ndarray, layer: int, request: int, num_tokens: int
+    ) -> int:
+        """Bytes of the request's first ``num_tokens`` tokens in ``blocks`` that differ from
+        their tags."""
+        blocks = np.asarray(blocks, dtype=np.int64)
+        bad = 0
+        for off, t, token in self.tags(layer, request, np.arange(blocks.shape[0])):
+            isz = t.shape[1] // token.shape[1]
+            want = np.repeat(token < num_tokens, isz, axis=1)
+            got = buf2d[blocks, off : off + t.shape[1]]
+            bad += int(np.count_nonzero((got != t) & want))
+        return bad
+
+
+def _paged_tokens(dims) -> int:
+    for d in dims:
+        if d.paged:
+            return int(d.size)
+        for s in d.segments:
+            if s.dims:
+                try:
+                    return _paged_tokens(s.dims)
+                except ValueError:
+                    continue
+    raise ValueError("no paged dim")

@@ -123,13 +123,15 @@ def _load(path: str) -> Callable[..., Any]:
 
 
 def _prepare(device: str | None, threads: int | None, env: dict[str, str]) -> None:
+    from layoutc.runtime import nixl_compat
+
     os.environ.update(env)
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    for k, v in nixl_compat.NO_MULTICAST_ENV.items():  # in every process, whatever its device
+        os.environ.setdefault(k, v)
     if device is None:
         return
     if device != "cpu":
-        from layoutc.runtime import nixl_compat
-
         nixl_compat.prepare_cuda_env()
     import torch
 

@@ -202,7 +202,8 @@ class Admission:
         who = hs.peer_name(header, host.peer_role)
         peer_tp = header["layout"]["tp"]
         if header["role"] == host.peer_role:
-            plan = host.plans.for_peer(peer_tp, f"{host.label}: {who}")
+            params = header["layout"]["params"]
+            plan = host.plans.for_peer(peer_tp, f"{host.label}: {who}", params)
         else:
             plan = host.plan  # (validate_header refuses the role, naming both)
         label = hs.validate_header(

@@ -57,8 +57,10 @@ from ..descriptors import (
     check_block_ids,
     check_same_count,
     posted_count,
+    window_descriptors,
 )
 from ..errors import (
+    BlockIdError,
     CallOrderError,
     PeerDisconnectedError,
     PeerNotConnectedError,
@@ -589,6 +591,7 @@ class Endpoint:
         engine: str | None = None,
         timeout_s: float | None = None,
         strategy: str | None = None,
+        num_tokens: int | None = None,
     ) -> None:
         """Decode side: READ a request's pages from every source prefill rank (pull mode).
 
@@ -602,12 +605,19 @@ class Endpoint:
         ``plan.rank(d).notified`` has been sent ``DONE``.  ``strategy`` overrides the
         endpoint's for this request (``"zero-copy"``, ``"staged"``, ``"auto"``); a staged
         source packs once its :meth:`expect` marked the request ready.
+
+        ``num_tokens``: the request's tokens.  Needed when the two engines hold different
+        tokens per logical block (the plan has a ``remap``): the block ids of each side then
+        cover the request's tokens in that side's blocks (``ceil(num_tokens / tokens per
+        logical block)`` of them, or more: the rest is untouched), and the tokens move window
+        by window; per-logical-block kinds (a request's Mamba state) still pair ids one to one.
+        Ignored otherwise.
         """
         if self.role != "decode":
             raise CallOrderError(f"{self.label}: pull() is for decode ranks; prefill uses push()")
         self._start(
             "pull", "READ", request_id, local_blocks, remote_blocks, layers, engine, timeout_s,
-            strategy,
+            strategy, num_tokens,
         )  # fmt: skip
 
     def push(
@@ -620,19 +630,21 @@ class Endpoint:
         engine: str | None = None,
         timeout_s: float | None = None,
         strategy: str | None = None,
+        num_tokens: int | None = None,
     ) -> None:
         """Prefill side: WRITE a request's pages into every decode rank that reads from this
         rank (``plan.targets(p)``; push mode).  ``remote_blocks`` are the decode engine's
         logical block ids (one sequence, or ``{kind: sequence}`` as for :meth:`pull`).  When
         every WRITE completed ``DONE`` the request completes and each target is sent
         ``DONE``.  ``strategy`` as for :meth:`pull` (a staged target grants staging slots
-        once its :meth:`expect` marked the request ready).
+        once its :meth:`expect` marked the request ready).  ``num_tokens`` as for
+        :meth:`pull`.
         """
         if self.role != "prefill":
             raise CallOrderError(f"{self.label}: push() is for prefill ranks; decode uses pull()")
         self._start(
             "push", "WRITE", request_id, local_blocks, remote_blocks, layers, engine, timeout_s,
-            strategy,
+            strategy, num_tokens,
         )  # fmt: skip
 
     def expect(
@@ -642,6 +654,7 @@ class Endpoint:
         blocks: Any = None,
         engine: str | None = None,
         timeout_s: float | None = None,
+        num_tokens: int | None = None,
     ) -> None:
         """Passive side of a request: wait for the peers' ``DONE`` notifications.
 
@@ -655,10 +668,13 @@ class Endpoint:
         staged source packs each reader's bytes at once (for readers that would choose the
         staged strategy, by this side's cost model), so that the chunks cross as soon as a
         reader's request arrives; a reader that asks for other layers or moves the bytes
-        zero-copy is served as without them.
+        zero-copy is served as without them.  ``num_tokens`` (the request's tokens) is checked
+        like :meth:`pull`'s; with a token remap the readers move the bytes zero-copy, so
+        ``blocks`` are then only validated.
         """
         self._check_open()
         rid = self._new_rid(request_id)
+        self._tokens_arg(num_tokens, rid)
         sets = None
         if blocks is not None:
             if self.role != "prefill":
@@ -824,6 +840,63 @@ class Endpoint:
             )
         return [(k, local[k], remote[k]) for k in self.kinds if k in local]
 
+    def _tokens_arg(self, num_tokens: Any, rid: str) -> int | None:
+        if num_tokens is None:
+            return None
+        if not isinstance(num_tokens, (int, np.integer)) or isinstance(num_tokens, bool):
+            raise UsageError(
+                f"{self.label}: request {rid!r}: num_tokens must be an int, got "
+                f"{type(num_tokens).__name__}"
+            )
+        if not 0 <= int(num_tokens) < 1 << 40:
+            raise UsageError(
+                f"{self.label}: request {rid!r}: num_tokens must be in [0, 2**40), got "
+                f"{int(num_tokens)}"
+            )
+        return int(num_tokens)
+
+    def _per_kernel_kind(self, kind: str | None) -> bool:
+        """Are the pages of ``kind`` (None: every layer) stored per kernel block?  (Under a
+        token remap a kind's pages are all one or all the other, or it is refused.)"""
+        pages = self.side.page_names if kind is None else self.kinds[kind]
+        return any(self.side.page(p).per == "kernel" for p in pages)
+
+    def _window_blocks(
+        self, plan: Plan, kind: str | None, local: Any, remote: Any, tokens: int, rid: str
+    ) -> tuple[Any, Any]:
+        """Under a token remap: the block ids of a per-kernel-block kind that hold the
+        request's ``tokens`` on each side (the first ones: more may be given)."""
+        pages = self.side.page_names if kind is None else self.kinds[kind]
+        pers = {self.side.page(p).per for p in pages}
+        what = "every layer" if kind is None else f"kind {kind!r}"
+        if len(pers) > 1:
+            raise UsageError(
+                f"{self.label}: request {rid!r}: the engines hold different tokens per logical "
+                f"block, so per-kernel-block and per-logical-block pages need block ids of "
+                f"their own: give them per kind ({{kind: ids}}) instead of one sequence for "
+                f"{what}"
+            )
+        if pers != {"kernel"}:
+            return local, remote
+        rm = plan.remap
+        assert rm is not None
+        out = []
+        for role, ids in ((self.role, local), (self.peer_role, remote)):
+            need = rm.blocks_for(role, tokens)
+            try:
+                n = len(ids)
+            except TypeError:
+                return local, remote  # (refused as not a sequence by the id checks)
+            if n < need:
+                kt, kb = rm.side(role)
+                raise BlockIdError(
+                    f"{self.label}: request {rid!r}: {tokens} tokens need {need} {role} block "
+                    f"ids of {what} ({kt * kb} tokens per logical block), got {n}",
+                    request_id=rid,
+                )
+            out.append(ids[:need])
+        return out[0], out[1]
+
     def _kind_layers(self, kind: str | None, sel: np.ndarray | None) -> np.ndarray | None:
         """Layers of ``kind`` (None: every layer) within the selection ``sel``."""
         if kind is None:
@@ -844,6 +917,7 @@ class Endpoint:
         engine: str | None,
         timeout_s: float | None,
         strategy: str | None = None,
+        num_tokens: int | None = None,
     ) -> None:
         self._check_open()
         if self._reg is None:
@@ -865,8 +939,19 @@ class Endpoint:
             targets = notify = plan.targets(self.rank)
         peer_kind = f"{self.peer_role}"
         peers = self._peers_for(engine, sorted(set(targets) | set(notify)), rid)
+        tokens = self._tokens_arg(num_tokens, rid)
+        if plan.remap is not None and tokens is None:
+            rm = plan.remap
+            raise UsageError(
+                f"{self.label}: request {rid!r}: the engines hold different tokens per logical "
+                f"block (prefill {rm.prefill_kernel_tokens * rm.prefill_kernel_blocks}, decode "
+                f"{rm.decode_kernel_tokens * rm.decode_kernel_blocks}): pass num_tokens= (the "
+                "request's tokens)"
+            )
         sets = []
         for part_kind, lb, rb in self._block_sets(local_blocks, remote_blocks, rid):
+            if plan.remap is not None and tokens is not None:
+                lb, rb = self._window_blocks(plan, part_kind, lb, rb, tokens, rid)
             local = self.local_block_ids(lb, rid, unique=(op == "READ"))
             remote = None
             for r in sorted(set(targets)):
@@ -888,6 +973,9 @@ class Endpoint:
                     who=self.label,
                     request_id=rid,
                 )
+            if plan.remap is not None and self._per_kernel_kind(part_kind):
+                sets.append((part_kind, local, remote))
+                continue
             check_same_count(
                 local,
                 remote,
@@ -899,6 +987,11 @@ class Endpoint:
             )
             sets.append((part_kind, local, remote))
         sel = self.layer_selection(layers, rid)
+        if strategy == "staged" and plan.remap is not None:
+            raise UsageError(
+                f"{self.label}: request {rid!r}: strategy 'staged' cannot move requests between "
+                "engines holding different tokens per logical block; use 'zero-copy' or 'auto'"
+            )
         if strategy == "staged":
             for r in sorted(set(targets)):
                 if self._staged is None or peers[r].staging is None:
@@ -920,6 +1013,7 @@ class Endpoint:
             timeout,
             notify=[peers[r] for r in sorted(set(notify))],
             plan=plan,
+            num_tokens=tokens,
         )
         self._requests[rid] = req
         for _, sender, msg in self._early.pop(rid, []):  # e.g. a peer's FAIL that came first
@@ -960,10 +1054,25 @@ class Endpoint:
     ) -> PeerJob:
         """The request's bytes with ``peer``: one part per kind of block ids."""
         parts = []
+        rm = self.plan_for(peer).remap
         for kind, local, remote in sets:
             layers = self._kind_layers(kind, sel)
             rows = table.rows_for_layers(layers)
-            runs = block_runs(local, remote)  # consecutive on both sides: what NIXL merges
+            explicit = None
+            if rm is not None and req.num_tokens is not None:
+                loc, rem, nbytes = window_descriptors(
+                    table,
+                    rows,
+                    local,
+                    remote,
+                    rm.windows(self.role, req.num_tokens),
+                    rm.windows(self.peer_role, req.num_tokens),
+                )
+                runs, posted, explicit = block_runs(local, local), int(loc.shape[0]), (loc, rem)
+            else:
+                runs = block_runs(local, remote)  # consecutive on both sides: what NIXL merges
+                nbytes = int(table.row_nbytes[rows].sum()) * int(local.shape[0])
+                posted = posted_count(table, local, remote, rows, runs)
             parts.append(
                 JobPart(
                     kind=kind,
@@ -972,8 +1081,9 @@ class Endpoint:
                     layers=layers,
                     rows=rows,
                     runs=runs,
-                    nbytes=int(table.row_nbytes[rows].sum()) * int(local.shape[0]),
-                    posted=posted_count(table, local, remote, rows, runs),
+                    nbytes=nbytes,
+                    posted=posted,
+                    explicit=explicit,
                 )
             )
         return PeerJob(req=req, peer=peer, op=op, table=table, parts=parts)
@@ -984,7 +1094,11 @@ class Endpoint:
         if job.nbytes == 0:
             return None
         staged = self._staged
-        can_stage = staged is not None and job.peer.staging is not None
+        can_stage = (
+            staged is not None
+            and job.peer.staging is not None
+            and not any(p.explicit is not None for p in job.parts)
+        )
         if strategy == "zero-copy" or not can_stage:
             return self._zero_copy
         if strategy == "staged":

@@ -38,6 +38,9 @@ class JobPart:
     runs: BlockRuns  # blocks consecutive on both sides
     nbytes: int  # bytes the part moves
     posted: int  # descriptors zero-copy would post for it (after NIXL's merges)
+    #: the part's descriptors, (local, remote) ``Nx3`` rows, when they are not a block-to-
+    #: block indexing of the table (a token remap); only zero-copy moves such parts
+    explicit: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass(eq=False)

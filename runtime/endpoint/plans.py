@@ -7,17 +7,27 @@ compiled for: :class:`PlanSet` takes a generated module (anything with
 Every plan it hands out must describe the endpoint's own pages exactly as the others do
 (the memory is registered once): checked at construction for every compiled pair, and again
 for each plan taken later.
+
+A source may also plan per peer *values*: with a method ``plan_for_peer(*, prefill_tp,
+decode_tp, peer_params)`` it is asked, at each handshake, for the plan of the pair with the
+peer's spec parameters (e.g. the peer engine's block size, known only then); the endpoint
+still checks the plan describes its own pages as before.  At most :data:`MAX_PEER_PLANS`
+such plans are kept (a peer announcing other values beyond that is refused).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ..errors import HandshakeError, PlanError, UsageError
 from ..plan import Plan, SideLayout
 from .buffers import kind_pages, side_of
 
-__all__ = ["PlanSet"]
+__all__ = ["MAX_PEER_PLANS", "PlanSet"]
+
+#: Plans for distinct peer values kept by a set whose source plans per peer values.
+MAX_PEER_PLANS = 16
 
 
 def _role_other(role: str) -> str:
@@ -39,6 +49,8 @@ class PlanSet:
         self.peer_role = _role_other(role)
         self._by_peer_tp: dict[int, Plan] = {}
         self.first: Plan | None
+        self._per_values = False
+        self._by_values: dict[tuple[int, str], Plan] = {}
         if isinstance(plans, Plan):
             self._source: Any = None
             own = side_of(plans, role).tp
@@ -57,6 +69,7 @@ class PlanSet:
                 f"plan(prefill_tp=, decode_tp=)), got {type(plans).__name__}"
             )
         self._source = plans
+        self._per_values = callable(getattr(plans, "plan_for_peer", None))
         pairs = [tuple(p) for p in getattr(plans, "COMPILED_PAIRS", ())]
         mine = [p for p in pairs if p[0 if role == "prefill" else 1] == tp] if tp else []
         if tp is None:
@@ -129,13 +142,16 @@ class PlanSet:
         plan = self.any()
         return plan.spec, plan.spec_sha256
 
-    def for_peer(self, peer_tp: Any, peer: str) -> Plan:
+    def for_peer(self, peer_tp: Any, peer: str, peer_params: Any = None) -> Plan:
         """The plan for a peer at ``peer_tp`` (from its handshake), or a
-        :class:`HandshakeError` saying how to compile the missing pair."""
+        :class:`HandshakeError` saying how to compile the missing pair.  ``peer_params``:
+        the peer's spec parameters, for a source that plans per peer values."""
         if not isinstance(peer_tp, int) or isinstance(peer_tp, bool) or not 1 <= peer_tp <= 4096:
             raise HandshakeError(
                 f"{peer} announced TP {peer_tp!r}, not a TP size", peer=peer, field="tp"
             )
+        if self._per_values:
+            return self._for_values(peer_tp, peer, peer_params)
         plan = self._by_peer_tp.get(peer_tp)
         if plan is not None:
             return plan
@@ -169,6 +185,50 @@ class PlanSet:
             except PlanError as e:
                 raise HandshakeError(str(e), peer=peer, field="tp", peer_value=peer_tp) from None
         self._by_peer_tp[peer_tp] = plan
+        return plan
+
+    def _for_values(self, peer_tp: int, peer: str, peer_params: Any) -> Plan:
+        """The plan for a peer's TP and values, from the source's ``plan_for_peer``."""
+        if not isinstance(peer_params, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, str)) for k, v in peer_params.items()
+        ):
+            raise HandshakeError(f"{peer} announced no spec parameters", peer=peer, field="params")
+        key = (peer_tp, json.dumps(peer_params, sort_keys=True))
+        plan = self._by_values.get(key)
+        if plan is not None:
+            return plan
+        if len(self._by_values) >= MAX_PEER_PLANS:
+            raise HandshakeError(
+                f"{peer}: this endpoint already holds plans for {MAX_PEER_PLANS} sets of peer "
+                "values; refusing more",
+                peer=peer,
+                field="params",
+            )
+        prefill_tp, decode_tp = _pair(self.role, self.tp, peer_tp)
+        try:
+            plan = self._source.plan_for_peer(
+                prefill_tp=prefill_tp, decode_tp=decode_tp, peer_params=dict(peer_params)
+            )
+        except Exception as e:  # noqa: BLE001 - the source's refusal, whatever it raised
+            raise HandshakeError(
+                f"{peer} at {self.peer_role} TP {peer_tp}: no plan for its values ({e})",
+                peer=peer,
+                field="params",
+            ) from None
+        if not isinstance(plan, Plan) or side_of(plan, self.peer_role).tp != peer_tp:
+            raise HandshakeError(
+                f"{peer}: plan_for_peer gave no plan for {self.peer_role} TP {peer_tp}",
+                peer=peer,
+                field="tp",
+            )
+        if self.first is None:
+            self.first = plan
+        else:
+            try:
+                self._same_pages(self.first, plan)
+            except PlanError as e:
+                raise HandshakeError(str(e), peer=peer, field="params") from None
+        self._by_values[key] = plan
         return plan
 
 

@@ -41,6 +41,7 @@ class Request:
     strategies: dict[str, str] = field(default_factory=dict)  # peer label -> strategy
     chunks: int = 0
     released: bool = False  # the strategies released what the request held
+    num_tokens: int | None = None  # the request's tokens (pairs with a token remap)
 
     def engine_ok(self, peer: Peer) -> bool:
         return self.engine is None or self.engine == peer.engine

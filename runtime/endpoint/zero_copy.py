@@ -68,12 +68,16 @@ class ZeroCopy:
                     int(table.row_nbytes[p.rows].shape[0]) * int(p.local.shape[0])
                     for p in job.parts
                 )
-                if job.posted * 4 <= n_idx:
+                explicit = any(p.explicit is not None for p in job.parts)
+                if explicit or job.posted * 4 <= n_idx:
                     # NIXL would merge >= 3 of 4 indices (whole pages, consecutive blocks):
                     # post the merged descriptors themselves (~25 ns each) instead of every
-                    # index (~32 ns each; 1 ms for a 1 GiB request of 32k blocks)
+                    # index (~32 ns each; 1 ms for a 1 GiB request of 32k blocks); a token
+                    # remap's descriptors are explicit anyway
                     merged = [
-                        merged_descriptors(table, p.local, p.remote, p.rows, p.runs)
+                        (*p.explicit, p.nbytes)
+                        if p.explicit is not None
+                        else merged_descriptors(table, p.local, p.remote, p.rows, p.runs)
                         for p in job.parts
                     ]
                     loc = np.concatenate([m[0] for m in merged])

@@ -1,4 +1,4 @@
-"""The staged strategy (DESIGN.md §4): pack into a registered staging buffer, one transfer per
+"""The staged strategy (docs/design.md §6): pack into a registered staging buffer, one transfer per
 chunk, unpack at the peer.
 
 The source rank (always the prefill side) packs every byte one request sends to one peer into

@@ -3,7 +3,7 @@
 Pure compute (numpy + torch); no NIXL here, so every function can be tested on its own.
 
 The *zero-copy* strategy posts one NIXL descriptor per (layer, page, run, block).  The *staged*
-strategy (DESIGN.md §4) has the source gather every byte destined for one peer into a
+strategy (docs/design.md §6) has the source gather every byte destined for one peer into a
 registered staging buffer, moves it with one NIXL transfer per (peer, chunk) and has the
 destination scatter it into its pages.  Both sides must agree, byte for byte, on where each
 run sits in the staging **stream**; this module defines that order and the pack/unpack kernels.
@@ -31,7 +31,7 @@ default per row on CPU, where the 2-D gather of whole runs hits torch's memcpy p
 on CUDA); unpacking is ``index_copy_``.  A :class:`BoundPages` (a side's buffers bound to a
 layout once) caches the strided views, leaving ~4 µs of host time per call on CPU.  Every kernel works on the widest element (16, 8, 4, 2 or
 1 bytes: ``complex128``, ``int64``, ...) dividing every offset, length and stride it touches;
-NIXL.md measured ``uint8`` ``index_copy_`` 3.6x slower than ``int64`` on the H100, and on CPU
+docs/nixl.md §7: ``uint8`` ``index_copy_`` runs 3.6x slower than ``int64`` on the H100, and on CPU
 ``uint8`` ``index_copy_`` runs at ~1.6 GB/s against ~50 GB/s for 16-byte elements, so CPU
 unpacks whose unit is under 16 bytes use numpy's fancy assignment on a ``uint8`` view instead.
 

@@ -150,10 +150,10 @@ def test_compile_with_no_possible_pair_reports_why(work, capsys):
         "gen",
         *LLAMA,
         "--set",
-        "decode.block_size=32",
+        "decode.kv_dtype=fp8",
     )
     assert rc == 1, err
-    assert LOCATED.search(err) and "32 on decode" in err
+    assert LOCATED.search(err) and "bf16 on prefill but fp8 on decode" in err
     assert "no TP pair of {1, 2, 4, 8} can be compiled" in err
     assert not (work / "gen").exists()
 
@@ -496,16 +496,25 @@ def test_plan_json_replicated_state_notifies_the_others(work, capsys):
 
 
 def test_plan_per_side_values(work, capsys):
-    """Two 16-token prefill kernel blocks per logical block match one 32-token decode block."""
+    """Two 16-token prefill kernel blocks per logical block match one 32-token decode block;
+    without them the logical blocks hold different tokens and the plan maps tokens."""
     base = ["plan", SPEC, "--prefill-tp", "2", "--decode-tp", "4", *LLAMA, "--format", "json"]
-    rc, _, err = run(capsys, *base, "--set", "decode.block_size=32")
-    assert rc == 1 and LOCATED.search(err)
+    rc, out, err = run(capsys, *base, "--set", "decode.block_size=32")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["token_remap"] == {
+        "chunk_tokens": 16,
+        "prefill": {"kernel_tokens": 16, "kernel_blocks": 1},
+        "decode": {"kernel_tokens": 32, "kernel_blocks": 1},
+    }
+    assert all("token_stride" in x for r in doc["decode_ranks"] for x in r["reads"])
     rc, out, err = run(
         capsys, *base, "--set", "decode.block_size=32", "--set", "prefill.kernel_blocks=2"
     )
     assert rc == 0, err
     doc = json.loads(out)
     assert doc["kernel_blocks"] == {"prefill": 2, "decode": 1}
+    assert "token_remap" not in doc
 
 
 def test_plan_text(work, capsys):

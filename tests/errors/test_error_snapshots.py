@@ -117,21 +117,18 @@ def test_tp_error_names_the_dim_and_both_numbers(monkeypatch, capsys):
     assert "'head'" in first and "6" in first and "4" in first
 
 
-def test_block_size_mismatch_is_fixed_by_kernel_blocks(monkeypatch, capsys):
-    """The refusal's advice works: 2 prefill kernel blocks of 16 tokens = 1 decode block of 32."""
+def test_block_size_mismatch_refusal_names_what_cannot_follow_the_tokens(monkeypatch, capsys):
+    """Different block sizes are mapped token by token, except for a per-kernel-block state with
+    no token dim: the refusal names it, and equal block sizes plan."""
     rc, _, err = run_case("block_size_mismatch", monkeypatch, capsys)
     assert rc == 1 and "16 tokens on prefill" in err and "32 on decode" in err
+    assert "state 'scale'" in err and "token by token" in err
     monkeypatch.chdir(HERE)
-    rc = main(
-        [
-            "plan",
-            "block_size_mismatch.layout",
-            *case_args("block_size_mismatch"),
-            "--set",
-            "prefill.kernel_blocks=2",
-        ]
-    )
+    args = case_args("block_size_mismatch")
+    rc = main(["plan", "block_size_mismatch.layout", *args, "--set", "decode.block_size=16"])
     assert rc == 0, capsys.readouterr().err
+    rc, _, err = run_case("block_size_mismatch_mixed_layer", monkeypatch, capsys)
+    assert rc == 1 and "layer 'hybrid'" in err and "split them" in err
 
 
 def test_json_error_format(monkeypatch, capsys):

@@ -198,7 +198,7 @@ def test_init_then_plan_2_to_4(name, tmp_path, capsys):
 
 
 def test_nemotron_3_nano_matches_vllm_numbers(capsys):
-    """VLLM_SEMANTICS.md §5 (conv/ssm per rank) and §6 (logical block 2096 tokens)."""
+    """docs/vllm-reference.md §6 (conv/ssm per rank) and §7 (logical block 2096 tokens)."""
     plan = plan_json(capsys, MODELS / "nemotron_3_nano_30b_a3b.layout", 2, 4)
     sizes = state_bytes(plan)
     assert sizes["conv"] == (18432, 9216)
@@ -206,7 +206,7 @@ def test_nemotron_3_nano_matches_vllm_numbers(capsys):
     assert plan["kernel_blocks"] == {"prefill": 131, "decode": 131}  # 131 x 16 = 2096 tokens
     rank1 = next(r for r in plan["decode_ranks"] if r["rank"] == 1)
     conv = [(x["prefill_offset"], x["nbytes"]) for x in rank1["reads"] if x["state"] == "conv"]
-    assert conv == [(6144, 6144), (13824, 1536), (16896, 1536)]  # the 3-read of §5
+    assert conv == [(6144, 6144), (13824, 1536), (16896, 1536)]  # the 3-read of §6
     ssm = [x["prefill_offset"] for x in rank1["reads"] if x["state"] == "ssm"]
     assert ssm == [524288]  # relative to the ssm state (18432 + 524288 in the page)
 
@@ -273,7 +273,7 @@ def test_kv_dtype_fp8_halves_attention_but_not_mamba(tmp_path, capsys):
     bf16 = state_bytes(plan_json(capsys, MODELS / "nemotron_3_nano_30b_a3b.layout", 2, 4))
     assert fp8["kv"] == (bf16["kv"][0] // 2, bf16["kv"][1] // 2)
     assert fp8["conv"] == bf16["conv"] and fp8["ssm"] == bf16["ssm"]
-    # §6: FP8 KV doubles the logical block at TP 1 -> 261 kernel blocks
+    # docs/vllm-reference.md §7: FP8 KV doubles the logical block at TP 1 -> 261 kernel blocks
     assert plan_json(capsys, spec, 1, 4)["kernel_blocks"]["prefill"] == 261
 
 

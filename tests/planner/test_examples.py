@@ -1,5 +1,5 @@
 """The example specs (GDN conv, Mamba2 SD conv, NHD KV, Mamba1) plan and verify for every pair
-their shapes allow: the layouts of DESIGN.md §3 need no special case in the compiler."""
+their shapes allow: the layouts of docs/design.md §3 need no special case in the compiler."""
 
 from __future__ import annotations
 

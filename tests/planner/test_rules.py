@@ -8,10 +8,10 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import compile_pair
 from layoutc.compiler.diagnostics import InternalError, LayoutError
 from layoutc.compiler.verify import verify_plan
 from layoutc.runtime.layout import local_dim
+from planner_cases import compile_pair
 
 SMALL_HYBRID = dict(
     num_key_value_heads=2,

@@ -9,9 +9,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from conftest import compile_pair
 from layoutc.compiler.diagnostics import LayoutError
 from layoutc.compiler.verify import verify_plan
+from planner_cases import compile_pair
 
 TPS = (1, 2, 3, 4, 6, 8, 16)
 
@@ -95,7 +95,7 @@ def test_sweep(spec, params, units):
 
 
 def test_realistic_nano_sweep():
-    from conftest import NANO
+    from planner_cases import NANO
 
     n = 0
     for p, d in itertools.product((1, 2, 4, 8, 16), repeat=2):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import NANO, compile_pair
 from layoutc.compiler.diagnostics import InternalError
 from layoutc.compiler.verify import verify_plan
+from planner_cases import NANO, compile_pair
 
 
 def tamper(plan, rank, change, which="reads", state=None):

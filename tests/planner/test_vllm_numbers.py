@@ -1,12 +1,12 @@
-"""The worked numbers of VLLM_SEMANTICS.md §3-§5, reproduced exactly.
+"""The worked numbers of docs/vllm-reference.md §4-§6, reproduced exactly.
 
-§5 gives SSM offsets from the Mamba page start; the plan JSON counts from each state's start
-(DESIGN.md §7), so SSM offsets below are §5's minus the conv bytes.
+§6 gives SSM offsets from the Mamba page start; the plan JSON counts from each state's start
+(docs/design.md §4, "Outputs"), so SSM offsets below are §6's minus the conv bytes.
 """
 
 from __future__ import annotations
 
-from conftest import NANO, NEMOTRON_H_8B, compile_pair
+from planner_cases import NANO, NEMOTRON_H_8B, compile_pair
 
 
 def reads(plan, rank, state=None):
@@ -37,7 +37,7 @@ def test_nano_1_to_2():
         ("conv", 0, 12288, 27648, 3072),
         ("conv", 0, 15360, 33792, 3072),
     ]
-    # §5: ssm at 36864 and 36864 + 1048576 from the Mamba page start
+    # §6: ssm at 36864 and 36864 + 1048576 from the Mamba page start
     assert reads(plan, 0, "ssm") == [("ssm", 0, 0, 36864 - 36864, 1048576)]
     assert reads(plan, 1, "ssm") == [("ssm", 0, 0, 36864 + 1048576 - 36864, 1048576)]
     # FA: K=2 heads, D rank 1 holds head 1: K half and V half of that head
@@ -81,7 +81,7 @@ def test_nano_4_to_2():
 
 def test_nano_4_to_1_fa_targets():
     plan = compile_pair("vllm_hybrid_mamba2", 4, 1, NANO)
-    assert {r[1] for r in reads(plan, 0, "kv")} == {0, 2}  # §4 table: FA targets [0, 2]
+    assert {r[1] for r in reads(plan, 0, "kv")} == {0, 2}  # §5 table: FA targets [0, 2]
     assert {r[1] for r in reads(plan, 0, "ssm")} == {0, 1, 2, 3}
 
 
@@ -96,7 +96,7 @@ def test_nemotron_h_8b_conv():
 
 
 def test_gqa_replication_k8_tp16():
-    """§3: K=8, D_TP=16, blocks-first, K half of one head = 4096 B."""
+    """§4: K=8, D_TP=16, blocks-first, K half of one head = 4096 B."""
     k8 = dict(num_key_value_heads=8, head_dim=128)
     plan = compile_pair("vllm_flashinfer", 8, 16, k8)
     for d in range(16):
@@ -124,7 +124,7 @@ def test_mla_single_read_and_notify_only():
 
 
 def vllm_descriptors_per_block(plan, d):
-    """vLLM's per-block descriptor count (VLLM_SEMANTICS.md §2, §5): FA K and V per source,
+    """vLLM's per-block descriptor count (docs/vllm-reference.md §3, §6): FA K and V per source,
     4 Mamba reads (x, B, C, ssm) per source."""
     srcs = {}
     for r in plan.iter_reads(d):

@@ -32,3 +32,29 @@ def _compiled(spec: str, p: int, d: int, sets: tuple) -> object:
 def compiled(spec: str, p: int, d: int, sets: dict | None = None):
     """A real compiled Plan of ``specs/<spec>.layout`` (cached)."""
     return _compiled(spec, p, d, tuple(sorted((sets or {}).items())))
+
+
+class PeerValuePlans:
+    """A plan source that plans per peer values (``plan_for_peer``): this engine's spec values
+    ``own`` on its side, and the values the peer announces at handshake (e.g. its block size)
+    on the other -- as an engine integration does when it learns the peer's block size only
+    from its handshake."""
+
+    def __init__(self, spec: str, role: str, sets: dict, own: dict, take: tuple[str, ...]):
+        self.spec, self.role, self.sets, self.own, self.take = spec, role, sets, own, take
+        self.asked: list[dict] = []
+
+    def _sets(self, peer: dict) -> dict:
+        peer_role = "decode" if self.role == "prefill" else "prefill"
+        out = dict(self.sets)
+        out.update({f"{self.role}.{k}": v for k, v in self.own.items()})
+        out.update({f"{peer_role}.{k}": v for k, v in peer.items()})
+        return out
+
+    def plan(self, *, prefill_tp: int, decode_tp: int):
+        return compiled(self.spec, prefill_tp, decode_tp, self._sets(self.own))
+
+    def plan_for_peer(self, *, prefill_tp: int, decode_tp: int, peer_params: dict):
+        values = {k: peer_params[k] for k in self.take if k in peer_params}
+        self.asked.append(values)
+        return compiled(self.spec, prefill_tp, decode_tp, self._sets(values))

@@ -111,14 +111,58 @@ class _Session:
                     if ids is not None:
                         keys = block_keys(li, req, np.arange(ids.size))
                         self.taggers[page].fill(want, ids, keys)
-            bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
-            if bad.size:
-                b, off = divmod(int(bad[0]), got.shape[1])
-                raise AssertionError(
-                    f"{self.ep.label}: layer {li} page {page!r}: {bad.size} "
-                    f"wrong bytes, first in block {b} at offset {off}"
-                )
-            checked += got.size
+            checked += self._compare(li, page, got, want)
+        return checked
+
+    def _compare(self, li: int, page: str, got: np.ndarray, want: np.ndarray) -> int:
+        bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
+        if bad.size:
+            b, off = divmod(int(bad[0]), got.shape[1])
+            raise AssertionError(
+                f"{self.ep.label}: layer {li} page {page!r}: {bad.size} "
+                f"wrong bytes, first in block {b} at offset {off}"
+            )
+        return int(got.size)
+
+    def tag_tokens(self, req: int, blocks: Any, chunk: int) -> None:
+        """Fill request ``req``'s blocks with its tags, per-kernel-block pages by token (for
+        engines holding different tokens per logical block; windows of ``chunk`` tokens)."""
+        from layoutc.runtime.tags import TokenPageTagger, block_keys
+
+        for li, page, view in self._views(write=True):
+            ids = self._layer_blocks(li, blocks)
+            if ids is None:
+                continue
+            if self.side.page(page).per == "kernel":
+                TokenPageTagger(self.side, self.rank, page, chunk).fill(view, ids, li, req)
+            else:
+                self.taggers[page].fill(view, ids, block_keys(li, req, np.arange(ids.size)))
+
+    def verify_tokens(self, reqs: list[tuple[int, Any, int]], chunk: int) -> int:
+        """Every byte of every buffer, for requests ``(req, blocks, num_tokens)`` moved window
+        by window: the tags of every token of the windows the request covers (its tokens,
+        rounded up to whole windows of ``chunk``) and its per-logical-block state in their
+        blocks, the sentinel everywhere else.  Returns the bytes checked."""
+        from layoutc.runtime.tags import TokenPageTagger, block_keys
+
+        checked = 0
+        for li, page, got in self._views():
+            want = np.full_like(got, SENTINEL)
+            for req, blocks, num_tokens in reqs:
+                ids = self._layer_blocks(li, blocks)
+                if ids is None:
+                    continue
+                if self.side.page(page).per != "kernel":
+                    self.taggers[page].fill(want, ids, block_keys(li, req, np.arange(ids.size)))
+                    continue
+                last = -(-num_tokens // chunk) * chunk
+                tagger = TokenPageTagger(self.side, self.rank, page, chunk)
+                for off, t, token in tagger.tags(li, req, np.arange(ids.size)):
+                    isz = t.shape[1] // token.shape[1]
+                    moved = np.repeat(token < last, isz, axis=1)
+                    cur = want[ids, off : off + t.shape[1]]
+                    want[ids, off : off + t.shape[1]] = np.where(moved, t, cur)
+            checked += self._compare(li, page, got, want)
         return checked
 
     def check_blocks(self, req: int, blocks: Any) -> int:
@@ -315,6 +359,9 @@ class TestRank:
     def pid(self) -> int:
         return os.getpid()
 
+    def environ(self, name: str) -> str | None:
+        return os.environ.get(name)
+
     def tick(self) -> bool:
         if self.session is not None:
             self.session.collect()
@@ -472,6 +519,83 @@ def run_requests(pre, dec, mode, pb, db, *, prefix="r", expect_ids=None, **start
         r.label: r.call("verify", [(i, db[i]) for i in range(nreq)], layers=layers) for r in dec
     }
     return infos, verified
+
+
+def _token_ids(rng: np.random.Generator, counts: list[int], pool: int) -> list[np.ndarray]:
+    """Disjoint scattered block ids, ``counts[i]`` for request ``i``."""
+    perm = rng.permutation(pool)
+    assert sum(counts) <= pool
+    out, at = [], 0
+    for n in counts:
+        out.append(perm[at : at + n])
+        at += n
+    return out
+
+
+def run_token_requests(
+    ranks, plan, mode, lengths, kinds, seed, num_blocks=64, sources=None, **ep_kwargs
+):
+    """Requests of ``lengths`` tokens between engines holding different tokens per logical
+    block (``plan.remap``), all in flight at once: tag by token, ``expect``, ``pull``/``push``
+    with ``num_tokens=``, wait, verify every decode byte (``verify_tokens``).  ``sources``:
+    (prefill, decode) plan sources given to the endpoints instead of ``plan``."""
+    from layoutc.runtime.endpoint import layer_kind_sequence
+
+    rm = plan.remap
+    assert rm is not None
+    chunk = rm.chunk_tokens
+    layers = 2 * len(kinds)
+    psrc, dsrc = sources or (plan, plan)
+    kinds_seq = layer_kind_sequence(plan, layers)
+    pre = ranks.ranks(
+        [(psrc, "prefill", r, {"tp": plan.prefill_tp}) for r in range(plan.prefill_tp)],
+        num_blocks=num_blocks,
+        kinds=kinds_seq,
+        **ep_kwargs,
+    )
+    dec = ranks.ranks(
+        [(dsrc, "decode", r, {"tp": plan.decode_tp}) for r in range(plan.decode_tp)],
+        num_blocks=num_blocks,
+        kinds=kinds_seq,
+        **ep_kwargs,
+    )
+    connect_all(pre, dec)
+    rng = np.random.default_rng(seed)
+    p_ids = {
+        k: _token_ids(rng, [rm.blocks_for("prefill", n) for n in lengths], num_blocks)
+        for k in kinds
+    }
+    d_ids = {
+        k: _token_ids(rng, [rm.blocks_for("decode", n) for n in lengths], num_blocks) for k in kinds
+    }
+    if "mamba" in kinds:  # a request's Mamba state: one block on each side
+        p_ids["mamba"] = _token_ids(rng, [1] * len(lengths), num_blocks)
+        d_ids["mamba"] = _token_ids(rng, [1] * len(lengths), num_blocks)
+    per_req = [
+        ({k: p_ids[k][i] for k in kinds}, {k: d_ids[k][i] for k in kinds}, n)
+        for i, n in enumerate(lengths)
+    ]
+    for r in pre:
+        for i, (pb, _db, _n) in enumerate(per_req):
+            r.call("tag_tokens", i, pb, chunk)
+    initiators, passive = (dec, pre) if mode == "pull" else (pre, dec)
+    for r in passive:
+        for i, (_pb, _db, n) in enumerate(per_req):
+            r.call("expect", f"{mode}-{i}", num_tokens=n)
+    for r in initiators:
+        for i, (pb, db, n) in enumerate(per_req):
+            local, remote = (db, pb) if mode == "pull" else (pb, db)
+            r.call(mode, f"{mode}-{i}", local, remote, num_tokens=n)
+    for r in initiators + passive:
+        for i in range(len(per_req)):
+            info = r.call("wait", f"{mode}-{i}")
+            assert info.ok
+            if r in initiators and info.bytes:
+                assert info.strategy == "zero-copy"
+    for d in dec:
+        got = d.call("verify_tokens", [(i, db, n) for i, (_pb, db, n) in enumerate(per_req)], chunk)
+        assert got > 0
+    return pre, dec
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_formula():
 
 
 def test_nixl_md_host_numbers():
-    # NIXL.md §5: 65,536 x 4 KiB permuted took 122-138 ms; 4,096 x 64 KiB 36-39 ms
+    # docs/nixl.md §6: 65,536 x 4 KiB permuted took 122-138 ms; 4,096 x 64 KiB 36-39 ms
     m = CostModel.default("cpu")
     assert 0.110 < m.predict(65536, 256 << 20)["zero-copy"] < 0.145
     assert 0.030 < m.predict(4096, 256 << 20)["zero-copy"] < 0.045

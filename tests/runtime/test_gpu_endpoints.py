@@ -15,7 +15,12 @@ torch = pytest.importorskip("torch")
 
 from layoutc.compiler.cli import main as compile_main  # noqa: E402
 from rt_plans import GQA4, HYBRID, SPECS, compiled  # noqa: E402
-from rt_workers import connect_all, ranks_fixture, run_requests  # noqa: E402, F401 (`ranks`)
+from rt_workers import (  # noqa: E402
+    connect_all,
+    ranks_fixture,  # noqa: F401 (the `ranks` fixture)
+    run_requests,
+    run_token_requests,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -85,3 +90,14 @@ def test_vram_one_decode_engine_two_prefill_tps(ranks, tmp_path):
             assert r.call("wait", f"g{i}").ok
     for d in dec:
         assert d.call("verify", [(i, dids) for i, _e, _p, _pid, dids in reqs]) > 0
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_vram_different_tokens_per_block(ranks, mode):
+    """Prefill blocks of 16 tokens, decode blocks of 48 (hybrid: attention by token windows,
+    Mamba state block to block), requests at and around the block boundaries."""
+    plan = compiled(
+        "vllm_hybrid_mamba2", 1, 2, {**HYBRID, "prefill.block_size": 16, "decode.block_size": 48}
+    )
+    lengths = [1, 15, 16, 17, 47, 48, 49, 150]
+    run_token_requests(ranks, plan, mode, lengths, ["attention", "mamba"], seed=3, **CUDA)

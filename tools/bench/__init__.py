@@ -1,4 +1,4 @@
-"""``layoutc bench``: the numbers of DESIGN.md §9, measured on this machine.
+"""``layoutc bench``: the targets of docs/design.md §8, measured on this machine.
 
 Sections (each key of the JSON is the median of repeated runs, with ``<key>_spread`` =
 ``[min, max]``):
@@ -9,7 +9,7 @@ Sections (each key of the JSON is the median of repeated runs, with ``<key>_spre
   Python loop (``staging.expand_loop``).
 * **descriptors** (no buffers): NIXL descriptors one decode rank would post for a
   32,768-token request with scattered blocks, strategy ``auto`` with this device's cost
-  model, against vLLM's counts (VLLM_SEMANTICS.md §10).
+  model, against vLLM's counts (docs/vllm-reference.md §9).
 * **cpu** (two processes, host memory): a hetero-TP request with scattered blocks and 8 KiB
   head slices through the runtime (``auto``) against NIXL moving the same bytes as ONE
   descriptor between the same two processes.
