@@ -114,6 +114,8 @@ MAX_TEXT_CHARS = 8192
 MAX_NAME_CHARS = 256
 #: Chunk sizes, counts, slots and layer indices stay below this.
 MAX_INDEX = (1 << 31) - 1
+#: Longest list of grants or layers in one message (an endpoint has far fewer slots, layers).
+MAX_LIST = 1 << 16
 
 
 class ProtocolError(LayoutcError):
@@ -305,8 +307,8 @@ def _kind(obj: dict[str, Any]) -> str | None:
 def _grant_list(v: Any) -> tuple[tuple[int, int], ...]:
     if v is None:
         return ()
-    if not isinstance(v, list):
-        raise ProtocolError("grants must be a list")
+    if not isinstance(v, list) or len(v) > MAX_LIST:
+        raise ProtocolError(f"grants must be a list of at most {MAX_LIST}")
     out = []
     for g in v:
         if (
@@ -322,8 +324,12 @@ def _grant_list(v: Any) -> tuple[tuple[int, int], ...]:
 def _layers(v: Any) -> tuple[int, ...] | None:
     if v is None:
         return None
-    if not isinstance(v, list) or any(type(x) is not int or not 0 <= x <= MAX_INDEX for x in v):
-        raise ProtocolError("layers must be a list of non-negative integers")
+    if (
+        not isinstance(v, list)
+        or len(v) > MAX_LIST
+        or any(type(x) is not int or not 0 <= x <= MAX_INDEX for x in v)
+    ):
+        raise ProtocolError(f"layers must be a list of at most {MAX_LIST} non-negative integers")
     return tuple(v)
 
 

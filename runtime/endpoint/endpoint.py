@@ -1438,6 +1438,13 @@ class Endpoint:
         sender = peer.name
         if isinstance(msg, Ping):
             return
+        if isinstance(msg, SReq):
+            # the destination's block ids are distinct: no staged request holds more blocks
+            # than the destination's buffers
+            dst_blocks = self.num_blocks if self.role == "decode" else peer.num_blocks
+            if msg.blocks.shape[0] > dst_blocks:
+                self.telemetry.add("dropped_malformed")
+                return
         req = self._requests.get(msg.rid)
         if req is None:
             if isinstance(msg, Fail) or (

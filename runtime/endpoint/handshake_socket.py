@@ -58,6 +58,9 @@ MAX_PENDING = 16
 HANDSHAKE_TIMEOUT_S = 30.0
 #: New connections accepted per service round.
 ACCEPTS_PER_ROUND = 8
+#: While no handshake is in progress, the socket is looked at this often (a poll costs
+#: nothing more in between).
+ACCEPT_EVERY_S = 0.001
 #: Seconds between probes of a live peer in the way of a handshake.
 PROBE_EVERY_S = 0.005
 #: Frame size limits by state.
@@ -162,6 +165,7 @@ class HandshakeServer:
                 f"{self.label}: cannot listen for handshakes on {host}:{port}: {e.strerror or e}"
             ) from None
         self.sock: socket.socket | None = srv
+        self.next_accept = 0.0
         self.host = host
         self.port = int(srv.getsockname()[1])
         if host not in ("127.0.0.1", "::1", "localhost") and not adm.keyed:
@@ -185,6 +189,9 @@ class HandshakeServer:
         if self.sock is None:
             return
         t = now()
+        if not self.conns and t < self.next_accept:
+            return  # (an idle socket is looked at once per ACCEPT_EVERY_S)
+        self.next_accept = t + ACCEPT_EVERY_S
         self._accept(t)
         for conn in list(self.conns):
             self._step(conn, t)
