@@ -141,6 +141,18 @@ def error_name(exc: BaseException) -> str:
     return msg or type(exc).__name__
 
 
+def listener_port(value: bool | int | None) -> int | None:
+    """The port of NIXL's metadata listener for ``Endpoint(nixl_listener=value)``: None (off)
+    for False/None, NIXL's default port for True, else ``value`` (a port number)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return int(load().api.DEFAULT_COMM_PORT)
+    if type(value) is not int or not 0 < value < 1 << 16:
+        raise UsageError(f"nixl_listener must be True, False or a port number, got {value!r}")
+    return value
+
+
 def create_agent(
     name: str,
     *,

@@ -128,9 +128,11 @@ class Endpoint:
                 in its handshake; default ``$LAYOUTC_AUTH_KEY`` when set.  It keys every
                 message's HMAC and encrypts the agent metadata in handshakes; it never crosses
                 the wire.  See ``docs/security.md``.
-    nixl_listener_port: also run NIXL's own metadata listener on this port (off by default).
-                It hands this agent's metadata -- read and write access to every registered
-                buffer -- to anyone who connects; layoutc's handshakes never use it.
+    nixl_listener: also run NIXL's own metadata listener: ``True`` on NIXL's default port,
+                or on the port given (off by default).  It binds every interface and hands
+                this agent's metadata -- read and write access to every registered buffer --
+                to anyone who connects (and loads anyone's); layoutc's handshakes never use
+                it.  Turning it on is logged as a warning.
     timeout_s:  default deadline of every request and wait.
     strategy:   how requests this endpoint initiates move bytes, per peer: ``"zero-copy"``
                 (one descriptor per run, page to page), ``"staged"`` (pack into the staging
@@ -161,7 +163,7 @@ class Endpoint:
         listen_port: int | None = None,
         listen_host: str = "127.0.0.1",
         auth_key: str | bytes | None = None,
-        nixl_listener_port: int | None = None,
+        nixl_listener: bool | int = False,
         timeout_s: float = 30.0,
         strategy: str = "auto",
         staging_bytes: int = DEFAULT_STAGING_BYTES,
@@ -230,7 +232,9 @@ class Endpoint:
         if self.mem_type == "VRAM":
             nixl_compat.prepare_cuda_env()
         try:
-            self.agent = nixl_compat.create_agent(self.name, listen_port=nixl_listener_port)
+            self.agent = nixl_compat.create_agent(
+                self.name, listen_port=nixl_compat.listener_port(nixl_listener)
+            )
         except BaseException:
             self._admission.close()
             raise

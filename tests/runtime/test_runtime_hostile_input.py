@@ -394,7 +394,7 @@ def test_nixl_listener_is_off_unless_asked_for(closing, plan, caplog):
     stranger = nixl_compat.create_agent(f"stranger-{next(_names)}", listen_port=ports[1])
     # nothing of the endpoint listens for NIXL's metadata requests
     with caplog.at_level(logging.WARNING, logger="layoutc.runtime"):
-        p = endpoint(plan, "prefill", nixl_listener_port=port)
+        p = endpoint(plan, "prefill", nixl_listener=port)
     closing(p)
     assert "metadata listener is on" in caplog.text
     stranger.fetch_remote_metadata(p.name, "127.0.0.1", port)
@@ -450,7 +450,8 @@ def test_timeouts_must_be_finite_and_positive(closing, plan, value):
         ({"auth_key": 12345}, "must be str or bytes"),
         ({"listen_port": 70000}, "port number"),
         ({"listen_port": "80"}, "port number"),
-        ({"nixl_listener_port": -1}, "port number"),
+        ({"nixl_listener": -1}, "port number"),
+        ({"nixl_listener": "on"}, "port number"),
     ],
 )
 def test_bad_endpoint_arguments(plan, kw, match):
