@@ -31,7 +31,14 @@ goes through every stage, then the slowest stage sets the pace).
   counts the calls (``Expansion.n_ops``: rows, groups, or one per chunk when fused).
 * ``overlap``: 0 while the runtime packs, moves and unpacks a request's chunks one after
   another, 1 once it pipelines them (source packs chunk ``i+1`` while ``i`` moves and the
-  destination unpacks ``i-1``); values between interpolate.
+  destination unpacks ``i-1``); values between interpolate.  The staged engine runs pack and
+  unpack on lanes of their own (CUDA streams on GPUs) beside NIXL's transfers, so the
+  stages of different chunks can overlap; ``layoutc bench`` solves ``overlap`` from a large
+  staged request.
+* ``bounce_Bps``: copies between a GPU and host memory (PCIe), for a GPU endpoint whose
+  staging buffer is in host memory (``staging_memory="host"``: a link that only carries
+  host memory): its pack is a kernel plus a device-to-host copy, its unpack the reverse,
+  so ``Tp = B / pack_Bps + B / bounce_Bps`` (likewise ``Tu``).
 
 The sum for zero-copy matches docs/nixl.md's host-memory table (§6) within ~5 % (65,536 x 4 KiB:
 92 ms of descriptors + 31 ms of bytes = 123 ms against 122-138 ms measured; 4,096 x 64 KiB:
@@ -75,6 +82,7 @@ class CostModel:
     zero_copy_request_s: float = 0.0
     op_s: float = 5e-6
     overlap: float = 0.0
+    bounce_Bps: float = 25e9
     source: str = "defaults"
 
     # -- construction -------------------------------------------------------------------------
@@ -166,11 +174,16 @@ class CostModel:
             + total_bytes / self.link_Bps
         )
 
-    def staged_s(self, total_bytes: int, n_chunks: int = 1, n_ops: int = 0) -> float:
-        """Predicted seconds of a staged transfer of one (peer, request)."""
+    def staged_s(
+        self, total_bytes: int, n_chunks: int = 1, n_ops: int = 0, *, bounce: bool = False
+    ) -> float:
+        """Predicted seconds of a staged transfer of one (peer, request); ``bounce``: the
+        staging buffers are in host memory beside GPU pages (a copy each way on top of the
+        kernels)."""
         B = float(total_bytes)
         c = max(1, int(n_chunks))
-        stages = (B / self.pack_Bps, B / self.link_Bps, B / self.unpack_Bps)
+        extra = B / self.bounce_Bps if bounce else 0.0
+        stages = (B / self.pack_Bps + extra, B / self.link_Bps, B / self.unpack_Bps + extra)
         seq = sum(stages)
         piped = seq / c + (c - 1) / c * max(stages)
         ov = min(1.0, max(0.0, self.overlap))

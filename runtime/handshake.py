@@ -13,7 +13,7 @@ agree with before any byte moves:
                    (nbytes, kernel_stride, per)
 ``mem_type``       ``"DRAM"`` or ``"VRAM"``
 ``layers``         per layer: ``{"kind": k, "pages": {page: [addr, nbytes, devid, num_blocks]}}``
-``staging``        the staging buffer: ``{addr, nbytes, devid, slots, slot_bytes}`` or null
+``staging``        the staging buffer: ``{addr, nbytes, devid, slots, slot_bytes, mem}`` or null
 ``listener``       the port of the endpoint's handshake socket, or null
 
 :func:`check_shape` checks every field's type and range (whatever a peer sent: nothing else
@@ -173,6 +173,8 @@ def _staging_ok(st: Any) -> bool:
     addr, nbytes, devid, slots, slot_bytes = (
         st.get(k) for k in ("addr", "nbytes", "devid", "slots", "slot_bytes")
     )
+    if st.get("mem", "DRAM") not in ("DRAM", "VRAM"):
+        return False
     if not (
         _is_int(addr, 0, ADDR_LIMIT)
         and _is_int(nbytes, 1, ADDR_LIMIT)

@@ -109,6 +109,19 @@ def cmd_bench(args: argparse.Namespace, compiler: Compiler) -> int:
     limit = args.time_limit
     if limit is None:
         limit = 280.0 if args.device == "cpu" else 330.0
+    extra: dict[str, Any] = {}
+    if args.sections is not None:
+        if args.device != "cuda":
+            raise UsageError("--sections needs --device cuda")
+        names = tuple(x.strip() for x in args.sections.split(",") if x.strip())
+        known = BenchConfig().gpu_sections
+        bad = [x for x in names if x not in known]
+        if bad or not names:
+            raise UsageError(
+                f"--sections: unknown section {', '.join(bad) or '(none)'} "
+                f"(known: {', '.join(known)})"
+            )
+        extra["gpu_sections"] = names
     cfg = BenchConfig(
         quick=args.quick,
         device=args.device,
@@ -120,6 +133,7 @@ def cmd_bench(args: argparse.Namespace, compiler: Compiler) -> int:
         progress=not args.quiet,
         runs=args.runs or 0,
         gpus=args.gpus,
+        **extra,
     )
 
     def _term(signum: int, frame: Any) -> None:  # SIGTERM: stop like Ctrl-C (JSON kept)
@@ -217,6 +231,11 @@ def add_commands(sub: Any, add_spec_options: Any) -> None:
         "decode ranks on GPU 1)",
     )
     p.add_argument("--runs", type=int, help="repetitions per measurement")
+    p.add_argument(
+        "--sections",
+        metavar="LIST",
+        help="with --device cuda: which of gpu,link,concurrency,engines to run (default all)",
+    )
     p.add_argument("--time-limit", type=float, help="seconds before remaining sections are skipped")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_bench)

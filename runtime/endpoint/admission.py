@@ -310,15 +310,22 @@ class Admission:
 
     def _inside(self, cand: Candidate) -> bool:
         """Is every buffer the candidate announced inside the memory its metadata registers?"""
-        rows = [entry[:3] for layer in cand.header["layers"] for entry in layer["pages"].values()]
-        st = cand.header.get("staging")
-        if st is not None:
-            rows.append([st["addr"], st["nbytes"], st["devid"]])
-        arr = np.array(rows, dtype=np.uint64).reshape(-1, 3)
+        h = cand.header
+        regions = {
+            h["mem_type"]: [entry[:3] for layer in h["layers"] for entry in layer["pages"].values()]
+        }
+        st = h.get("staging")
+        if st is not None:  # (a GPU endpoint may stage in host memory)
+            regions.setdefault(st.get("mem", h["mem_type"]), []).append(
+                [st["addr"], st["nbytes"], st["devid"]]
+            )
         agent = self.host.agent
         try:
-            descs = agent.get_xfer_descs(arr, cand.header["mem_type"])
-            return bool(agent.check_remote_metadata(cand.name, descs))
+            for mem, rows in regions.items():
+                descs = agent.get_xfer_descs(np.array(rows, dtype=np.uint64).reshape(-1, 3), mem)
+                if not agent.check_remote_metadata(cand.name, descs):
+                    return False
+            return True
         except nixl_compat.nixl_errors():
             return False
 

@@ -75,10 +75,17 @@ from ..errors import (
 )
 from ..plan import PLAN_FORMAT, Plan
 from ..protocol import STAGED_KINDS, Done, Fail, Message, Ping, SReq
-from ..staged import DEFAULT_STAGING_BYTES, DEFAULT_STAGING_SLOTS, MOVERS, Staged
+from ..staged import (
+    DEFAULT_STAGING_BYTES,
+    DEFAULT_STAGING_SLOTS,
+    MOVERS,
+    Staged,
+    check_staged_options,
+    staging_memory,
+)
 from ..telemetry import DROP_COUNTERS, Telemetry
 from .admission import Admission
-from .buffers import LocalPages, host_staging_tensor, kind_pages
+from .buffers import LocalPages, kind_pages
 from .host import JobPart, PeerJob, Strategy
 from .peers import Peer
 from .plans import PlanSet
@@ -148,6 +155,14 @@ class Endpoint:
                 None for the device kind's defaults (updated from ``$LAYOUTC_COST_MODEL``).
     staged_mover: who copies staged chunks, ``"reader"``, ``"writer"``, ``"alternate"`` or
                 ``"adaptive"`` (default: adaptive on host memory, writer on GPUs).
+    staging_memory: ``"device"`` (the staging buffer on the pages' device; the default) or
+                ``"host"`` (GPU pages, staging in pinned host memory: pack, copy to host,
+                one transfer per chunk between host buffers, copy to the GPU, unpack -- for
+                links that carry host memory only).
+    staged_lanes: where staged pack and unpack run: ``"stream"`` (a CUDA stream each; the
+                default on GPUs), ``"inline"`` (in the poll; the default on host memory) or
+                ``"thread"`` (a worker thread each, host memory), see
+                :mod:`~layoutc.runtime.staged.lanes`.
     """
 
     def __init__(
@@ -170,6 +185,8 @@ class Endpoint:
         staging_slots: int = DEFAULT_STAGING_SLOTS,
         cost_model: CostModel | dict[str, Any] | None = None,
         staged_mover: str | None = None,
+        staging_memory: str = "device",
+        staged_lanes: str | None = None,
     ) -> None:
         self.plans = PlanSet(plans, role, tp)
         #: a plan of the set (all describe this rank's pages alike); the plan, for an
@@ -204,6 +221,9 @@ class Endpoint:
             raise UsageError(f"cost_model must be a CostModel or a dict, got {type(cost_model)}")
         if strategy == "staged" and staging_bytes == 0:
             raise UsageError("strategy 'staged' needs a staging buffer (staging_bytes > 0)")
+        check_staged_options(kind, staging_memory, staged_lanes)
+        self._staging_memory = staging_memory
+        self._staged_lanes = staged_lanes
         self.strategy = strategy
         self.cost_model = cost_model
         self.staging_bytes = staging_bytes
@@ -352,16 +372,12 @@ class Endpoint:
         self.telemetry.counters["registered_bytes"] = int(regions[:, 1].sum())
 
     def _make_staging(self, buffers: Sequence[dict[str, Any]]) -> Staged:
-        """Allocate the staging buffer (once per endpoint) on the device of the pages."""
-        import torch
-
+        """Allocate the staging buffer (once per endpoint) beside the pages."""
         first = next(iter(buffers[0].values()))
-        dev = first.device
-        if dev.type == "cpu":
-            t = host_staging_tensor(self.staging_bytes)
-        else:
-            t = torch.zeros(self.staging_bytes, dtype=torch.uint8, device=dev)
-        return Staged(self, t, self.staging_slots, self._mover, self.cost_model)
+        mem = staging_memory(self.staging_bytes, first.device, self._staging_memory)
+        return Staged(
+            self, mem, self.staging_slots, self._mover, self.cost_model, self._staged_lanes
+        )
 
     @property
     def num_blocks(self) -> int:

@@ -21,6 +21,8 @@ class StagingInfo:
     devid: int
     slots: int
     slot_bytes: int
+    #: how NIXL sees it: "DRAM" or "VRAM" (a GPU endpoint may stage in host memory)
+    mem: str = "DRAM"
 
     @classmethod
     def from_header(cls, header: dict[str, Any]) -> StagingInfo | None:
@@ -32,7 +34,11 @@ class StagingInfo:
         ints = [v for v in vals if type(v) is int and v >= 0]
         if len(ints) != len(vals):
             return None
-        info = cls(*ints)
+        mem = st.get("mem", header.get("mem_type"))
+        if mem not in ("DRAM", "VRAM"):
+            return None
+        addr, nbytes, devid, slots, slot_bytes = ints
+        info = cls(addr, nbytes, devid, slots, slot_bytes, mem=mem)
         if info.slot_bytes <= 0 or info.slots <= 0 or info.slot_bytes * info.slots > info.nbytes:
             return None
         return info

@@ -11,7 +11,7 @@ import numpy as np
 from ..endpoint.peers import Peer
 from ..endpoint.requests import Request
 from ..staging import BoundPages, StagingLayout, Stream
-from .slots import Fence
+from .lanes import Fence
 
 __all__ = ["ChunkXfer", "StagedCtx", "progress_mark"]
 
@@ -44,6 +44,9 @@ class StagedCtx:
     n: int
     total: int
     mover: str
+    #: what the context's first pack or unpack waits for (the caller's queued work when it
+    #: was made; GPU lanes), None once that work was submitted
+    ready: Fence | None = None
     # destination
     next_grant: int = 0
     grants: dict[int, int] = field(default_factory=dict)  # chunk -> local slot

@@ -34,6 +34,12 @@ Protocol (messages of :mod:`~layoutc.runtime.protocol`; the initiator decides th
   chunk itself only when it has nothing else to pack; the default on host memory, where the
   copy through the kernel (CMA) costs the process that posts it, so pack, copy and unpack
   balance over two cores).  On GPUs the source writes every chunk (no RDY/ACK round trip).
+* Pipelining: pack and unpack run on lanes of their own (:mod:`.lanes`: a CUDA stream each on
+  GPUs, inline or a worker thread each on host memory) beside NIXL's transfers, so chunk
+  ``k + 1`` packs while chunk ``k`` crosses and chunk ``k - 1`` unpacks, within the slots both
+  sides have (the grants are the back-pressure).  With host staging beside GPU pages
+  (:mod:`.memory`) a pack is a kernel into a device bounce buffer plus a copy to host memory,
+  an unpack the reverse, each on its lane's stream.
 * The destination unpacks a chunk as soon as it has landed, frees the slot and grants the
   next chunk.
 * Packing ahead: a prefill rank given its block ids in ``expect`` makes the source contexts of
@@ -68,13 +74,21 @@ from ..costmodel import CostModel
 from ..endpoint.host import Host, JobPart, PeerJob
 from ..endpoint.peers import Peer
 from ..endpoint.requests import Request
-from ..errors import TransferError, TransferFailedError
+from ..errors import TransferError, TransferFailedError, UsageError
 from ..protocol import MOVERS, Ack, Dat, Done, Fail, Gnt, Message, Ping, Rdy, SReq
 from ..staging import BoundPages, FusedLaunch, StagingLayout, count_ops, pack, triton_kernel, unpack
 from .context import ChunkXfer, StagedCtx, progress_mark
-from .slots import Fence, PinnedRing, SlotPool
+from .lanes import LANE_KINDS, Fence, Lane, default_lanes, make_lane
+from .memory import STAGING_MEMORY, StagingMemory
+from .slots import PinnedRing, SlotPool
 
-__all__ = ["DEFAULT_STAGING_BYTES", "DEFAULT_STAGING_SLOTS", "MOVERS", "Staged"]
+__all__ = [
+    "DEFAULT_STAGING_BYTES",
+    "DEFAULT_STAGING_SLOTS",
+    "MOVERS",
+    "Staged",
+    "check_staged_options",
+]
 
 DEFAULT_STAGING_BYTES = 64 << 20
 DEFAULT_STAGING_SLOTS = 4
@@ -84,6 +98,25 @@ DEFAULT_STAGING_SLOTS = 4
 PROBE_S = 0.5
 
 
+def check_staged_options(device_type: str, memory: str, lanes: str | None) -> None:
+    """Refuse (:class:`UsageError`) staging options that do not fit pages on
+    ``device_type`` (``"cpu"`` or ``"cuda"``)."""
+    if memory not in STAGING_MEMORY:
+        raise UsageError(
+            f"staging_memory must be one of {', '.join(STAGING_MEMORY)}, got {memory!r}"
+        )
+    if lanes is None:
+        return
+    if lanes not in LANE_KINDS:
+        raise UsageError(f"staged_lanes must be one of {', '.join(LANE_KINDS)}, got {lanes!r}")
+    want = {"cuda": ("stream", "inline"), "cpu": ("thread", "inline")}[device_type]
+    if lanes not in want:
+        raise UsageError(
+            f"staged_lanes {lanes!r} does not run {'GPU' if device_type == 'cuda' else 'host'} "
+            f"pages (use one of {', '.join(want)})"
+        )
+
+
 class Staged:
     """Staging slots and staged contexts of one endpoint (implements
     :class:`~layoutc.runtime.endpoint.host.Strategy`); driven by the endpoint's progress."""
@@ -91,14 +124,23 @@ class Staged:
     name = "staged"
 
     def __init__(
-        self, host: Host, tensor: Any, slots: int, mover: str | None, cost_model: CostModel
+        self,
+        host: Host,
+        memory: StagingMemory,
+        slots: int,
+        mover: str | None,
+        cost_model: CostModel,
+        lanes: str | None = None,
     ) -> None:
         self.host = host
         self.tel = host.telemetry
         self.cost_model = cost_model
-        self.pool = SlotPool(tensor, slots)
-        self.mem_type = host.mem_type
+        self.memory = memory
+        self.pool = SlotPool(memory.tensor, slots, mem_type=memory.mem_type)
+        self.mem_type = host.mem_type  # the pages'
         self.device_type = "cuda" if host.mem_type == "VRAM" else "cpu"
+        #: GPU pages, host staging: pack = kernel into a device bounce buffer + copy to host
+        self.bounce = bool(memory.bounce) and self.device_type == "cuda"
         self.reg: Any = None
         self.mover_override = mover
         # request id -> (peer name, kind) -> context
@@ -110,16 +152,29 @@ class Staged:
         # host seconds spent packing, unpacking and posting chunk transfers (on host memory a
         # transfer copies synchronously inside ``transfer()``; on GPUs these are launch costs)
         self.busy_s = {"pack_s": 0.0, "unpack_s": 0.0, "post_s": 0.0}
-        # Heavy operations in arrival order: ("read" | "write" | "unpack", ctx, chunk).  On
-        # host memory each one copies synchronously (a 16 MiB chunk: 1-2 ms), so a poll does
-        # at most ``budget`` of them (chunks already on their way first, then a new pack) and
-        # returns: notifications keep flowing and endpoints sharing a thread take turns.  On
-        # GPUs they are launches and transfers posted asynchronously: no limit.
+        # Pack and unpack run on lanes (``lanes``): CUDA streams on GPUs, inline (in the
+        # poll) or worker threads on host memory; a chunk's transfer is NIXL's.
+        self.lane_kind = lanes or default_lanes(self.device_type)
+        self._device = memory.device if self.device_type == "cuda" else None
+        self.lanes: dict[str, Lane] = {
+            what: make_lane(self.lane_kind, what, self.device_type, self._device)
+            for what in ("pack", "unpack")
+        }
+        # Heavy operations in arrival order: ("read" | "write" | "unpack", ctx, chunk).  A
+        # poll does at most ``budget`` of those that block it (chunks already on their way
+        # first, then a new pack) and returns, so notifications keep flowing and endpoints
+        # sharing a thread take turns: a transfer between host buffers copies inside
+        # ``transfer()`` (CMA: a 16 MiB chunk takes 1-2 ms), and so does an inline pack or
+        # unpack on host memory.  Launches on an asynchronous lane and GPU transfers do not
+        # block: no limit.
         self.todo: deque[tuple[str, StagedCtx, int]] = deque()
-        self.budget = 1 if self.mem_type == "DRAM" else 1 << 30
-        self._device = tensor.device if self.device_type == "cuda" else None
-        self._ids_ring = PinnedRing(tensor.device) if self._device is not None else None
-        self._events: list[Any] = []  # CUDA events of finished fences, for reuse
+        self.budget = 1
+        self.blocking_xfers = self.pool.mem_type == "DRAM"
+        self.blocking_kernels = not self.lanes["pack"].asynchronous
+        self._bounce_bufs: dict[str, Any] = {}  # lane -> device buffer of one slot (bounce)
+        # slots whose pack or unpack still runs after their request ended: freed once done
+        self.draining: list[tuple[Fence, int]] = []
+        self._ids_ring = PinnedRing(self._device) if self._device is not None else None
         self._fused: bool | None = None  # pack/unpack as FusedLaunch (decided at first use)
         # contexts packed ahead (expect(blocks=)): made, taken up by the peer's SREQ, dropped
         self.ahead = {"made": 0, "taken": 0, "dropped": 0, "evicted": 0}
@@ -145,7 +200,7 @@ class Staged:
     # -- set-up ----------------------------------------------------------------------------
     def register(self) -> None:
         arr = np.array([[self.pool.addr, self.pool.slots * self.pool.slot_bytes, self.pool.devid]])
-        self.reg = self.host.agent.register_memory(arr.astype(np.uint64), self.mem_type)
+        self.reg = self.host.agent.register_memory(arr.astype(np.uint64), self.pool.mem_type)
 
     def close(self) -> None:
         if self.reg is not None:
@@ -154,6 +209,16 @@ class Staged:
             except nixl_compat.nixl_errors():
                 pass
             self.reg = None
+        for lane in self.lanes.values():
+            lane.close()  # (a thread lane finishes the work it was given)
+        for fence, _s in self.draining:
+            fence.wait(5.0)
+        self.draining.clear()
+        if self._device is not None:
+            import torch
+
+            torch.cuda.synchronize(self._device)  # no copy touches the staging buffer now
+        self.memory.release()
 
     def advertise(self) -> dict[str, Any]:
         return {"staging": self.pool.info()}
@@ -185,7 +250,9 @@ class Staged:
         the destination read it otherwise (docs/benchmarks.md compares the policies).  GPUs:
         ``writer`` -- the copy engines do the work whoever posts it, and the source posting
         as soon as a chunk is packed saves the RDY/ACK round trip (and does not depend on
-        UCX_CUDA_IPC_ENABLE_GET_ZCOPY).
+        UCX_CUDA_IPC_ENABLE_GET_ZCOPY); with host staging (``bounce``) too: a link carries
+        what the source sends, and the source's one process posting every chunk is what a
+        single descriptor over the same link does.
         """
         if self.mover_override is not None:
             return self.mover_override
@@ -218,7 +285,7 @@ class Staged:
             n_groups = lay.num_groups if g is None else int(g.shape[0])
             n_chunks += c
             n_ops += count_ops(self.kernel(), n_rows, n_groups, c)
-        return self.cost_model.staged_s(job.nbytes, n_chunks, n_ops)
+        return self.cost_model.staged_s(job.nbytes, n_chunks, n_ops, bounce=self.bounce)
 
     # -- contexts --------------------------------------------------------------------------
     def new_ctx(
@@ -255,6 +322,7 @@ class Staged:
             total=total,
             mover=mover,
             ahead=ahead,
+            ready=self.lanes["pack" if self.host.role == "prefill" else "unpack"].ready(),
         )
         self.ctxs.setdefault(req.rid, {})[ctx.key] = ctx
         self.active.append(ctx)
@@ -352,12 +420,12 @@ class Staged:
         self.pack_now(1)  # its first chunk now (on its GPU); the rest as polls go
 
     def pack_now(self, budget: int | None = None) -> None:
-        """On a GPU, launch packs into free slots at once (``budget``: at most that many)
-        rather than at the next poll; on host memory packing copies, so it waits for the
-        poll."""
-        if self.mem_type != "DRAM":
+        """On an asynchronous lane (a GPU stream, a thread), submit packs into free slots at
+        once (``budget``: at most that many) rather than at the next poll; an inline pack
+        copies, so it waits for the poll."""
+        if not self.blocking_kernels:
             with self.on_device():
-                self._pack_more(self.budget if budget is None else budget)
+                self._pack_more(1 << 30 if budget is None else budget, count=True)
 
     def drop_ahead(self, req: Request, ctx: StagedCtx) -> None:
         """Forget a context packed ahead that its peer did not take up (its slots go back:
@@ -401,6 +469,7 @@ class Staged:
                     self.todo.append(("read", ctx, c))
         elif isinstance(msg, Ack) and ctx.role == "src":
             if msg.chunk in ctx.waiting_ack:
+                self._mark("acked", ctx, msg.chunk)
                 self.pool.give(ctx.waiting_ack.pop(msg.chunk))
                 ctx.moved += 1
         elif isinstance(msg, Dat) and ctx.role == "dst":
@@ -518,13 +587,14 @@ class Staged:
         st = ctx.peer.staging
         assert st is not None  # a staged peer announced its staging buffer
         rem = np.array([[st.slot_addr(remote_slot), nbytes, st.devid]], np.uint64)
+        self._mark("post", ctx, x.chunk)
         notif = b""
         if op == "WRITE":
             notif = host.notif_bytes(ctx.peer, Dat(ctx.req.rid, ctx.kind, x.chunk))
         t0 = self.tel.clock()
         try:
-            ld = host.agent.get_xfer_descs(loc, self.mem_type)
-            rd = host.agent.get_xfer_descs(rem, ctx.peer.mem_type)
+            ld = host.agent.get_xfer_descs(loc, self.pool.mem_type)
+            rd = host.agent.get_xfer_descs(rem, st.mem)
             x.handle = host.agent.initialize_xfer(op, ld, rd, ctx.peer.name, notif)
         except nixl_compat.nixl_errors() as err:
             host.peer_error(ctx.req, ctx.peer, err, "preparing")
@@ -612,10 +682,11 @@ class Staged:
             self.tel.span("~ids-to-device", t0)
         return ctx.dev_blocks
 
-    def _move(self, ctx: StagedCtx, s: int, a: int, b: int, fn: Any) -> None:
+    def _move(self, ctx: StagedCtx, st: Any, a: int, b: int, fn: Any, dev_ids: Any) -> None:
         """Pack (``fn`` = :func:`pack`) or unpack stream bytes ``[a, b)`` of ``ctx`` to or
-        from slot ``s``: on a GPU with triton one launch of the context's
-        :class:`FusedLaunch` (host time: the launch), elsewhere ``fn`` itself."""
+        from ``st`` (contiguous bytes on the pages' device): on a GPU with triton one launch
+        of the context's :class:`FusedLaunch` (host time: the launch), elsewhere ``fn``
+        itself."""
         if self._fused is None:
             self._fused = self.device_type == "cuda" and triton_kernel() is not None
         if not self._fused:
@@ -623,40 +694,82 @@ class Staged:
                 ctx.bound,
                 ctx.layout,
                 ctx.blocks,
-                self.pool.view(s, b - a),
+                st,
                 self.host.role,
                 start=a,
                 end=b,
                 stream=ctx.stream,
-                device_block_ids=self._device_ids(ctx),
+                device_block_ids=dev_ids,
             )
             return
         if ctx.launch is None:
             ctx.launch = FusedLaunch(ctx.bound, ctx.stream, into_stage=fn is pack)
-        ctx.launch(self.pool.view(s, b - a), a, b, self._device_ids(ctx))
+        ctx.launch(st, a, b, dev_ids)
+
+    def _bounce_buf(self, what: str, nbytes: int) -> Any:
+        """The device bounce buffer of lane ``what`` (one slot; made on the lane's stream,
+        which orders every use of it), its first ``nbytes``."""
+        buf = self._bounce_bufs.get(what)
+        if buf is None:
+            import torch
+
+            buf = torch.empty(self.pool.slot_bytes, dtype=torch.uint8, device=self._device)
+            self._bounce_bufs[what] = buf
+        return buf[:nbytes]
+
+    def _work(self, ctx: StagedCtx, s: int, a: int, b: int, fn: Any) -> Any:
+        """The work of packing or unpacking chunk bytes ``[a, b)`` of ``ctx`` through slot
+        ``s``, to run on the lane: the kernel, and with host staging the copy between the
+        host slot and the lane's device bounce buffer (pack: kernel then device-to-host;
+        unpack: host-to-device then kernel), all queued on the lane's stream."""
+        slot = self.pool.view(s, b - a)
+        what = "pack" if fn is pack else "unpack"
+
+        def work() -> None:
+            dev_ids = self._device_ids(ctx)
+            if not self.bounce:
+                self._move(ctx, slot, a, b, fn, dev_ids)
+                return
+            buf = self._bounce_buf(what, b - a)
+            if fn is pack:
+                self._move(ctx, buf, a, b, fn, dev_ids)
+                slot.copy_(buf, non_blocking=True)
+            else:
+                buf.copy_(slot, non_blocking=True)
+                self._move(ctx, buf, a, b, fn, dev_ids)
+
+        return work
 
     def _launch(self, ctx: StagedCtx, c: int, s: int, fn: Any) -> None:
-        """Pack (``fn`` = :func:`pack`) or unpack chunk ``c`` through slot ``s``, count it
-        and fence it (``ctx.packing`` / ``ctx.unpacking``); a kernel failure fails the
-        request (a pack's slot goes back first: it is not the context's yet)."""
+        """Pack (``fn`` = :func:`pack`) or unpack chunk ``c`` through slot ``s`` on its lane,
+        count it and fence it (``ctx.packing`` / ``ctx.unpacking``); a failure to launch
+        fails the request (a pack's slot goes back first: it is not the context's yet).
+        The context's first work waits for what the caller queued before the context was
+        made (``ctx.ready``)."""
         what = "pack" if fn is pack else "unpack"
         a, b = ctx.bounds(c)
+        self._mark(f"{what}-start", ctx, c)
         t0 = time.perf_counter()
         try:
-            self._move(ctx, s, a, b, fn)
+            fence = self.lanes[what].submit(self._work(ctx, s, a, b, fn), ctx.ready)
         except Exception as e:  # noqa: BLE001 - a kernel failure fails the request
             if fn is pack:
                 self.pool.give(s)
             self._kernel_failed(ctx, f"{what}ing staged chunk {c}", e)
             return
+        ctx.ready = None
         self.busy_s[f"{what}_s"] += time.perf_counter() - t0
         self.tel.span(f"~{what}-call", t0)
-        t0 = self.tel.clock()
         self.host.telemetry.add(f"chunks_{what}ed", 1)
         self.host.telemetry.add(f"bytes_{what}ed", b - a)
-        fences = ctx.packing if fn is pack else ctx.unpacking
-        fences.append((c, s, Fence(self.device_type, self._events)))
-        self.tel.span("~fence", t0)
+        (ctx.packing if fn is pack else ctx.unpacking).append((c, s, fence))
+
+    def _fence_failed(self, ctx: StagedCtx, c: int, fence: Fence, what: str) -> bool:
+        """Did the work behind ``fence`` raise?  Then the request fails (True)."""
+        if fence.error is None:
+            return False
+        self._kernel_failed(ctx, f"{what}ing staged chunk {c}", fence.error)
+        return True
 
     # -- progress -----------------------------------------------------------------------------
     def pump(self, now: float) -> None:
@@ -667,6 +780,14 @@ class Staged:
     def _pump(self, now: float) -> None:
         if self.pool.held:
             self.pool.release_held(now=now)
+        if self.draining:
+            keep = []
+            for fence, s in self.draining:
+                if fence.done():
+                    self.pool.give(s)
+                else:
+                    keep.append((fence, s))
+            self.draining = keep
         for ctx in list(self.active):
             if not self._current(ctx):
                 continue
@@ -691,7 +812,8 @@ class Staged:
         self._grant_more()
 
     def _do_todo(self, budget: int) -> int:
-        """Run queued reads, writes and unpacks (oldest first) within ``budget``."""
+        """Run queued reads, writes and unpacks (oldest first); those that block the poll
+        (a transfer between host buffers, an inline unpack) count against ``budget``."""
         while self.todo and budget > 0:
             kind, ctx, c = self.todo.popleft()
             if not self._current(ctx):
@@ -701,18 +823,22 @@ class Staged:
                 if c not in ctx.to_read:
                     continue
                 self._read(ctx, c)
+                blocking = self.blocking_xfers
             elif kind == "write":
                 if c not in ctx.to_write:
                     continue
                 self._write(ctx, c)
+                blocking = self.blocking_xfers
             else:
                 if c not in ctx.landed:
                     continue
                 ctx.landed.discard(c)
                 # (the slot stays the context's: finish() frees it on failure)
                 self._launch(ctx, c, ctx.grants[c], unpack)
+                blocking = self.blocking_kernels
             self.tel.span(kind, t0)
-            budget -= 1
+            if blocking:
+                budget -= 1
         return budget
 
     def _settle(self, ctx: StagedCtx, xs: dict[int, ChunkXfer], c: int, mark: str) -> bool | None:
@@ -750,6 +876,8 @@ class Staged:
             keep = []
             for c, s, fence in ctx.unpacking:
                 if fence.done():
+                    if self._fence_failed(ctx, c, fence, "unpack"):
+                        return
                     self._mark("unpacked", ctx, c)
                     del ctx.grants[c]
                     self.pool.give(s)
@@ -772,6 +900,8 @@ class Staged:
             if not fence.done():
                 i += 1
                 continue
+            if self._fence_failed(ctx, c, fence, "pack"):
+                return
             del ctx.packing[i]
             self._mark("packed", ctx, c)
             ctx.packed[c] = s
@@ -816,13 +946,14 @@ class Staged:
                 return ctx
         return None
 
-    def _pack_more(self, budget: int) -> None:
+    def _pack_more(self, budget: int, *, count: bool = False) -> None:
         """Pack granted chunks into free source slots, one context after the other.
 
         Contexts packed ahead (``expect(blocks=)``) pack before any grant, but only into
         slots nobody else wants: a granted chunk that finds no free slot takes back the slot
         of the newest chunk packed without a grant (packed again later), so chunks packed
-        speculatively can never hold up one that was asked for."""
+        speculatively can never hold up one that was asked for.  ``budget`` counts the packs
+        that block the poll (inline ones), or every pack with ``count``."""
         while self.src and budget > 0:
             ctx = self._next_to_pack(ahead=False)
             if ctx is not None:
@@ -841,7 +972,8 @@ class Staged:
             t0 = self.tel.clock()
             self._launch(ctx, c, s, pack)
             self.tel.span("pack", t0)
-            budget -= 1
+            if self.blocking_kernels or count:
+                budget -= 1
         self._prune(self.src)
 
     def _evict_speculative(self) -> int | None:
@@ -908,11 +1040,11 @@ class Staged:
 
     # -- endings ------------------------------------------------------------------------------
     def progress(self, now: float) -> None:
-        if self.active or self.pool.held:
+        if self.active or self.pool.held or self.draining:
             self.pump(now)
 
     def busy(self) -> bool:
-        return bool(self.active or self.pool.held)
+        return bool(self.active or self.pool.held or self.draining)
 
     def _counted(self, req: Request) -> list[StagedCtx]:
         """The request's contexts whose completion counts: on a passive source (prefill
@@ -965,6 +1097,8 @@ class Staged:
                 self._release(x)
         held: set[int] = set()
         free: set[int] = set()
+        # slots whose pack or unpack still runs on a lane go back once it finished
+        running = {s: f for _, s, f in (*ctx.packing, *ctx.unpacking) if not f.done()}
         if ctx.role == "dst":
             unpacking = {s for _, s, _ in ctx.unpacking}
             for s in ctx.grants.values():
@@ -977,7 +1111,10 @@ class Staged:
             for s in ctx.waiting_ack.values():
                 (held if hold else free).add(s)
         for s in free - held:
-            self.pool.give(s)
+            if s in running:
+                self.draining.append((running[s], s))
+            else:
+                self.pool.give(s)
         for s in held:
             self.pool.hold(s, until, ctx.peer.name, ctx.req.rid)
         for part in (
@@ -999,6 +1136,7 @@ class Staged:
         return {
             "staging_slots_free": len(self.pool.free),
             "staging_slots_held": len(self.pool.held),
+            "staging_slots_draining": len(self.draining),
             **{f"staged_ahead_{k}": v for k, v in self.ahead.items()},
             **{f"staged_{k}": round(v, 6) for k, v in self.busy_s.items()},
         }

@@ -1,5 +1,5 @@
-"""Staging memory: the registered buffer cut into slots, block ids on their way to the GPU,
-and fences on queued device work."""
+"""Staging memory: the registered buffer cut into slots, and block ids on their way to the
+GPU."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Fence", "PinnedRing", "SlotPool", "SLOT_ALIGN"]
+__all__ = ["PinnedRing", "SlotPool", "SLOT_ALIGN"]
 
 SLOT_ALIGN = 4096
 
@@ -16,8 +16,10 @@ SLOT_ALIGN = 4096
 class SlotPool:
     """The registered staging tensor, cut into equal slots handed out in turn."""
 
-    def __init__(self, tensor: Any, slots: int) -> None:
+    def __init__(self, tensor: Any, slots: int, mem_type: str | None = None) -> None:
         self.tensor = tensor
+        #: how NIXL sees the buffer ("DRAM" or "VRAM"; default: from the tensor's device)
+        self.mem_type = mem_type or ("VRAM" if tensor.device.type == "cuda" else "DRAM")
         nbytes = int(tensor.numel() * tensor.element_size())
         self.slot_bytes = (nbytes // slots) // SLOT_ALIGN * SLOT_ALIGN
         if self.slot_bytes < SLOT_ALIGN:
@@ -63,13 +65,14 @@ class SlotPool:
     def slot_addr(self, s: int) -> int:
         return self.addr + s * self.slot_bytes
 
-    def info(self) -> dict[str, int]:
+    def info(self) -> dict[str, int | str]:
         return {
             "addr": self.addr,
             "nbytes": self.slots * self.slot_bytes,
             "devid": self.devid,
             "slots": self.slots,
             "slot_bytes": self.slot_bytes,
+            "mem": self.mem_type,
         }
 
 
@@ -109,30 +112,3 @@ class PinnedRing:
             out = torch.empty(n, dtype=torch.int64, device=self.device)
             out.copy_(self.host[a:b], non_blocking=True)
         return out
-
-
-class Fence:
-    """Completion of queued device work (a CUDA event, taken from and given back to a pool:
-    creating one is a driver call); host-memory work is already done."""
-
-    __slots__ = ("ev", "pool")
-
-    def __init__(self, device_type: str, pool: list[Any] | None = None) -> None:
-        self.ev = None
-        self.pool = pool
-        if device_type == "cuda":
-            import torch
-
-            ev = pool.pop() if pool else torch.cuda.Event()
-            ev.record()
-            self.ev = ev
-
-    def done(self) -> bool:
-        if self.ev is None:
-            return True
-        if not self.ev.query():
-            return False
-        if self.pool is not None:
-            self.pool.append(self.ev)
-        self.ev = None
-        return True

@@ -321,6 +321,14 @@ class _Session:
                     return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS")
 
+    def trace(self, on: bool) -> list[str] | None:
+        """Start (``on``) or stop the endpoint's trace; stopping returns its marks in order
+        (``"packed decode rank 0 c3"``...)."""
+        if on:
+            self.ep.telemetry.start_trace()
+            return None
+        return [k[1:] for k, _, _ in self.ep.telemetry.stop_trace() if k.startswith("@")]
+
     def close(self) -> dict[str, int]:
         self.ep.close()
         return self.ep.stats()

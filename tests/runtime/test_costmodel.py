@@ -123,3 +123,27 @@ def test_choose_for_expansion():
     assert ex1.n_posted == 64
     assert CostModel.default("cuda").choose_for(ex1) == "zero-copy"
     assert CostModel.default("cpu").choose_for(ex1) == "zero-copy"
+
+
+def test_pipelined_and_host_staged_costs():
+    """Pipelined chunks cost the slowest stage plus one chunk of the others; staging in host
+    memory beside GPU pages adds a device-host copy to the pack and to the unpack stage."""
+    m = CostModel.default("cuda").with_values(
+        {"pack_Bps": 1e12, "unpack_Bps": 1e12, "link_Bps": 10e9, "bounce_Bps": 20e9}
+    )
+    zero = m.with_values(
+        {"staged_request_s": 0, "chunk_s": 0, "descriptor_s": 0, "op_s": 0, "overlap": 1}
+    )
+    B = 1 << 30
+    link = B / 10e9
+    t1, t32 = zero.staged_s(B, 1), zero.staged_s(B, 32)
+    assert t1 == pytest.approx(B / 1e12 * 2 + link)  # one chunk: every stage in turn
+    assert t32 == pytest.approx(link + (B / 1e12 * 2) / 32)  # the link sets the pace
+    host = zero.staged_s(B, 32, bounce=True)
+    stage = B / 1e12 + B / 20e9  # kernel + device-host copy
+    assert host == pytest.approx(link + 2 * stage / 32)
+    seq = zero.with_values({"overlap": 0}).staged_s(B, 32, bounce=True)
+    assert seq == pytest.approx(link + 2 * stage)
+    # a link-limited scattered request (8 KiB pieces): staged over pinned host memory wins
+    n = B // 8192
+    assert m.with_values({"overlap": 1}).choose(n, B, 64, 64) == "staged"

@@ -193,3 +193,117 @@ def test_bench_pattern_names_the_source_rank():
     bench_worker.fill_pattern(t, 3, 1)
     assert bytes(t[16:40].numpy()) == bytes(bench_worker.pattern_bytes(3, 16, 24, 1))
     assert bytes(t[16:40].numpy()) != bytes(bench_worker.pattern_bytes(3, 16, 24, 0))
+
+
+def test_link_limited_bench_flow_on_host_memory():
+    """The link-limited section's code path (endpoints staging in host memory, each round
+    against one descriptor over the same link, zero-copy once, a traced request's per-chunk
+    timeline), run on host memory with tiny sizes: the numbers mean nothing here."""
+    cfg = bench.BenchConfig(
+        quick=True,
+        device="cuda",
+        progress=False,
+        runs=1,
+        strategy="staged",  # (auto with the CPU cost model keeps 2 MiB requests zero-copy)
+        gpu_worker_device="cpu",
+        link_mode="host",
+        link_bytes_per_decode_rank=2 << 20,
+        link_chunk_bytes=256 << 10,
+        link_staging_bytes=1 << 20,
+    )
+    out: dict = {}
+    cm: dict = {}
+    _run_section(bench.bench_link, cfg, out, cm)
+    for key in (
+        "gpu_link_limited_scattered_fraction_of_link",
+        "gpu_link_limited_scattered_GBps",
+        "gpu_link_GBps",
+        "gpu_link_limited_zero_copy_GBps",
+    ):
+        assert out[key] > 0, key
+    case = out["gpu_link_limited_case"]
+    assert case["chosen"] == ["staged"] and case["staging"]["memory"] == "host"
+    assert case["ucx_trials"] == [] and "pinned host memory" in case["mode"]
+    chunks = case["profile_one_staged_request"]["chunks"]
+    assert len(chunks) == 2 * case["bytes"] // 2 // (256 << 10)  # every chunk of both ranks
+    for row in chunks:
+        assert row["source"] == "prefill rank 0" and row["destination"].startswith("decode")
+        assert row["pack-start"] <= row["post"] <= row["unpacked"]
+    assert "GPU over an emulated link" in bench.format_table(out)
+
+
+def test_concurrency_bench_flow_on_host_memory():
+    """The closed loop (c requests in flight, each completion replaced at once, c warm-up
+    and 20 c measured, destination sets verified), run on host memory with tiny requests."""
+    cfg = bench.BenchConfig(
+        quick=True,
+        device="cuda",
+        progress=False,
+        runs=1,
+        gpu_worker_device="cpu",
+        gpu_bytes_per_decode_rank=1 << 20,
+        concurrency_levels=(1, 3),
+        concurrency_request_bytes=1 << 20,
+        concurrency_layers=4,
+        concurrency_staging_bytes=1 << 20,
+        concurrency_staging_slots=4,
+    )
+    out: dict = {}
+    _run_section(bench.bench_concurrency, cfg, out)
+    for c in (1, 3):
+        lv = out["gpu_concurrency_case"]["levels"][str(c)]
+        assert lv["requests_measured"] == 20 * c and lv["warm_up"] == c
+        assert 0 < out[f"gpu_concurrency_{c}_p50_ms"] <= out[f"gpu_concurrency_{c}_p99_ms"]
+        assert out[f"gpu_concurrency_{c}_GBps"] > 0
+        assert sum(lv["strategies"].values()) == 2 * 21 * c  # both decode ranks, every request
+    assert "GPU closed loop, 1 in flight" in bench.format_table(out)
+
+
+def test_engine_shaped_bench_flow_on_host_memory():
+    """The engine-shaped cases (every rank a process, block ids per layer kind for the
+    hybrid, the first request verified against each source rank's pattern), with small
+    models on host memory: the flow must complete and report each case's record."""
+    from layoutc.tools.bench.engines import EngineCase
+    from rt_plans import HYBRID
+
+    cases = (
+        EngineCase(
+            "gpu_llama70b_p8d4_32k",
+            "vllm_flashinfer",
+            2,
+            1,
+            512,
+            sets=dict(num_key_value_heads=4, head_dim=32, block_size=16, num_layers=3),
+        ),
+        EngineCase(
+            "gpu_nemotron_nano_p4d2",
+            "vllm_hybrid_mamba2",
+            2,
+            1,
+            160,
+            sets=HYBRID,
+            pattern="MEM*EM*",
+        ),
+    )
+    cfg = bench.BenchConfig(
+        quick=True,
+        device="cuda",
+        progress=False,
+        runs=1,
+        gpu_worker_device="cpu",
+        engine_cases=cases,
+        engines_staging_bytes=1 << 20,
+        engines_copy_bytes=4 << 20,
+    )
+    out: dict = {}
+    _run_section(bench.bench_engines, cfg, out)
+    for case in cases:
+        rec = out[case.key]
+        assert set(rec) == {"fraction_of_copy", "descriptors", "verified", "scaled_down"}
+        assert rec["fraction_of_copy"] > 0 and rec["descriptors"] > 0
+        assert rec["verified"] is True and "of 32768 tokens" in rec["scaled_down"]
+    hyb = out["gpu_nemotron_nano_p4d2_case"]
+    assert hyb["kinds"] == {"mamba": 3, "attention": 2}
+    assert hyb["blocks"] == {"attention": 10, "mamba": 1}
+    table = bench.format_table(out)
+    assert "GPU engine-shaped: Llama-70B P8->D4 32k / torch copy" in table

@@ -15,7 +15,15 @@ Sections (each key of the JSON is the median of repeated runs, with ``<key>_spre
   descriptor between the same two processes.
 * **gpu** (``--device cuda``, three processes on one GPU): the P_TP=1 -> D_TP=2 scattered
   request (``auto``) against a torch device-to-device copy of the same bytes and against
-  per-block descriptors; a contiguous request (1 -> 1, consecutive blocks) against the copy.
+  per-block descriptors, with the staging cut into other numbers of slots beside it; a
+  contiguous request (1 -> 1, consecutive blocks) against the copy.
+* **link** (``--device cuda``): the same scattered request over an emulated link of 5-60
+  GB/s (UCX without cuda_ipc, else staging in pinned host memory), against ONE descriptor
+  over that link (:mod:`.link`).
+* **concurrency** (``--device cuda``): a closed loop of 64 MiB scattered P1 -> D2 requests
+  at concurrency 1, 8, 32: p50/p99 ready -> complete, aggregate GB/s (:mod:`.concurrency`).
+* **engines** (``--device cuda``): a Llama-3.1-70B P8 -> D4 32k-token request and a
+  Nemotron-3-Nano hybrid P4 -> D2 one, every rank a process on the GPU (:mod:`.engines`).
 * **cost_model**: constants measured on the way (descriptor cost, link rate, pack/unpack
   rates, per-chunk and per-request overheads, overlap), in the format of
   :class:`~layoutc.runtime.costmodel.CostModel` (``--write-cost-model FILE``).
@@ -37,10 +45,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .concurrency import bench_concurrency
 from .config import KEYS, BenchConfig, BenchError, Run, round_to
 from .counting import bench_descriptors, bench_expand, count_request, nixl_posted
 from .cpu import bench_scattered
+from .engines import bench_engines
 from .gpu import bench_gpu
+from .link import bench_link
 from .report import fit_cost_model, format_table, machine_info, targets
 from .xgpu import bench_cross_gpu
 
@@ -48,8 +59,11 @@ __all__ = [
     "KEYS",
     "BenchConfig",
     "BenchError",
+    "bench_concurrency",
     "bench_cross_gpu",
+    "bench_engines",
     "bench_gpu",
+    "bench_link",
     "count_request",
     "fit_cost_model",
     "format_table",
@@ -88,7 +102,13 @@ def run_bench(cfg: BenchConfig, compile_plan: Callable[..., Any]) -> dict[str, A
     if cfg.device == "cpu":
         sections.append(("cpu", lambda: bench_scattered(compile_plan, run, cm)))
     else:
-        sections.append(("gpu", lambda: bench_gpu(compile_plan, run, cm)))
+        gpu_sections: dict[str, Callable[[], None]] = {
+            "gpu": lambda: bench_gpu(compile_plan, run, cm),
+            "link": lambda: bench_link(compile_plan, run, cm),
+            "concurrency": lambda: bench_concurrency(compile_plan, run),
+            "engines": lambda: bench_engines(compile_plan, run),
+        }
+        sections += [(n, gpu_sections[n]) for n in cfg.gpu_sections]
         if cfg.gpus >= 2:
             sections.append(("xgpu", lambda: bench_cross_gpu(compile_plan, run)))
     out["errors"] = errors

@@ -25,6 +25,11 @@ KEYS = (
     "gpu_scattered_fraction_of_copy",
     "gpu_scattered_speedup_vs_per_block",
     "gpu_contiguous_fraction_of_copy",
+    "gpu_link_limited_scattered_fraction_of_link",
+    "gpu_concurrency_32_p99_over_p50",
+    "gpu_concurrency_32_fraction_of_copy",
+    "gpu_llama70b_p8d4_32k",
+    "gpu_nemotron_nano_p4d2",
 )
 
 
@@ -68,10 +73,13 @@ class BenchConfig:
     gpu_bytes_per_decode_rank: int = 512 * MiB
     gpu_contiguous_bytes: int = 8 * GiB
     gpu_staging_bytes: int = 1 * GiB
-    # 2 slots: one 512 MiB chunk per decode rank (one pack, WRITE and unpack per rank and
-    # request); 4 slots (two chunks each, more overlap but twice the host calls) measured
-    # equal or lower on the H100 (docs/benchmarks.md) and is kept as a variant
+    # 2 slots: one 512 MiB chunk per decode rank.  On one GPU the three rank processes
+    # time-slice it, and each chunk costs the prefill process ~0.1-0.3 ms of host time (a
+    # launch, a post) while its GPU work at 128 MiB is ~0.1 ms: more, smaller chunks
+    # pipeline but lose (0.17 with 8 slots of 128 MiB on an H100, docs/benchmarks.md), so
+    # the variants beside it measure the pipelined cut
     gpu_staging_slots: int = 2
+    gpu_scattered_slot_variants: tuple[int, ...] = (8,)
     gpus: int = 1  # >= 2: also the cross-GPU section (prefill on GPU 0, decode on GPU 1)
     xgpu_bytes_per_decode_rank: int = 512 * MiB
     xgpu_contiguous_bytes: int = 4 * GiB
@@ -82,6 +90,26 @@ class BenchConfig:
     xgpu_devices: tuple[str, str] = ("cuda:0", "cuda:1")
     # extra Endpoint arguments of the CPU section's endpoints
     cpu_endpoint: dict[str, Any] = field(default_factory=dict)
+    # the link-limited section (``--device cuda``): "auto" tries UCX settings without
+    # cuda_ipc first, then stages through pinned host memory; "host" / "ucx" force one
+    link_mode: str = "auto"
+    link_bytes_per_decode_rank: int = 256 * MiB
+    link_chunk_bytes: int = 16 * MiB
+    link_staging_bytes: int = 128 * MiB
+    # request latency under concurrency (closed loop)
+    concurrency_levels: tuple[int, ...] = (1, 8, 32)
+    concurrency_request_bytes: int = 64 * MiB
+    concurrency_layers: int = 32
+    # 32 MiB slots: one chunk per (request, decode rank) of the 64 MiB requests
+    concurrency_staging_bytes: int = 512 * MiB
+    concurrency_staging_slots: int = 16
+    # engine-shaped workloads (tools.bench.engines.EngineCase; None: the defaults)
+    engine_cases: tuple[Any, ...] | None = None
+    engines_staging_bytes: int = 512 * MiB
+    engines_staging_slots: int = 4
+    engines_copy_bytes: int = 2 * GiB
+    # which parts of the --device cuda run to do (names of run_bench's sections)
+    gpu_sections: tuple[str, ...] = ("gpu", "link", "concurrency", "engines")
 
 
 class BenchError(LayoutcError):

@@ -144,19 +144,27 @@ def run_op(
     res = [workers[wi].result(timeout + 30, f"{op} {rid}") for wi in init_by_worker]
     errs = [e for r in res for e in r["errors"]]
     ends = []
+    passive_infos = []
     for wi, n in others:
         r = workers[wi].call("result", n, rid, within=timeout, timeout=timeout + 30)
         if r["error"]:
             errs.append(r["error"])
         ends.append(r["t"])
+        passive_infos.append(r["info"])
     if errs:
         raise BenchError(f"request {rid} failed: {errs[0]}")
     t0 = min(r["t0"] for r in res)
     t1 = max(ends) if op == "push" else max(r["t1"] for r in res)
     infos = [i for r in res for i in r["infos"]]
+    # NIXL transfers the request posted on every rank (staged chunks are posted by whoever
+    # moves them: with the GPU's writer mover, the prefill ranks)
+    posted = sum(int(i["descriptors"]) for i in infos) + sum(
+        int(i["descriptors"]) for i in passive_infos
+    )
     for i in infos:  # host seconds in pull()/push() on the slowest worker (the rest: waiting)
         i["pull_call_s"] = max(r["t_posted"] - r["t0"] for r in res)
         i["from_ready_s"] = t1 - min([t0] + t_ready)
+        i["descriptors_all_ranks"] = posted
     return t1 - t0, infos
 
 
@@ -198,8 +206,11 @@ def profile_staged(
         workers[wi].call("trace", n, True)
     t, _ = run_request(workers, names, rid, dec, db, pb, "staged", 60.0, layers=layers)
     traces: dict[int, list] = {}
-    for (_role, _r), (wi, n) in names.items():
-        traces.setdefault(wi, []).extend(workers[wi].call("trace", n, False) or [])
+    by_rank: list[tuple[str, list]] = []
+    for (role, r), (wi, n) in names.items():
+        ops = workers[wi].call("trace", n, False) or []
+        traces.setdefault(wi, []).extend(ops)
+        by_rank.append((f"{role} rank {r}", ops))
     out: dict[str, Any] = {"request_ms": round(t * 1e3, 2)}
     t_first = min((b for ops in traces.values() for _, b, _ in ops), default=0.0)
     timeline = []
@@ -210,6 +221,7 @@ def profile_staged(
             )
     # every heavy operation and message arrival of the three processes, on one clock (ms)
     out["timeline"] = [list(x) for x in sorted(timeline)]
+    out["chunks"] = chunk_timeline(by_rank, t_first)
     for wi, ops in traces.items():
         ops = [x for x in ops if not x[0].startswith(("@", "~"))]  # marks, nested spans
         if not ops:
@@ -225,6 +237,46 @@ def profile_staged(
             "ops": len(ops),
         }
     return out
+
+
+#: per-chunk trace marks of the staged engine, in the order a chunk meets them
+CHUNK_STEPS = (
+    "pack-start",
+    "packed",
+    "post",
+    "written",
+    "dat",
+    "read",
+    "unpack-start",
+    "unpacked",
+)
+
+
+def chunk_timeline(
+    traces: list[tuple[str, list[tuple[str, float, float]]]], t0: float
+) -> list[dict[str, Any]]:
+    """One row per (source rank, destination rank, chunk) of a traced staged request: when
+    each step was seen, ms from ``t0`` on the host's one clock.  ``pack-start``: the pack was
+    submitted to its lane (on a GPU it runs once the lane's earlier work is done);
+    ``packed``: the source saw it done; ``post``: the chunk's transfer was posted;
+    ``written`` (source) / ``dat`` (destination): it arrived; ``unpack-start`` /
+    ``unpacked``: the destination's unpack, submitted and seen done.  ``traces``: (rank
+    label, its endpoint's trace) of every rank taking part."""
+    import re
+
+    pat = re.compile(r"@(\S+) (prefill|decode) rank (\d+) c(\d+)$")
+    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for label, ops in traces:
+        for what, t, _e in ops:
+            hit = pat.match(what)
+            if hit is None or hit[1] not in CHUNK_STEPS:
+                continue
+            peer = f"{hit[2]} rank {hit[3]}"
+            c = int(hit[4])
+            src, dst = (label, peer) if hit[2] == "decode" else (peer, label)
+            row = rows.setdefault((src, dst, c), {"source": src, "destination": dst, "chunk": c})
+            row.setdefault(hit[1], round((t - t0) * 1e3, 3))
+    return sorted(rows.values(), key=lambda r: (r.get("pack-start", 1e18), r["chunk"]))
 
 
 def run_parts(parts: list[tuple[str, Callable[[], None]]], run: Run, what: str) -> list[str]:

@@ -191,17 +191,22 @@ def _gpu_scattered(
         for nm in ns:
             workers[wi].call("teardown", nm)
     workers[0].call("teardown", names[("prefill", 0)][1])
-    # the same request with the staging cut into the other number of slots (2 or 4), for the
-    # record (the key above keeps the configuration)
-    alt = 4 if cfg.gpu_staging_slots == 2 else 2
-    if time.monotonic() < deadline - 60:
+    # the same request with the staging cut into other numbers of slots, for the record
+    # (the keys above keep the configuration)
+    for alt in cfg.gpu_scattered_slot_variants:
+        if alt == cfg.gpu_staging_slots or time.monotonic() > deadline - 60:
+            continue
         kw2 = dict(ep_kw, staging_slots=alt)
-        case2 = gpu_scattered_setup(compile_plan, cfg, workers, params, kw2, tag="g2")
+        case2 = gpu_scattered_setup(compile_plan, cfg, workers, params, kw2, tag=f"g{alt}")
         names2, dec2 = case2.names, case2.dec  # (the same plan and block ids)
         ts = []
         for i in range(runs + 1):
-            t, _ = run_request(workers, names2, f"two-{i}", dec2, db, pb, cfg.strategy, 60.0)
+            t, _ = run_request(workers, names2, f"s{alt}-{i}", dec2, db, pb, cfg.strategy, 60.0)
             if i == 0:
+                for wi, ns in dec2.items():
+                    for nm in ns:
+                        workers[wi].call("zero", nm)
+                t, _ = run_request(workers, names2, f"s{alt}-v", dec2, db, pb, cfg.strategy, 60)
                 for wi, ns in dec2.items():
                     for nm in ns:
                         workers[wi].call("verify", nm, [0], db, {0: pb}, timeout=180)

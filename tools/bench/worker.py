@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from layoutc.runtime import nixl_compat
 from layoutc.runtime.endpoint import Endpoint, allocate_buffers, host_staging_tensor
 from layoutc.runtime.plan import Plan
+from layoutc.runtime.staged import staging_memory
 from layoutc.runtime.staging import BoundPages, StagingLayout, count_ops, pack, unpack
 
 from .config import BenchError, median_time
@@ -18,6 +21,25 @@ from .counting import layer_pages
 
 #: The handler of the bench's workers (:class:`layoutc.tools.harness.Worker`).
 HANDLER = "layoutc.tools.bench.worker:BenchWorker"
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str] | None) -> Iterator[None]:
+    """``env`` set in this process while NIXL agents are made (UCX reads its settings when
+    an agent's backend starts), the previous values back afterwards."""
+    if not env:
+        yield
+        return
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _Sess:
@@ -33,13 +55,15 @@ class _Sess:
         device: str,
         ep_kwargs: dict[str, Any],
         name: str,
+        env: dict[str, str] | None = None,
     ) -> None:
         import torch
 
         self.plan, self.role, self.rank, self.nb, self.device = plan, role, rank, nb, device
         self.side = plan.prefill if role == "prefill" else plan.decode
         self.kinds = kinds
-        self.ep = Endpoint(plan, role, rank, name=name, engine=role, device=device, **ep_kwargs)
+        with environment(env):
+            self.ep = Endpoint(plan, role, rank, name=name, engine=role, device=device, **ep_kwargs)
         self.bufs = allocate_buffers(plan, role, kinds, nb, device)
         if role == "prefill":
             for li, layer in enumerate(self.bufs):
@@ -112,8 +136,8 @@ class BenchWorker:
         self.prof: Any = None  # a cProfile.Profile while profiling
 
     # -- endpoints -------------------------------------------------------------------------
-    def setup(self, name, plan, role, rank, kinds, nb, ep_kwargs):
-        s = _Sess(plan, role, rank, kinds, nb, self.device, ep_kwargs, name)
+    def setup(self, name, plan, role, rank, kinds, nb, ep_kwargs, env=None):
+        s = _Sess(plan, role, rank, kinds, nb, self.device, ep_kwargs, name, env)
         self.sessions[name] = s
         return s.ep.handshake_bytes()
 
@@ -218,31 +242,48 @@ class BenchWorker:
         return self.hot_on or any(s.pending for s in self.sessions.values())
 
     def verify(self, name, sources, local, remote_by_source, samples=16, seed=0):
-        """Check every run of ``samples`` of the request's blocks against the prefill pattern."""
+        """Check every run of ``samples`` of the request's blocks against the prefill pattern
+        (of the source rank).  ``local`` and each ``remote_by_source[src]``: one id sequence
+        for every layer, or ``{layer kind: ids}`` (layers of a kind not given are skipped)."""
         s = self.sessions[name]
         lp = layer_pages(s.plan, s.kinds)
         rng = np.random.default_rng(seed)
-        local = np.asarray(local, dtype=np.int64)
-        pick = rng.choice(local.shape[0], min(samples, local.shape[0]), replace=False)
+
+        def of_kind(ids: Any, kind: str) -> np.ndarray | None:
+            if isinstance(ids, dict):
+                ids = ids.get(kind)
+                if ids is None:
+                    return None
+            return np.asarray(ids, dtype=np.int64)
+
+        picks: dict[str, np.ndarray] = {}
+        for kind in dict.fromkeys(s.kinds):
+            loc = of_kind(local, kind)
+            if loc is not None:
+                picks[kind] = rng.choice(loc.shape[0], min(samples, loc.shape[0]), replace=False)
         checked = 0
         for src in sources:
-            remote = np.asarray(remote_by_source[src], dtype=np.int64)
             lay = StagingLayout.build(s.plan, decode_rank=s.rank, prefill_rank=src, layer_pages=lp)
             for r in range(lay.num_rows):
                 layer = int(lay.row_layer[r])
+                kind = s.kinds[layer]
+                loc = of_kind(local, kind)
+                remote = of_kind(remote_by_source[src], kind)
+                if loc is None or remote is None:
+                    continue
                 page = lay.page_names[int(lay.row_page[r])]
                 flat = s.bufs[layer][page].reshape(-1)
                 n = int(lay.row_nbytes[r])
                 dS = int(lay.decode_stride[int(lay.row_page[r])])
                 pS = int(lay.prefill_stride[int(lay.row_page[r])])
-                for i in pick:
-                    d0 = int(local[i]) * dS + int(lay.row_decode_offset[r])
+                for i in picks[kind]:
+                    d0 = int(loc[i]) * dS + int(lay.row_decode_offset[r])
                     p0 = int(remote[i]) * pS + int(lay.row_prefill_offset[r])
                     got = flat[d0 : d0 + n].cpu().numpy()  # (only these bytes leave a GPU)
                     if not np.array_equal(got, pattern_bytes(layer, p0, n, src)):
                         raise BenchError(
                             f"{s.ep.label}: wrong bytes in layer {layer} page {page!r} block "
-                            f"{int(local[i])} (from prefill rank {src} block {int(remote[i])})"
+                            f"{int(loc[i])} (from prefill rank {src} block {int(remote[i])})"
                         )
                     checked += n
         return checked
@@ -363,20 +404,27 @@ class BenchWorker:
         }
 
     # -- raw NIXL (the single-descriptor baseline, per-chunk cost) --------------------------------
-    def raw_setup(self, name, nbytes, fill, huge=False):
+    def raw_setup(self, name, nbytes, fill, huge=False, env=None, memory="device"):
         """A raw NIXL agent with one registered buffer; ``huge``: host memory on transparent
-        huge pages, as the endpoint's staging buffer (for the comparison in the JSON)."""
+        huge pages, as the endpoint's staging buffer (for the comparison in the JSON);
+        ``memory="host"``: host memory beside a GPU, pinned, as an endpoint's host staging
+        (``staging_memory="host"``); ``env``: set while the agent starts (UCX settings)."""
         import torch
 
-        agent = nixl_compat.create_agent(name)
-        if huge and self.device == "cpu":
+        with environment(env):
+            agent = nixl_compat.create_agent(name)
+        unpin = None
+        if memory == "host":
+            mem = staging_memory(nbytes, torch.device(self.device), "host")
+            t, unpin = mem.tensor, mem
+        elif huge and self.device == "cpu":
             t = host_staging_tensor(nbytes)
         else:
             t = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
         if fill:
             fill_pattern(t, 0)
         reg = agent.register_memory(t)
-        self.raw[name] = {"agent": agent, "t": t, "reg": reg, "name": name}
+        self.raw[name] = {"agent": agent, "t": t, "reg": reg, "name": name, "mem": unpin}
         return agent.get_agent_metadata(), int(t.data_ptr())
 
     def raw_connect(self, name, md, peer_name, peer_addr):
@@ -386,15 +434,16 @@ class BenchWorker:
         r["peer_addr"] = peer_addr
         return True
 
-    def raw_read(self, name, nbytes, reps, op="READ", warm=1):
+    def raw_read(self, name, nbytes, reps, op="READ", warm=1, within=60.0):
         """``reps`` transfers of ONE descriptor of ``nbytes`` from the peer (after ``warm``
         untimed ones); seconds each."""
         import torch
 
         r = self.raw[name]
         a = r["agent"]
-        mem = "DRAM" if self.device == "cpu" else "VRAM"
-        dev = 0 if self.device == "cpu" else (r["t"].device.index or 0)
+        on_gpu = r["t"].device.type == "cuda"
+        mem = "VRAM" if on_gpu else "DRAM"
+        dev = (r["t"].device.index or 0) if on_gpu else 0
         loc = np.array([[r["t"].data_ptr(), nbytes, dev]], dtype=np.uint64)
         rem = np.array([[r["peer_addr"], nbytes, dev]], dtype=np.uint64)
         lh = a.prep_xfer_dlist("NIXL_INIT_AGENT", loc, mem)
@@ -406,7 +455,7 @@ class BenchWorker:
                     torch.cuda.synchronize()
                 t = time.perf_counter()
                 h = a.make_prepped_xfer(op, lh, [0], rh, [0])
-                post_and_wait(a, h, f"raw {op}", 60)
+                post_and_wait(a, h, f"raw {op}", within)
                 dt = time.perf_counter() - t
                 h.release()
                 if i >= warm:
@@ -448,6 +497,8 @@ class BenchWorker:
                 r["agent"].deregister_memory(r["reg"])
             except Exception:  # noqa: BLE001
                 pass
+            if r.get("mem") is not None:
+                r["mem"].release()
         return True
 
     def copy_rate(self, nbytes, reps):
@@ -468,6 +519,42 @@ class BenchWorker:
         if self.device != "cpu":
             torch.cuda.empty_cache()
         return out
+
+    def bounce_rate(self, nbytes, reps):
+        """Seconds of a device-to-host and a host-to-device copy of ``nbytes`` between the
+        GPU and pinned host memory (what host staging adds to a pack and an unpack)."""
+        import torch
+
+        if self.device == "cpu":
+            return {"d2h": [], "h2d": []}
+        host = staging_memory(nbytes, torch.device(self.device), "host")
+        dev = torch.ones(nbytes, dtype=torch.uint8, device=self.device)
+        out = {}
+        try:
+            for what, dst, src in (("d2h", host.tensor, dev), ("h2d", dev, host.tensor)):
+
+                def run(dst=dst, src=src):
+                    dst.copy_(src, non_blocking=True)
+                    torch.cuda.synchronize()
+
+                out[what] = median_time(run, reps, warm=2)
+        finally:
+            del dev
+            host.release()
+            torch.cuda.empty_cache()
+        return out
+
+    # -- the closed loop of the concurrency section --------------------------------------------
+    def closed_loop_prefill(self, name, path, n, c, sets, within):
+        from .concurrency import closed_loop_prefill
+
+        return closed_loop_prefill(self.sessions[name], path, n, c, sets, within)
+
+    def closed_loop_decode(self, name, path, n, c, index, sets_local, sets_remote, within, strat):
+        from .concurrency import closed_loop_decode
+
+        s = self.sessions[name]
+        return closed_loop_decode(s, path, n, c, index, sets_local, sets_remote, within, strat)
 
     def peer_copy_rate(self, nbytes, src, dst, reps):
         """Seconds of ``dst.copy_(src)`` of ``nbytes`` from GPU ``src`` to GPU ``dst``."""

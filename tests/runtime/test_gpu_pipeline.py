@@ -1,0 +1,168 @@
+"""The staged pipeline on a GPU: pack and unpack on CUDA streams of their own, chunks in flight
+while others pack and unpack; staging in pinned host memory beside GPU pages.  Every rank is
+a process on GPU 0; every byte of the decode pages is checked.
+
+Marked ``gpu``: they run where CUDA is (the GPU box); their summary is committed in
+``benchmarks/results/h100-gpu-tests.txt``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from layoutc.runtime.errors import PeerDisconnectedError, TransferTimeoutError  # noqa: E402
+from rt_plans import GQA4, HYBRID, compiled  # noqa: E402
+from rt_workers import (  # noqa: E402, F401 (`ranks`)
+    connect_all,
+    ranks_fixture,
+    requests_done,
+    run_requests,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+CUDA = {"device": "cuda:0"}
+#: 4 MiB of staging in 8 slots: 512 KiB chunks, many per request and peer
+PIPE = dict(staging_bytes=4 << 20, staging_slots=8, **CUDA)
+
+
+def _ids(seed: int, nreq: int, nblk: int, pool: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    p = rng.permutation(pool)[: nreq * nblk].reshape(nreq, nblk)
+    d = rng.permutation(pool)[: nreq * nblk].reshape(nreq, nblk)
+    return p, d
+
+
+def _events(marks):
+    out = []
+    for m in marks:
+        hit = re.fullmatch(r"(\S+) (.+) c(\d+)", m)
+        if hit:
+            out.append((hit[1], hit[2], int(hit[3])))
+    return out
+
+
+def _clean(workers, slots):
+    for r in workers:
+        st = r.call("stats")
+        assert st["xfer_handles_open"] == 0, (r.label, st)
+        assert st["staging_slots_free"] == slots and st["staging_slots_held"] == 0, st
+        assert st["staging_slots_draining"] == 0, st
+
+
+@pytest.mark.parametrize("memory", ["device", "host"])
+@pytest.mark.parametrize("lanes", ["stream", "inline"])
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_vram_pipelined_chunks_every_byte_verified(ranks, mode, lanes, memory):
+    """1 -> 2 with 8 KiB head slices, three requests in flight, 512 KiB chunks: pack (a
+    stream of its own, or the current stream), chunk transfers, unpack; with host staging
+    each chunk also goes device -> host -> device."""
+    plan = compiled("vllm_flashinfer", 1, 2, dict(GQA4, head_dim=128))
+    kw = dict(num_blocks=160, layers=4, staged_lanes=lanes, staging_memory=memory, **PIPE)
+    pre = ranks.ranks([(plan, "prefill", 0)], **kw)
+    dec = ranks.ranks([(plan, "decode", r) for r in range(2)], **kw)
+    connect_all(pre, dec)
+    pb, db = _ids(3, nreq=3, nblk=48, pool=160)
+    infos, verified = run_requests(pre, dec, mode, pb, db, strategy="staged", prefix="v")
+    assert all(v > 0 for v in verified.values())
+    initiators = dec if mode == "pull" else pre
+    for r in initiators:
+        for info in infos[r.label]:
+            assert info["ok"] and set(info["strategies"].values()) == {"staged"}
+            assert info["chunks"] >= 2 * len(info["strategies"])
+    _clean(pre + dec, 8)
+
+
+@pytest.mark.parametrize("memory", ["device", "host"])
+def test_vram_hybrid_pipeline_per_kind(ranks, memory):
+    """Hybrid 2 -> 4 (conv rows of a few bytes cut by chunk edges), block ids per layer
+    kind, pulled staged through streams."""
+    plan = compiled("vllm_hybrid_mamba2", 2, 4, HYBRID)
+    kw = dict(
+        num_blocks=48,
+        layers=4,
+        staging_bytes=256 << 10,
+        staging_slots=4,
+        staging_memory=memory,
+        **CUDA,
+    )
+    pre = ranks.ranks([(plan, "prefill", r) for r in range(2)], **kw)
+    dec = ranks.ranks([(plan, "decode", r) for r in range(4)], **kw)
+    connect_all(pre, dec)
+    pb, db = _ids(8, nreq=2, nblk=12, pool=48)
+    infos, verified = run_requests(pre, dec, "pull", pb, db, strategy="staged", prefix="h")
+    assert all(v > 0 for v in verified.values())
+    _clean(pre + dec, 4)
+
+
+def test_vram_source_packs_ahead_of_crossing(ranks):
+    """On streams the source submits every granted pack at once: chunk 1 is queued before
+    chunk 0 has crossed, and each chunk goes pack -> post -> written -> unpack in order."""
+    plan = compiled("vllm_flashinfer", 1, 1, dict(GQA4, head_dim=128))
+    kw = dict(num_blocks=160, layers=4, **PIPE)
+    pre = ranks.ranks([(plan, "prefill", 0)], **kw)
+    dec = ranks.ranks([(plan, "decode", 0)], **kw)
+    connect_all(pre, dec)
+    pb, db = _ids(5, nreq=1, nblk=96, pool=160)
+    pre[0].call("trace", True)
+    dec[0].call("trace", True)
+    run_requests(pre, dec, "pull", pb, db, strategy="staged", prefix="o")
+    src = _events(pre[0].call("trace", False))
+    dst = _events(dec[0].call("trace", False))
+    seq = [(w, c) for w, _, c in src if w in ("pack-start", "written")]
+    assert seq.index(("pack-start", 1)) < seq.index(("written", 0))
+    n = max(c for _, _, c in src) + 1
+    assert n > 8  # more chunks than slots
+    for c in range(n):
+        s = [w for w, _, x in src if x == c]
+        assert s.index("pack-start") < s.index("packed") < s.index("post") < s.index("written")
+        d = [w for w, _, x in dst if x == c]
+        assert d.index("dat") < d.index("unpack-start") < d.index("unpacked")
+    _clean(pre + dec, 8)
+
+
+def test_vram_prefill_killed_mid_pipeline(ranks):
+    """A prefill killed while the decode pulls staged requests back to back: the request in
+    flight fails naming the peer, no handle stays open, the slots come back, and a new
+    prefill is served through the same slots."""
+    plan = compiled("vllm_flashinfer", 1, 1, dict(GQA4, head_dim=128))
+    nb = 512
+    kw = dict(num_blocks=nb, layers=4, timeout_s=10.0, **PIPE)
+    pre = ranks.rank(plan, "prefill", 0, **kw)
+    dec = ranks.rank(plan, "decode", 0, **kw)
+    connect_all([pre], [dec])
+    rng = np.random.default_rng(9)
+    d = rng.permutation(nb)
+    sets, pb = [d[:192], d[192:384]], rng.permutation(nb)[:192]
+    pre.call("tag", 0, pb)
+    for i in range(300):
+        pre.call("expect", f"k-{i}", timeout_s=60)
+    dec.send("loop", "pull", "k", 300, sets, pb, seconds=60, strategy="staged")
+    requests_done(dec, 3)
+    t_kill = time.monotonic()
+    pre.kill()
+    res = dec.result(90, "loop")
+    err = res["error"]
+    assert isinstance(err, (PeerDisconnectedError, TransferTimeoutError)), err
+    assert err.peer == "prefill rank 0" and res["t_error"] - t_kill < 15.0
+    dec.call("check_blocks", 0, sets[res["last_set"]])
+    pre2 = ranks.rank(plan, "prefill", 0, **kw)
+    pre2.call("tag", 4, pb)
+    connect_all([pre2], [dec])
+    dec.call("reset")
+    pre2.call("expect", "again")
+    dec.call("pull", "again", sets[0], pb, strategy="staged")
+    assert dec.call("wait", "again", within=30.0)["strategy"] == "staged"
+    assert pre2.call("wait", "again", within=30.0)["ok"]
+    dec.call("verify", [(4, sets[0])])
+    _clean([dec, pre2], 8)
