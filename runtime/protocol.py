@@ -444,6 +444,9 @@ class Hello:
     issued: int = 0  # time.time_ns() when the handshake bytes were made (0: a socket hello)
     role: str | None = None  # (socket hellos)
     proof: bytes = b""  # (a socket challenge: the server's proof)
+    #: (socket hellos) the nonce of the sender's handshake bytes: names the endpoint instance
+    #: (public; a client already connected to that instance need not handshake again)
+    instance: bytes = b""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -458,6 +461,8 @@ class Hello:
             out["role"] = self.role
         if self.proof:
             out["proof"] = self.proof.hex()
+        if self.instance:
+            out["instance"] = self.instance.hex()
         return out
 
     def encode(self) -> bytes:
@@ -502,6 +507,7 @@ def parse_hello(data: bytes, *, who: str) -> Hello:
     issued = obj.get("issued", 0)
     role = obj.get("role")
     proof = obj.get("proof")
+    instance = obj.get("instance")
     if (
         nonce is None
         or not isinstance(keyed, bool)
@@ -509,9 +515,12 @@ def parse_hello(data: bytes, *, who: str) -> Hello:
         or not 0 <= issued < 1 << 63
         or (role is not None and role not in ("prefill", "decode"))
         or (proof is not None and _hex(proof, 32) is None)
+        or (instance is not None and _hex(instance, 32) is None)
     ):
         raise HandshakeError(f"{who}: malformed handshake hello from {agent!r}", field="format")
-    return Hello(agent, nonce, keyed, issued, role, _hex(proof, 32) or b"")
+    return Hello(
+        agent, nonce, keyed, issued, role, _hex(proof, 32) or b"", _hex(instance, 32) or b""
+    )
 
 
 def pack_payload(header: dict[str, Any], metadata: bytes) -> bytes:

@@ -105,6 +105,7 @@ class Candidate:
     keys: auth.PairKeys
     issued: int  # when the peer made the handshake (ns)
     fresh: bool  # proved the auth key in a challenge of this endpoint (socket, keyed)
+    instance: bytes = b""  # the peer endpoint's own nonce (names its instance)
 
 
 class Admission:
@@ -247,13 +248,14 @@ class Admission:
         keys: auth.PairKeys,
         issued: int,
         fresh: bool,
+        instance: bytes = b"",
     ) -> Candidate:
         """Every check of a peer's header (:class:`HandshakeError` on the first that fails)."""
         label, plan = self.validate(header)
         name = header["agent"]
         if name == self.host.name:
             raise self.own_name(name, label)
-        return Candidate(name, header, label, plan, metadata, keys, issued, fresh)
+        return Candidate(name, header, label, plan, metadata, keys, issued, fresh, instance)
 
     def conflicts(self, cand: Candidate) -> list[Peer]:
         """Peers in the candidate's place: the same agent name, or the same (engine, rank)."""
@@ -330,12 +332,20 @@ class Admission:
             return False
 
     def load(self, cand: Candidate, conflicts: list[Peer]) -> None:
-        """Drop the peers the candidate replaces, load its metadata and check its buffers."""
+        """Load the candidate's metadata and check its buffers, then drop the peers it
+        replaces.  A peer of the same agent name goes first (NIXL holds one metadata per
+        name): when loading then fails, it is gone already (it was dead, or outranked by a
+        proof of the key); the others stay."""
         host, me, label, name = self.host, self.host.label, cand.label, cand.name
-        for old in conflicts:
-            if self.peers.get(old.name) is old:
-                self.tel.add("peers_replaced")
-                host.drop_peer(old, f"{old.label} was replaced by a new handshake (restarted)")
+        current = [old for old in conflicts if self.peers.get(old.name) is old]
+
+        def drop(old: Peer) -> None:
+            self.tel.add("peers_replaced")
+            host.drop_peer(old, f"{old.label} was replaced by a new handshake (restarted)")
+
+        for old in current:
+            if old.name == name:
+                drop(old)
         agent = host.agent
         if name not in self.peers:
             try:
@@ -375,6 +385,9 @@ class Admission:
                 peer=label,
                 field="layers",
             )
+        for old in current:
+            if old.name != name:
+                drop(old)
 
     def install(self, cand: Candidate, *, confirmed: bool = True) -> Peer:
         peer = peer_from_header(
@@ -388,6 +401,7 @@ class Admission:
         peer.channel = channel
         peer.issued = cand.issued
         peer.confirmed = confirmed
+        peer.instance = cand.instance
         self.peers[cand.name] = peer
         return peer
 
@@ -418,7 +432,12 @@ class Admission:
         shake = protocol.decode_handshake(data, who=host.label, psk=self.psk)
         keys = self.keys_with(shake.hello.agent, shake.hello.nonce, self.nonce)
         cand = self.candidate(
-            shake.header, shake.metadata, keys=keys, issued=shake.hello.issued, fresh=False
+            shake.header,
+            shake.metadata,
+            keys=keys,
+            issued=shake.hello.issued,
+            fresh=False,
+            instance=shake.hello.nonce,
         )
         current = self.peers.get(cand.name)
         if (

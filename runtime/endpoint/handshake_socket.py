@@ -89,6 +89,7 @@ class _Conn:
     probe_next: float = 0.0
     probe_end: float = 0.0
     peer: Peer | None = None  # installed, waiting for the client's confirmation
+    instance: bytes = b""  # the peer endpoint's instance (its hello)
     shut: bool = False  # our side of the connection is shut (closing)
 
     def flush(self) -> None:
@@ -356,10 +357,16 @@ class HandshakeServer:
         nonce = auth.new_nonce()
         conn.agent = hello.agent
         conn.keys = adm.keys_with(hello.agent, hello.nonce, nonce)
-        core = protocol.Hello(host.name, nonce, adm.keyed, role=host.role)
+        conn.instance = hello.instance
+        core = protocol.Hello(host.name, nonce, adm.keyed, role=host.role, instance=adm.nonce)
         conn.transcript = _transcript(payload, core.encode())
         chal = protocol.Hello(
-            host.name, nonce, adm.keyed, role=host.role, proof=conn.keys.proof(conn.transcript)
+            host.name,
+            nonce,
+            adm.keyed,
+            role=host.role,
+            proof=conn.keys.proof(conn.transcript),
+            instance=adm.nonce,
         )
         conn.state = "proof"
         conn.send(protocol.F_CHALLENGE, chal.encode())
@@ -377,7 +384,9 @@ class HandshakeServer:
                 f"{self.label}: the handshake's header is of another agent", field="agent"
             )
         adm = self.adm
-        cand = adm.candidate(header, md, keys=keys, issued=time.time_ns(), fresh=adm.keyed)
+        cand = adm.candidate(
+            header, md, keys=keys, issued=time.time_ns(), fresh=adm.keyed, instance=conn.instance
+        )
         conn.cand = cand
         if any(adm.decide(cand, old) == "probe" for old in adm.conflicts(cand)):
             conn.state = "probing"
@@ -520,7 +529,9 @@ class _Client:
         adm, host, me, conn = self.adm, self.adm.host, self.me, self.conn
         where = conn.where
         nonce = auth.new_nonce()
-        hello = protocol.Hello(host.name, nonce, adm.keyed, role=host.role).encode()
+        hello = protocol.Hello(
+            host.name, nonce, adm.keyed, role=host.role, instance=adm.nonce
+        ).encode()
         conn.outbuf += protocol.encode_frame(protocol.F_HELLO, hello)
         kind, payload = self.wait(
             (protocol.F_CHALLENGE, protocol.F_REFUSE), protocol.MAX_HELLO_BYTES
@@ -551,12 +562,26 @@ class _Client:
             )
         if chal.agent == host.name:
             raise self.refuse(adm.own_name(chal.agent, repr(chal.agent)))
+        current = adm.peers.get(chal.agent)
+        if (
+            current is not None
+            and current.alive
+            and current.confirmed
+            and chal.instance
+            and current.instance == chal.instance
+        ):
+            # already connected to this very endpoint: nothing to do (the server drops this
+            # unfinished handshake; no metadata crossed)
+            self.refuse(HandshakeError(f"{me}: already connected", field="connect"))
+            return current.label
         if chal.keyed != adm.keyed:
             raise self.refuse(
                 HandshakeError(f"{me}: {where}: {adm.key_hint(chal.keyed)}", field="auth")
             )
         keys = adm.keys_with(chal.agent, chal.nonce, nonce)
-        core = protocol.Hello(chal.agent, chal.nonce, chal.keyed, role=chal.role).encode()
+        core = protocol.Hello(
+            chal.agent, chal.nonce, chal.keyed, role=chal.role, instance=chal.instance
+        ).encode()
         transcript = _transcript(hello, core)
         if not keys.check_proof(transcript, chal.proof):
             raise self.refuse(
@@ -592,7 +617,14 @@ class _Client:
                 raise HandshakeError(
                     f"{me}: {where} sent the header of another agent", field="agent"
                 )
-            cand = adm.candidate(header, md, keys=keys, issued=time.time_ns(), fresh=adm.keyed)
+            cand = adm.candidate(
+                header,
+                md,
+                keys=keys,
+                issued=time.time_ns(),
+                fresh=adm.keyed,
+                instance=chal.instance,
+            )
             peer = adm.admit_now(cand)
         except HandshakeError as e:
             raise self.refuse(e) from None

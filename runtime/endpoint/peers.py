@@ -75,6 +75,8 @@ class Peer:
     issued: int = 0
     #: False while a socket handshake waits for the peer's final confirmation
     confirmed: bool = True
+    #: the nonce of the peer's handshake bytes: names the peer's endpoint instance
+    instance: bytes = b""
 
 
 def peer_from_header(

@@ -321,6 +321,11 @@ def test_connect_then_the_other_side_polls_and_both_have_the_peer(closing, plan)
     p.poll()
     assert [x.label for x in p.peers()] == ["decode rank 0"]
     assert p.wait_for_peers(timeout_s=5) == ["decode rank 0"]
+    # connecting again to the same endpoint changes nothing on either side
+    before = (p.peers(), d.peers(), p.stats()["peers_replaced"])
+    assert d.connect("127.0.0.1", p.listen_port) == "prefill rank 0"
+    p.poll()
+    assert (p.peers(), d.peers(), p.stats()["peers_replaced"]) == before
     # a named peer must be the one found there
     d2 = endpoint(plan, "decode", 0, engine="second")
     closing(d2)
