@@ -431,6 +431,7 @@ def _cuda_triton() -> bool:
     return True
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_triton(), reason="needs CUDA and triton")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{dict(c[1])}-{c[2]}to{c[3]}")
 def test_cuda_kernels_match_cpu(case):
