@@ -42,7 +42,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,7 +60,6 @@ from ..descriptors import (
     window_descriptors,
 )
 from ..errors import (
-    BlockIdError,
     CallOrderError,
     PeerDisconnectedError,
     PeerNotConnectedError,
@@ -85,6 +84,7 @@ from ..staged import (
 )
 from ..telemetry import DROP_COUNTERS, Telemetry
 from .admission import Admission
+from .blocks import RequestBlocks
 from .buffers import LocalPages, kind_pages
 from .host import JobPart, PeerJob, Strategy
 from .peers import Peer
@@ -244,6 +244,9 @@ class Endpoint:
         self.telemetry = Telemetry()
         self.pages = LocalPages(
             label=self.label, side=self.side, kinds=self.kinds, device=dev, mem_type=self.mem_type
+        )
+        self.blocks = RequestBlocks(
+            self.label, role, self.peer_role, self.side, self.kinds, lambda: self.pages.layer_kinds
         )
         self._peers: dict[str, Peer] = {}  # by agent name
         self._admission = Admission(
@@ -694,7 +697,7 @@ class Endpoint:
         """
         self._check_open()
         rid = self._new_rid(request_id)
-        self._tokens_arg(num_tokens, rid)
+        self.blocks.tokens(num_tokens, rid)
         sets = None
         if blocks is not None:
             if self.role != "prefill":
@@ -703,7 +706,7 @@ class Endpoint:
                 )
             sets = [
                 (kind, self.local_block_ids(ids, rid))
-                for kind, ids, _ in self._block_sets(blocks, blocks, rid)
+                for kind, ids, _ in self.blocks.sets(blocks, blocks, rid)
             ]
         timeout = self._timeout_arg(timeout_s)
         engine, plan = self._expect_engine(engine)
@@ -836,96 +839,6 @@ class Endpoint:
             out[r] = peer
         return out
 
-    def _block_sets(self, local: Any, remote: Any, rid: str) -> list[tuple[str | None, Any, Any]]:
-        """``[(kind, local ids, remote ids)]``: one entry of kind None (every layer) for two
-        sequences, one per kind (in the plan's order) for two ``{kind: ids}`` mappings."""
-        lmap, rmap = isinstance(local, Mapping), isinstance(remote, Mapping)
-        if not lmap and not rmap:
-            return [(None, local, remote)]
-        if not (lmap and rmap):
-            raise UsageError(
-                f"{self.label}: request {rid!r}: give block ids per kind on both sides "
-                f"({{kind: ids}}) or one sequence on both"
-            )
-        if set(local) != set(remote):
-            raise UsageError(
-                f"{self.label}: request {rid!r}: kinds {sorted(map(str, local))} locally but "
-                f"{sorted(map(str, remote))} remotely"
-            )
-        unknown = [k for k in local if k not in self.kinds]
-        if unknown:
-            raise UsageError(
-                f"{self.label}: request {rid!r}: no layer kind {unknown[0]!r} "
-                f"(kinds: {', '.join(self.kinds)})"
-            )
-        return [(k, local[k], remote[k]) for k in self.kinds if k in local]
-
-    def _tokens_arg(self, num_tokens: Any, rid: str) -> int | None:
-        if num_tokens is None:
-            return None
-        if not isinstance(num_tokens, (int, np.integer)) or isinstance(num_tokens, bool):
-            raise UsageError(
-                f"{self.label}: request {rid!r}: num_tokens must be an int, got "
-                f"{type(num_tokens).__name__}"
-            )
-        if not 0 <= int(num_tokens) < 1 << 40:
-            raise UsageError(
-                f"{self.label}: request {rid!r}: num_tokens must be in [0, 2**40), got "
-                f"{int(num_tokens)}"
-            )
-        return int(num_tokens)
-
-    def _per_kernel_kind(self, kind: str | None) -> bool:
-        """Are the pages of ``kind`` (None: every layer) stored per kernel block?  (Under a
-        token remap a kind's pages are all one or all the other, or it is refused.)"""
-        pages = self.side.page_names if kind is None else self.kinds[kind]
-        return any(self.side.page(p).per == "kernel" for p in pages)
-
-    def _window_blocks(
-        self, plan: Plan, kind: str | None, local: Any, remote: Any, tokens: int, rid: str
-    ) -> tuple[Any, Any]:
-        """Under a token remap: the block ids of a per-kernel-block kind that hold the
-        request's ``tokens`` on each side (the first ones: more may be given)."""
-        pages = self.side.page_names if kind is None else self.kinds[kind]
-        pers = {self.side.page(p).per for p in pages}
-        what = "every layer" if kind is None else f"kind {kind!r}"
-        if len(pers) > 1:
-            raise UsageError(
-                f"{self.label}: request {rid!r}: the engines hold different tokens per logical "
-                f"block, so per-kernel-block and per-logical-block pages need block ids of "
-                f"their own: give them per kind ({{kind: ids}}) instead of one sequence for "
-                f"{what}"
-            )
-        if pers != {"kernel"}:
-            return local, remote
-        rm = plan.remap
-        assert rm is not None
-        out = []
-        for role, ids in ((self.role, local), (self.peer_role, remote)):
-            need = rm.blocks_for(role, tokens)
-            try:
-                n = len(ids)
-            except TypeError:
-                return local, remote  # (refused as not a sequence by the id checks)
-            if n < need:
-                kt, kb = rm.side(role)
-                raise BlockIdError(
-                    f"{self.label}: request {rid!r}: {tokens} tokens need {need} {role} block "
-                    f"ids of {what} ({kt * kb} tokens per logical block), got {n}",
-                    request_id=rid,
-                )
-            out.append(ids[:need])
-        return out[0], out[1]
-
-    def _kind_layers(self, kind: str | None, sel: np.ndarray | None) -> np.ndarray | None:
-        """Layers of ``kind`` (None: every layer) within the selection ``sel``."""
-        if kind is None:
-            return sel
-        of_kind = np.array(
-            [i for i, k in enumerate(self.pages.layer_kinds) if k == kind], dtype=np.int64
-        )
-        return of_kind if sel is None else np.intersect1d(of_kind, sel)
-
     def _start(
         self,
         kind: str,
@@ -959,7 +872,7 @@ class Endpoint:
             targets = notify = plan.targets(self.rank)
         peer_kind = f"{self.peer_role}"
         peers = self._peers_for(engine, sorted(set(targets) | set(notify)), rid)
-        tokens = self._tokens_arg(num_tokens, rid)
+        tokens = self.blocks.tokens(num_tokens, rid)
         if plan.remap is not None and tokens is None:
             rm = plan.remap
             raise UsageError(
@@ -969,9 +882,9 @@ class Endpoint:
                 "request's tokens)"
             )
         sets = []
-        for part_kind, lb, rb in self._block_sets(local_blocks, remote_blocks, rid):
+        for part_kind, lb, rb in self.blocks.sets(local_blocks, remote_blocks, rid):
             if plan.remap is not None and tokens is not None:
-                lb, rb = self._window_blocks(plan, part_kind, lb, rb, tokens, rid)
+                lb, rb = self.blocks.window(plan, part_kind, lb, rb, tokens, rid)
             local = self.local_block_ids(lb, rid, unique=(op == "READ"))
             remote = None
             for r in sorted(set(targets)):
@@ -993,7 +906,7 @@ class Endpoint:
                     who=self.label,
                     request_id=rid,
                 )
-            if plan.remap is not None and self._per_kernel_kind(part_kind):
+            if plan.remap is not None and self.blocks.per_kernel(part_kind):
                 sets.append((part_kind, local, remote))
                 continue
             check_same_count(
@@ -1076,7 +989,7 @@ class Endpoint:
         parts = []
         rm = self.plan_for(peer).remap
         for kind, local, remote in sets:
-            layers = self._kind_layers(kind, sel)
+            layers = self.blocks.kind_layers(kind, sel)
             rows = table.rows_for_layers(layers)
             explicit = None
             if rm is not None and req.num_tokens is not None:
