@@ -37,6 +37,8 @@ the UCX worker only progresses inside this object's calls, so an engine must cal
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import math
 import threading
@@ -98,6 +100,26 @@ __all__ = ["Endpoint", "STRATEGIES"]
 #: Strategies a request may ask for.
 STRATEGIES = ("zero-copy", "staged", "auto")
 _MAX_OTHER_NOTIFS = 1000
+#: notifications in one batch after which the heap is trimmed (a flood's transient memory)
+_LARGE_BATCH = 10_000
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim`` (None elsewhere)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the system (a no-op where glibc is not the allocator)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 _MAX_INFO = 4096
 #: Messages kept per peer for requests not (yet) started here (``DONE`` before ``expect``),
 #: and their bytes; more are dropped and counted.
@@ -1150,12 +1172,18 @@ class Endpoint:
         except UnicodeDecodeError:  # a sender's name NIXL's binding cannot decode
             self.telemetry.add("dropped_malformed")
             notifs = {}
+        count = 0
         for sender, msgs in notifs.items():
             if not isinstance(sender, str):
                 sender = bytes(sender).decode("utf-8", "replace")
             for m in msgs:
                 self.telemetry.add("notifs_received")
                 self._on_notif(sender, bytes(m))
+            count += len(msgs)
+        if count >= _LARGE_BATCH:
+            # a flood: the batch NIXL queued for us is gone now; give its memory back
+            del notifs
+            _trim_heap()
         t = now()
         staged = self._staged
         if staged is not None and staged.busy():
