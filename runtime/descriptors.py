@@ -516,13 +516,16 @@ def check_block_ids(
 
 
 def _repeats(arr: np.ndarray, limit: int) -> bool:
-    """Does an id repeat?  (``arr`` within ``[0, limit)``: a bitmap of the ids where ``limit``
-    is not much larger than the request, a sort otherwise.)"""
+    """Does an id repeat?  (``arr`` within ``[0, limit)``: none when the ids increase -- one
+    comparison pass, the common case of consecutive blocks; else a bitmap of the ids where
+    ``limit`` is not much larger than the request, a sort otherwise.)"""
+    if bool(np.all(arr[1:] > arr[:-1])):
+        return False
     if limit <= 64 * arr.size + 65536:
         seen = np.zeros(limit, dtype=np.bool_)
         seen[arr] = True
         return int(np.count_nonzero(seen)) != arr.size
-    return not bool(np.all(arr[1:] > arr[:-1])) and bool(np.any(np.diff(np.sort(arr)) == 0))
+    return bool(np.any(np.diff(np.sort(arr)) == 0))
 
 
 def check_same_count(

@@ -4,7 +4,7 @@ The header travels next to NIXL's agent metadata (framing: :mod:`.protocol`), or
 notification after a metadata exchange over NIXL's listener.  It holds what the peer must
 agree with before any byte moves:
 
-``format``         handshake format (1)
+``format``         handshake format (2)
 ``agent``          the NIXL agent name (must match the metadata)
 ``engine``         engine id (ranks of one engine share it; a restarted rank reuses it)
 ``role``/``rank``  ``"prefill"``/``"decode"`` and the TP rank
@@ -13,19 +13,34 @@ agree with before any byte moves:
                    (nbytes, kernel_stride, per)
 ``mem_type``       ``"DRAM"`` or ``"VRAM"``
 ``layers``         per layer: ``{"kind": k, "pages": {page: [addr, nbytes, devid, num_blocks]}}``
+``staging``        the staging buffer: ``{addr, nbytes, devid, slots, slot_bytes, mem}`` or null
+``listener``       the port of the endpoint's handshake socket, or null
 
-:func:`validate_header` compares a peer's header with the local plan and raises a
-:class:`~layoutc.runtime.errors.HandshakeError` naming the field and both values.
+:func:`check_shape` checks every field's type and range (whatever a peer sent: nothing else
+here may raise on a hostile header); :func:`validate_header` then compares the header with
+the local plan and raises a :class:`~layoutc.runtime.errors.HandshakeError` naming the field
+and both values.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeGuard
 
 from .errors import HandshakeError
 from .plan import PLAN_FORMAT, Plan, SideLayout
 from .protocol import HS_FORMAT as FORMAT
+from .protocol import name_problem
+
+#: Bounds on what a peer may announce (checked before anything is loaded into NIXL).
+MAX_RANK = 1 << 20
+MAX_LAYERS = 1 << 16
+MAX_PAGES = 64
+MAX_PARAMS = 4096
+MAX_BLOCKS = 1 << 40
+MAX_DEVID = 1 << 16
+MAX_SLOTS = 1 << 16
+ADDR_LIMIT = 1 << 64
 
 
 def rank_label(role: str, rank: int) -> str:
@@ -42,6 +57,133 @@ def peer_name(header: dict[str, Any], role: str) -> str:
     if type(rank) is int and 0 <= rank < 1 << 20:
         return rank_label(role, rank)
     return f"a {role} peer"
+
+
+def _is_int(v: Any, lo: int, hi: int) -> TypeGuard[int]:
+    """An int (not a bool) in [lo, hi)."""
+    return type(v) is int and lo <= v < hi
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or type(v) in (int, float, str, bool)
+
+
+def check_shape(header: dict[str, Any], *, me: str) -> None:
+    """Every field a peer's header must have, of the right type and in range; a
+    :class:`HandshakeError` naming the first that is not.  After this,
+    :func:`validate_header` and :func:`~.endpoint.peers.peer_from_header` cannot fail on
+    a type, and every announced buffer fits the 64-bit address space."""
+
+    def bad(field: str, want: str) -> HandshakeError:
+        return HandshakeError(
+            f"{me}: peer handshake field {field!r} is malformed (expected {want})", field=field
+        )
+
+    if type(header.get("format")) is not int:
+        raise bad("format", "an integer")
+    for key, what in (("agent", "agent name"), ("engine", "engine id")):
+        problem = name_problem(header.get(key), what)
+        if problem:
+            raise HandshakeError(f"{me}: peer's {problem}", field=key)
+    if header.get("role") not in ("prefill", "decode"):
+        raise bad("role", "'prefill' or 'decode'")
+    if not _is_int(header.get("rank"), 0, MAX_RANK):
+        raise bad("rank", f"an integer in [0, {MAX_RANK})")
+    if not _is_int(header.get("tp"), 1, MAX_RANK):
+        raise bad("tp", f"an integer in [1, {MAX_RANK})")
+    spec = header.get("spec")
+    if spec is not None and (not isinstance(spec, str) or len(spec) > 4096):
+        raise bad("spec", "a string of at most 4096 characters")
+    sha = header.get("spec_sha256")
+    if not isinstance(sha, str) or len(sha) > 128:
+        raise bad("spec_sha256", "a hex string")
+    fmt = header.get("plan_format")
+    if fmt is not None and (
+        not isinstance(fmt, list) or not 0 < len(fmt) <= 4 or not all(type(x) is int for x in fmt)
+    ):
+        raise bad("plan_format", "a list of integers")
+    layout = header.get("layout")
+    if not isinstance(layout, dict):
+        raise bad("layout", "an object")
+    if not _is_int(layout.get("tp"), 1, MAX_RANK):
+        raise bad("layout.tp", f"an integer in [1, {MAX_RANK})")
+    if not _is_int(layout.get("kernel_blocks"), 1, MAX_RANK):
+        raise bad("layout.kernel_blocks", f"an integer in [1, {MAX_RANK})")
+    params = layout.get("params")
+    if (
+        not isinstance(params, dict)
+        or len(params) > MAX_PARAMS
+        or not all(
+            _scalar(v) or (isinstance(v, list) and len(v) <= 64 and all(_scalar(x) for x in v))
+            for v in params.values()
+        )
+    ):
+        raise bad("layout.params", "an object of plain values")
+    pages = layout.get("pages")
+    if (
+        not isinstance(pages, dict)
+        or not 0 < len(pages) <= MAX_PAGES
+        or not all(
+            isinstance(p, dict)
+            and _is_int(p.get("nbytes"), 0, ADDR_LIMIT)
+            and _is_int(p.get("kernel_stride"), 0, ADDR_LIMIT)
+            and isinstance(p.get("per"), str)
+            for p in pages.values()
+        )
+    ):
+        raise bad("layout.pages", "an object of {nbytes, kernel_stride, per} per page")
+    if header.get("mem_type") not in ("DRAM", "VRAM"):
+        raise bad("mem_type", "'DRAM' or 'VRAM'")
+    layers = header.get("layers")
+    if not isinstance(layers, list) or not 0 < len(layers) <= MAX_LAYERS:
+        raise bad("layers", f"a list of 1 to {MAX_LAYERS} layers")
+    for i, layer in enumerate(layers):
+        if (
+            not isinstance(layer, dict)
+            or not isinstance(layer.get("kind"), str)
+            or not isinstance(layer.get("pages"), dict)
+            or not 0 < len(layer["pages"]) <= MAX_PAGES
+        ):
+            raise bad(f"layers[{i}]", "{kind, pages}")
+        for pname, entry in layer["pages"].items():
+            if not (
+                isinstance(entry, list)
+                and len(entry) == 4
+                and _is_int(entry[0], 0, ADDR_LIMIT)
+                and _is_int(entry[1], 1, ADDR_LIMIT)
+                and entry[0] + entry[1] <= ADDR_LIMIT
+                and _is_int(entry[2], 0, MAX_DEVID)
+                and _is_int(entry[3], 1, MAX_BLOCKS)
+            ):
+                raise bad(
+                    f"layers[{i}].{pname}",
+                    "[addr, nbytes, devid, blocks]: a buffer inside the 64-bit address space",
+                )
+    listener = header.get("listener")
+    if listener is not None and not _is_int(listener, 0, 1 << 16):
+        raise bad("listener", "a port number or null")
+    st = header.get("staging")
+    if st is not None and not _staging_ok(st):
+        raise bad("staging", "{addr, nbytes, devid, slots, slot_bytes} inside the buffer")
+
+
+def _staging_ok(st: Any) -> bool:
+    if not isinstance(st, dict):
+        return False
+    addr, nbytes, devid, slots, slot_bytes = (
+        st.get(k) for k in ("addr", "nbytes", "devid", "slots", "slot_bytes")
+    )
+    if st.get("mem", "DRAM") not in ("DRAM", "VRAM"):
+        return False
+    if not (
+        _is_int(addr, 0, ADDR_LIMIT)
+        and _is_int(nbytes, 1, ADDR_LIMIT)
+        and _is_int(devid, 0, MAX_DEVID)
+        and _is_int(slots, 1, MAX_SLOTS)
+        and _is_int(slot_bytes, 1, ADDR_LIMIT)
+    ):
+        return False
+    return bool(addr + nbytes <= ADDR_LIMIT and slots * slot_bytes <= nbytes)
 
 
 def _short(v: Any) -> str:

@@ -8,8 +8,9 @@ order ``nixl`` → ``nixl_cu13`` → ``nixl_cu12``, and exposes:
   exception classes, name and version), or a :class:`NixlMissingError` telling the user what to
   install;
 * :func:`create_agent` – a ``nixl_agent`` with the progress thread **off** (NIXL's default
-  thread busy-spins a whole core per agent; see ``docs/runtime.md``), optionally with the
-  metadata listener on a port;
+  thread busy-spins a whole core per agent; see ``docs/runtime.md``) and NIXL's metadata
+  listener off unless a port is given (it serves the agent's metadata to anyone: see
+  ``docs/security.md``);
 * :func:`nixl_errors` / :func:`is_disconnect` – the exception classes of the loaded variant (they
   share no base class, and the cu12 and cu13 modules each define their own).
 
@@ -20,14 +21,17 @@ backend creation at INFO level to *stdout* otherwise.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from .errors import LayoutcError
+from .errors import LayoutcError, UsageError
 
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+
+log = logging.getLogger("layoutc.runtime")
 
 #: Import names tried, in order.  ``nixl`` is the meta package (a dispatcher).
 VARIANTS = ("nixl", "nixl_cu13", "nixl_cu12")
@@ -137,6 +141,18 @@ def error_name(exc: BaseException) -> str:
     return msg or type(exc).__name__
 
 
+def listener_port(value: bool | int | None) -> int | None:
+    """The port of NIXL's metadata listener for ``Endpoint(nixl_listener=value)``: None (off)
+    for False/None, NIXL's default port for True, else ``value`` (a port number)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return int(load().api.DEFAULT_COMM_PORT)
+    if type(value) is not int or not 0 < value < 1 << 16:
+        raise UsageError(f"nixl_listener must be True, False or a port number, got {value!r}")
+    return value
+
+
 def create_agent(
     name: str,
     *,
@@ -149,7 +165,9 @@ def create_agent(
     With the progress thread off the UCX worker progresses only inside calls on this agent
     (``check_xfer_state``, ``get_new_notifs``), so the owner must poll — on *both* sides while a
     connection is being set up.  ``listen_port`` turns on NIXL's metadata listener (needed on
-    both agents for ``send_local_metadata``/``fetch_remote_metadata``).
+    both agents for ``send_local_metadata``/``fetch_remote_metadata``); it binds every
+    interface and serves this agent's metadata to anyone, so it is off by default and logged
+    as a warning when on.
     """
     mod = load()
     kwargs: dict[str, Any] = {
@@ -158,8 +176,17 @@ def create_agent(
         "capture_telemetry": capture_telemetry,
     }
     if listen_port is not None:
+        if type(listen_port) is not int or not 0 < listen_port < 1 << 16:
+            raise UsageError(f"NIXL listener port must be a port number, got {listen_port!r}")
+        log.warning(
+            "NIXL agent %r: NIXL's metadata listener is on (port %d, every interface): it "
+            "hands this agent's metadata -- read and write access to all its registered "
+            "memory -- to anyone who connects, and loads anyone's",
+            name,
+            listen_port,
+        )
         kwargs["enable_listen_thread"] = True
-        kwargs["listen_port"] = int(listen_port)
+        kwargs["listen_port"] = listen_port
     agent = mod.nixl_agent(name, mod.nixl_agent_config(**kwargs))
     missing = [b for b in backends if b not in agent.backends]
     if missing:

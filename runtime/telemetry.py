@@ -13,7 +13,19 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["COUNTERS", "Telemetry"]
+__all__ = ["COUNTERS", "DROP_COUNTERS", "Telemetry"]
+
+#: Peer messages dropped, by reason (``Endpoint.stats()`` sums them as ``messages_dropped``).
+DROP_COUNTERS = (
+    "dropped_malformed",  # not a layoutc frame of this format, truncated, oversized, bad values
+    "dropped_unknown_sender",  # from an agent that completed no handshake here
+    "dropped_old_epoch",  # of an earlier handshake of the sender
+    "dropped_bad_mac",  # the tag does not verify
+    "dropped_replayed",  # a sequence number seen before, or behind the window
+    "dropped_early_overflow",  # for a request not started here, the sender's share full
+    "dropped_other_notifs",  # not layoutc's, beyond what ``other_notifs`` keeps
+    "dropped_failed",  # its handling raised (a bug; logged)
+)
 
 #: Counters every endpoint keeps (``Endpoint.stats()`` adds derived values).
 COUNTERS = (
@@ -41,6 +53,11 @@ COUNTERS = (
     "chunks_unpacked",
     "bytes_packed",
     "bytes_unpacked",
+    *DROP_COUNTERS,
+    "handshakes_refused",  # proved the key (or none is set), then refused: mismatch, live peer
+    "handshakes_dropped",  # socket handshakes abandoned: malformed, unproven, too many, timed out
+    "handshakes_pending",  # socket handshakes in progress now
+    "peers_replaced",  # live or dead peers replaced by a new handshake of their place
 )
 
 

@@ -191,8 +191,18 @@ class LocalPages:
     def _tensor_region(self, i: int, page: str, t: Any) -> tuple[int, int, int]:
         import torch
 
+        where = f"{self.label}: layer {i} page {page!r}"
         if not isinstance(t, torch.Tensor):
-            raise UsageError(f"{self.label}: layer {i} page {page!r}: expected a torch tensor")
+            raise UsageError(f"{where}: expected a torch tensor, got {type(t).__name__}")
+        if t.device.type == "meta":
+            raise UsageError(
+                f"{where}: a tensor on the meta device holds no memory; register tensors "
+                f"allocated on {self.device!r}"
+            )
+        if t.layout != torch.strided:
+            raise UsageError(f"{where}: a {t.layout} tensor; register dense (strided) tensors")
+        if t.numel() and not t.data_ptr():
+            raise UsageError(f"{where}: the tensor has no storage (data_ptr() is 0)")
         if not t.is_contiguous():
             raise UsageError(f"{self.label}: layer {i} page {page!r}: tensor is not contiguous")
         on_gpu = t.device.type == "cuda"

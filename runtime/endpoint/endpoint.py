@@ -5,7 +5,7 @@ Life of an endpoint (see ``docs/runtime.md`` for the full protocol)::
     ep = Endpoint(plan, role="decode", rank=d)
     ep.register_layers(buffers)               # [{page: tensor}] per layer, registered once
     peer_bytes = exchange(ep.handshake_bytes())   # any byte channel, or ep.connect(...)
-    ep.add_peer(peer_bytes)                   # validated against the plan first
+    ep.add_peer(peer_bytes)                   # authenticated, validated, then loaded
     ep.pull("req-1", local_blocks, remote_blocks) # decode READs (pull); prefill: ep.push(...)
     ep.wait("req-1")                           # or poll() from the engine's loop
 
@@ -25,6 +25,10 @@ Completion protocol (messages: :mod:`~layoutc.runtime.protocol`):
 
 How bytes move with each peer is a strategy's business (:mod:`.host`): zero-copy
 (:mod:`.zero_copy`) or staged (:mod:`~layoutc.runtime.staged`), chosen per (request, peer).
+Who may be a peer, and which messages are a peer's, is :mod:`.admission`'s: handshakes, pair
+keys, message authentication and the handshake socket.  Nothing a peer sends makes
+:meth:`Endpoint.poll` raise: a bad message is dropped and counted (``stats()``'s
+``dropped_*``), and the state kept for unknown or early messages is bounded.
 
 The endpoint is single-threaded: call it from one thread.  With NIXL's progress thread off,
 the UCX worker only progresses inside this object's calls, so an engine must call
@@ -33,10 +37,14 @@ the UCX worker only progresses inside this object's calls, so an engine must cal
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import logging
+import math
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,9 +62,7 @@ from ..descriptors import (
     window_descriptors,
 )
 from ..errors import (
-    BlockIdError,
     CallOrderError,
-    HandshakeError,
     PeerDisconnectedError,
     PeerNotConnectedError,
     PlanError,
@@ -69,7 +75,7 @@ from ..errors import (
     WaitTimeoutError,
 )
 from ..plan import PLAN_FORMAT, Plan
-from ..protocol import STAGED_KINDS, Done, Fail, Hdr, Message, Nak, Ping, ProtocolError, SReq
+from ..protocol import STAGED_KINDS, Done, Fail, Message, Ping, SReq
 from ..staged import (
     DEFAULT_STAGING_BYTES,
     DEFAULT_STAGING_SLOTS,
@@ -78,12 +84,14 @@ from ..staged import (
     check_staged_options,
     staging_memory,
 )
-from ..telemetry import Telemetry
-from .buffers import LocalPages, kind_pages, side_of
+from ..telemetry import DROP_COUNTERS, Telemetry
+from .admission import Admission
+from .blocks import RequestBlocks
+from .buffers import LocalPages, kind_pages
 from .host import JobPart, PeerJob, Strategy
-from .peers import Peer, peer_from_header
+from .peers import Peer
 from .plans import PlanSet
-from .requests import Backoff, Progress, Request, now
+from .requests import Backoff, EarlyMessages, Progress, Request, now
 from .results import CompletionInfo, PeerInfo, Stats
 from .zero_copy import ZeroCopy
 
@@ -92,7 +100,35 @@ __all__ = ["Endpoint", "STRATEGIES"]
 #: Strategies a request may ask for.
 STRATEGIES = ("zero-copy", "staged", "auto")
 _MAX_OTHER_NOTIFS = 1000
+#: notifications in one batch after which the heap is trimmed (a flood's transient memory)
+_LARGE_BATCH = 10_000
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim`` (None elsewhere)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the system (a no-op where glibc is not the allocator)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 _MAX_INFO = 4096
+#: Messages kept per peer for requests not (yet) started here (``DONE`` before ``expect``),
+#: and their bytes; more are dropped and counted.
+MAX_EARLY_PER_PEER = 4096
+MAX_EARLY_BYTES_PER_PEER = 64 << 20
+#: Messages whose handling failed unexpectedly are logged this many times.
+_MAX_LOGGED = 10
+
+log = logging.getLogger("layoutc.runtime")
 
 
 class Endpoint:
@@ -107,12 +143,25 @@ class Endpoint:
     role:       ``"prefill"`` or ``"decode"``.
     rank:       this rank's TP rank on its side.
     tp:         this engine's TP size (with a module; a single plan implies it).
-    name:       NIXL agent name (unique among the agents that meet); default
-                ``f"{engine}-{rank}"``.
+    name:       NIXL agent name (unique among the agents that meet; at most 256 printable
+                characters); default ``f"{engine}-{rank}"``.
     engine:     id shared by the ranks of one engine instance; default the role.
     device:     ``"cpu"`` (buffers in DRAM), ``"cuda"`` (VRAM, any GPU) or ``"cuda:N"`` (VRAM
                 on GPU ``N``: pages elsewhere are refused; staging and kernels go there).
-    listen_port: start NIXL's metadata listener on this port (for :meth:`connect`).
+    listen_port: accept handshakes on layoutc's own socket on this port (peers then
+                :meth:`connect`; 0: a free port, see :attr:`listen_port`).  Serviced from
+                :meth:`poll`/:meth:`progress` (no thread).
+    listen_host: the address that socket binds (default ``"127.0.0.1"``: this host only;
+                ``"0.0.0.0"`` for every interface -- then set an ``auth_key``).
+    auth_key:   pre-shared key (str or bytes, at least 16 bytes) that every peer must prove
+                in its handshake; default ``$LAYOUTC_AUTH_KEY`` when set.  It keys every
+                message's HMAC and encrypts the agent metadata in handshakes; it never crosses
+                the wire.  See ``docs/security.md``.
+    nixl_listener: also run NIXL's own metadata listener: ``True`` on NIXL's default port,
+                or on the port given (off by default).  It binds every interface and hands
+                this agent's metadata -- read and write access to every registered buffer --
+                to anyone who connects (and loads anyone's); layoutc's handshakes never use
+                it.  Turning it on is logged as a warning.
     timeout_s:  default deadline of every request and wait.
     strategy:   how requests this endpoint initiates move bytes, per peer: ``"zero-copy"``
                 (one descriptor per run, page to page), ``"staged"`` (pack into the staging
@@ -149,6 +198,9 @@ class Endpoint:
         engine: str | None = None,
         device: str = "cpu",
         listen_port: int | None = None,
+        listen_host: str = "127.0.0.1",
+        auth_key: str | bytes | None = None,
+        nixl_listener: bool | int = False,
         timeout_s: float = 30.0,
         strategy: str = "auto",
         staging_bytes: int = DEFAULT_STAGING_BYTES,
@@ -171,8 +223,7 @@ class Endpoint:
         dev = str(device)
         if dev not in ("cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
             raise UsageError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-        if not timeout_s > 0:
-            raise UsageError(f"timeout_s must be > 0, got {timeout_s}")
+        timeout_s = finite_timeout(timeout_s, "timeout_s")
         if strategy not in STRATEGIES:
             raise UsageError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         if not isinstance(staging_bytes, int) or staging_bytes < 0:
@@ -201,36 +252,49 @@ class Endpoint:
         self.staging_slots = staging_slots
         self._mover = staged_mover
         self.rank = rank
+        if engine is not None and protocol.name_problem(engine, "engine"):
+            raise UsageError(str(protocol.name_problem(engine, "engine")))
         self.engine = engine or role
-        self.name = name or f"{self.engine}-{rank}"
+        self.name = name if name is not None else f"{self.engine}-{rank}"
+        if protocol.name_problem(self.name):
+            raise UsageError(str(protocol.name_problem(self.name)))
         self.label = hs.rank_label(role, rank)
         self.device = dev
         self.mem_type = "DRAM" if dev == "cpu" else "VRAM"
         self.timeout_s = float(timeout_s)
-        self.listen_port = listen_port
         self.kinds = kind_pages(self.plan)
         self.telemetry = Telemetry()
         self.pages = LocalPages(
             label=self.label, side=self.side, kinds=self.kinds, device=dev, mem_type=self.mem_type
         )
+        self.blocks = RequestBlocks(
+            self.label, role, self.peer_role, self.side, self.kinds, lambda: self.pages.layer_kinds
+        )
+        self._peers: dict[str, Peer] = {}  # by agent name
+        self._admission = Admission(
+            self, self._peers, auth_key=auth_key, listen_host=listen_host, listen_port=listen_port
+        )
         if self.mem_type == "VRAM":
             nixl_compat.prepare_cuda_env()
-        self.agent = nixl_compat.create_agent(self.name, listen_port=listen_port)
+        try:
+            self.agent = nixl_compat.create_agent(
+                self.name, listen_port=nixl_compat.listener_port(nixl_listener)
+            )
+        except BaseException:
+            self._admission.close()
+            raise
         self._closed = False
         self._saw_dead = False
         self._reg: Any = None
         self._zero_copy = ZeroCopy(self, cost_model)
         self._staged: Staged | None = None
-        self._peers: dict[str, Peer] = {}  # by agent name
         self._requests: dict[str, Request] = {}
         self._finished: dict[str, TransferError | None] = {}
-        self._early: dict[str, list[tuple[float, str, Message]]] = {}
-        self._pending_hdr: list[tuple[float, str, Hdr]] = []
-        self._hs_replies: dict[str, Hdr | Nak] = {}
-        self._hs_errors: dict[str, HandshakeError] = {}
+        # messages of requests not started here yet (bounded per sender)
+        self._early = EarlyMessages(MAX_EARLY_PER_PEER, MAX_EARLY_BYTES_PER_PEER)
         self.other_notifs: list[tuple[str, bytes]] = []
         self._info: dict[str, CompletionInfo] = {}
-        self._dropped = 0
+        self._logged = 0
         self.thread_id = threading.get_ident()  # the thread that created (and uses) it
         _LIVE.add(self)
 
@@ -256,6 +320,7 @@ class Endpoint:
         """Fail active requests, release every handle, forget peers, deregister memory."""
         if self._closed:
             return
+        self._admission.close()
         for req in list(self._requests.values()):
             self._fail(
                 req,
@@ -350,7 +415,11 @@ class Endpoint:
 
     # ---------------------------------------------------------------- the host interface
     def send(self, peer: Peer, msg: Message) -> None:
-        self._send(peer.name, msg)
+        self.agent.send_notif(peer.name, self._admission.notif(peer, msg))
+        self.telemetry.add("notifs_sent")
+
+    def notif_bytes(self, peer: Peer, msg: Message) -> bytes:
+        return self._admission.notif(peer, msg)
 
     def fail(self, req: Request, err: TransferError) -> None:
         self._fail(req, err)
@@ -421,6 +490,16 @@ class Endpoint:
         return (self.rank, peer.rank) if self.role == "decode" else (peer.rank, self.rank)
 
     # ---------------------------------------------------------------- handshake
+    # (admission: :mod:`.admission`; these are the engine-facing calls)
+    @property
+    def listen_port(self) -> int | None:
+        """The port of this endpoint's handshake socket (None: no socket)."""
+        return self._admission.listen_port
+
+    @property
+    def listen_host(self) -> str:
+        return self._admission.listen_host
+
     def header(self) -> dict[str, Any]:
         """The layout header this endpoint publishes (see :mod:`.handshake`)."""
         self._check_open()
@@ -447,105 +526,43 @@ class Endpoint:
         return out
 
     def handshake_bytes(self) -> bytes:
-        """Agent metadata plus layout header, for :meth:`add_peer` on the other side."""
-        return protocol.encode_handshake(self.header(), self.agent.get_agent_metadata())
-
-    def _validate(self, header: dict[str, Any]) -> tuple[str, Plan]:
-        """Check a peer's header against the plan for its TP; (its label, that plan)."""
-        if self._reg is None:
-            raise CallOrderError(f"{self.label}: call register_layers() before adding peers")
-        who = hs.peer_name(header, self.peer_role)
-        layout = header.get("layout")
-        peer_tp = layout.get("tp") if isinstance(layout, dict) else None
-        role = header.get("role")
-        if role == self.peer_role:
-            params = layout.get("params") if isinstance(layout, dict) else None
-            plan = self.plans.for_peer(peer_tp, f"{self.label}: {who}", params)
-        else:
-            plan = self.plan  # (validate_header refuses the role, naming both)
-        label = hs.validate_header(
-            header,
-            plan=plan,
-            local_role=self.role,
-            local_rank=self.rank,
-            local_layers=self.pages.local_layers(),
-            kinds=self.kinds,
-        )
-        engine = str(header.get("engine") or header.get("role"))
-        for other in self._peers.values():
-            if other.engine == engine and other.tp != peer_tp and other.alive:
-                raise HandshakeError(
-                    f"{self.label}: {label} of engine {engine!r} runs at TP {peer_tp}, but "
-                    f"{other.label} of the same engine at TP {other.tp}",
-                    peer=label,
-                    field="tp",
-                    peer_value=peer_tp,
-                    local_value=other.tp,
-                )
-        return label, plan
+        """This endpoint's handshake for :meth:`add_peer` on the other side: layout header and
+        agent metadata, sealed (encrypted too, with an auth key) under this endpoint's nonce.
+        Send it over a channel you trust: without an auth key, whoever reads it can read and
+        write the registered memory."""
+        self._check_open()
+        return self._admission.handshake_bytes()
 
     def add_peer(self, data: bytes) -> str:
-        """Validate a peer's :meth:`handshake_bytes` against the plan, then load its metadata.
+        """Authenticate a peer's :meth:`handshake_bytes`, validate its header against the plan,
+        then load its metadata.
 
-        Raises :class:`HandshakeError` (nothing loaded) on any mismatch.  A peer already known
-        under the same agent name, or the same (engine, rank), is replaced: its requests fail,
-        its prepped lists are released, and its metadata is loaded afresh (a restarted peer).
-        Returns the peer's label, e.g. ``"prefill rank 1"``.
+        Raises :class:`HandshakeError` (nothing loaded, nothing dropped) on anything wrong with
+        the bytes, whatever they hold.  A live peer already known under the same agent name,
+        or the same (engine, rank), is replaced only when the new bytes prove the auth key and
+        were made later, or once the live one is known dead (it is probed for up to half a
+        second): its requests then fail, its prepped lists are released, and the new metadata
+        is loaded (a restarted peer).  The same bytes again change nothing.  Returns the peer's
+        label, e.g. ``"prefill rank 1"``.
         """
         self._check_open()
-        header, md = protocol.decode_handshake(data, who=self.label)
-        label, plan = self._validate(header)
-        name = header.get("agent")
-        if not isinstance(name, str) or not name:
-            raise HandshakeError(f"{self.label}: {label} sent no agent name", field="agent")
-        if name == self.name:
-            raise HandshakeError(
-                f"{self.label}: {label} uses this endpoint's own agent name {name!r}; NIXL "
-                f"tells agents apart by name: give the two engines different engine= ids "
-                f"(the default name is '<engine>-<rank>') or pass name=",
-                peer=label,
-                field="agent",
-                peer_value=name,
-                local_value=self.name,
-            )
-        self._forget_same(name, header, reason=f"{label} re-handshaked (restarted)")
-        try:
-            loaded = self.agent.add_remote_agent(md)
-        except nixl_compat.nixl_errors() as e:
-            raise HandshakeError(
-                f"{self.label}: NIXL refused {label}'s agent metadata "
-                f"({nixl_compat.error_name(e)})",
-                peer=label,
-                field="agent metadata",
-            ) from None
-        loaded = loaded.decode(errors="replace") if isinstance(loaded, bytes) else str(loaded)
-        if loaded != name:
-            self.agent.remove_remote_agent(loaded)
-            raise HandshakeError(
-                f"{self.label}: {label}'s header names agent {name!r} but its metadata is "
-                f"for agent {loaded!r}",
-                peer=label,
-                field="agent",
-                peer_value=loaded,
-                local_value=name,
-            )
-        self._install_peer(name, header, label, plan)
-        return label
+        return self._admission.add_peer(data)
 
-    def _forget_same(self, name: str, header: dict[str, Any], reason: str) -> None:
-        for peer in list(self._peers.values()):
-            same_slot = peer.engine == header.get("engine") and peer.rank == header.get("rank")
-            if peer.name == name or same_slot:
-                self._drop_peer(peer, reason=reason)
+    def drop_peer(self, peer: Peer, reason: str = "") -> None:
+        """Forget ``peer`` (see :class:`.admission.AdmissionHost`)."""
+        self._drop_peer(peer, reason)
 
-    def _install_peer(self, name: str, header: dict[str, Any], label: str, plan: Plan) -> Peer:
-        peer = peer_from_header(name, header, label, plan, side_of(plan, self.peer_role))
-        self._peers[name] = peer
-        return peer
+    def mark_dead(self, peer: Peer, reason: str) -> None:
+        self._mark_dead(peer, reason)
+
+    def progress_others(self) -> None:
+        """Progress the other endpoints created in this thread once."""
+        for other in _thread_endpoints(self):
+            other.progress()
 
     def _drop_peer(self, peer: Peer, reason: str = "", *, unload: bool = True) -> None:
         """Fail the peer's requests, release what the strategies keep for it, unload its
-        metadata (``unload``; not when NIXL's listener is replacing it)."""
+        metadata."""
         if reason:
             self._peer_dead(peer, reason, error_cls=PeerDisconnectedError)
         for s in self._strategies:
@@ -555,7 +572,10 @@ class Endpoint:
                 self.agent.remove_remote_agent(peer.name)
             except nixl_compat.nixl_errors():
                 pass
-        self._peers.pop(peer.name, None)
+        self._admission.retire(peer)
+        if self._peers.get(peer.name) is peer:
+            del self._peers[peer.name]
+        self._early.forget(peer.name)
 
     def peers(self) -> list[PeerInfo]:
         """Connected peers (name, label, engine, rank, tp, alive, reason)."""
@@ -564,81 +584,27 @@ class Endpoint:
             for p in self._peers.values()
         ]
 
-    # ---------------------------------------------------------------- listener handshake
     def connect(
-        self, host: str, port: int, peer_name: str, *, timeout_s: float | None = None
+        self,
+        host: str,
+        port: int,
+        peer_name: str | None = None,
+        *,
+        timeout_s: float | None = None,
     ) -> str:
-        """Handshake with a peer over NIXL's socket listener.
+        """Handshake with the endpoint listening at ``host:port`` (its ``listen_port``).
 
-        Agent metadata travels through the listeners (both endpoints need ``listen_port``);
-        the layout header then travels as a notification (``HDR``), and the peer answers with
-        its own header (or ``NAK`` and the reason).  Both sides validate.  The peer must be
-        polling (:meth:`poll` or :meth:`wait_for_peers`).  Returns the peer's label.
+        Both sides prove the auth key (when one is set) before either releases its agent
+        metadata; both validate.  The peer must be polling (:meth:`poll` or
+        :meth:`wait_for_peers`); when this returns, the peer is installed here, and there once
+        it polls.  ``peer_name``, when given, must be the agent found there.  A closed port
+        fails at once (:class:`HandshakeError`); a peer that does not answer, at the timeout
+        (:class:`TransferTimeoutError`).  Returns the peer's label.
         """
         self._check_open()
-        if self.listen_port is None:
-            raise CallOrderError(
-                f"{self.label}: create the Endpoint with listen_port=... to use NIXL's "
-                f"listener (both sides need one)"
-            )
-        timeout = self._timeout_arg(timeout_s)
-        deadline = now() + timeout
-        header = self.header()
-        old = self._peers.get(peer_name)
-        if old is not None:
-            self._drop_peer(old, reason=f"{old.label} re-handshaked (restarted)")
-        self._hs_replies.pop(peer_name, None)
-        self._hs_errors.pop(peer_name, None)
-        # If this process restarted under a name the peer still holds, the peer's listener
-        # refuses to overwrite that agent's metadata: have it drop the old one first.
-        self.agent.invalidate_local_metadata(host, int(port))
-        self.agent.send_local_metadata(host, int(port))
-        self.agent.fetch_remote_metadata(peer_name, host, int(port))
-        waiter = Backoff()
-        while not self.agent.check_remote_metadata(peer_name):
-            self._progress()
-            if now() > deadline:
-                raise TransferTimeoutError(
-                    f"{self.label}: no agent metadata from {peer_name!r} at {host}:{port} "
-                    f"within {timeout:.1f} s (is its listener up?)",
-                    peer=peer_name,
-                )
-            waiter.sleep()
-        msg = Hdr(header, False)
-        while True:  # the peer may not have loaded our metadata yet
-            try:
-                self._send(peer_name, msg)
-                break
-            except nixl_compat.nixl_errors():
-                if now() > deadline:
-                    raise
-                self._progress()
-                waiter.sleep()
-        while peer_name not in self._hs_replies:
-            self._progress()
-            if peer_name in self._hs_errors:
-                raise self._hs_errors.pop(peer_name)
-            if now() > deadline:
-                raise TransferTimeoutError(
-                    f"{self.label}: {peer_name!r} did not answer the handshake within "
-                    f"{timeout:.1f} s (is it polling?)",
-                    peer=peer_name,
-                )
-            waiter.sleep()
-        reply = self._hs_replies.pop(peer_name)
-        if isinstance(reply, Nak):
-            raise HandshakeError(
-                f"{self.label}: {peer_name!r} refused the handshake: {reply.error}",
-                peer=peer_name,
-                field=reply.field,
-            )
-        try:
-            label, plan = self._validate(reply.header)
-        except HandshakeError as e:
-            self._send_quiet(peer_name, Nak(str(e), e.field))
-            raise
-        self._install_peer(peer_name, reply.header, label, plan)
-        return label
+        if self._reg is None:
+            raise CallOrderError(f"{self.label}: call register_layers() before the handshake")
+        return self._admission.connect(host, port, peer_name, self._timeout_arg(timeout_s))
 
     def wait_for_peers(
         self,
@@ -651,84 +617,13 @@ class Endpoint:
         its other side has ranks; otherwise every rank of every peer engine that connected,
         and at least one).
 
-        Raises the :class:`HandshakeError` of a refused peer, or
+        A handshake refused here does not end the wait (a stranger cannot fail start-up),
+        unless an auth key is set and the refused peer proved it.  At the timeout: the last
+        refusal as a :class:`HandshakeError` (the count in its message), or
         :class:`TransferTimeoutError`.  Returns the connected peers' labels.
         """
-        timeout = self._timeout_arg(timeout_s)
-        deadline = now() + timeout
-        waiter = Backoff()
-        single = self.plans.single_peer_tp()
-        while True:
-            self._progress()
-            if self._hs_errors:
-                _, err = self._hs_errors.popitem()
-                raise err
-            have = [p for p in self._peers.values() if engine is None or p.engine == engine]
-            if count is not None:
-                want = count
-            elif single is not None:
-                want = single
-            else:
-                want = max(1, sum({p.engine: p.tp for p in have}.values()))
-            if len(have) >= want:
-                return sorted(p.label for p in have)
-            if now() > deadline:
-                raise TransferTimeoutError(
-                    f"{self.label}: {len(have)} of {want} {self.peer_role} ranks connected "
-                    f"after {timeout:.1f} s"
-                )
-            waiter.sleep()
-
-    def _on_hdr(self, sender: str, msg: Hdr, first_seen: float | None = None) -> None:
-        """A peer's header arrived over a notification (listener handshake)."""
-        if msg.reply:
-            self._hs_replies[sender] = msg
-            return
-        first_seen = now() if first_seen is None else first_seen
-        if not self.agent.check_remote_metadata(sender):
-            # the listener thread has not loaded the sender's metadata yet: retry later
-            self._pending_hdr.append((first_seen, sender, msg))
-            return
-        header = msg.header
-        try:
-            if header.get("agent") != sender:
-                raise HandshakeError(
-                    f"{self.label}: handshake from agent {sender!r} carries a header for "
-                    f"{header.get('agent')!r}",
-                    field="agent",
-                )
-            label, plan = self._validate(header)
-        except HandshakeError as e:
-            self._hs_errors[sender] = e
-            self._send_quiet(sender, Nak(str(e), e.field))
-            return
-        for peer in list(self._peers.values()):
-            same_slot = peer.engine == header.get("engine") and peer.rank == header.get("rank")
-            if peer.name == sender or same_slot:
-                # a restarted peer: its requests fail; the listener replaces its metadata
-                # (after the peer invalidated the old one), so only our state goes.
-                self._drop_peer(
-                    peer, f"{peer.label} re-handshaked (restarted)", unload=peer.name != sender
-                )
-        try:
-            self._send(sender, Hdr(self.header(), True))
-        except nixl_compat.nixl_errors():
-            # still the old metadata of a restarted peer (being replaced): retry later
-            self._pending_hdr.append((first_seen, sender, msg))
-            return
-        self._install_peer(sender, header, label, plan)
-
-    def _on_nak(self, sender: str, msg: Nak) -> None:
-        err = HandshakeError(
-            f"{self.label}: {sender!r} refused the handshake: {msg.error}",
-            peer=sender,
-            field=msg.field,
-        )
-        if sender in self._peers:  # it refused our header after we accepted its own
-            self._drop_peer(self._peers[sender])
-            self._hs_errors[sender] = err
-        else:
-            self._hs_replies[sender] = msg
+        self._check_open()
+        return self._admission.wait_for_peers(count, engine, self._timeout_arg(timeout_s))
 
     # ---------------------------------------------------------------- transfers
     def pull(
@@ -824,7 +719,7 @@ class Endpoint:
         """
         self._check_open()
         rid = self._new_rid(request_id)
-        self._tokens_arg(num_tokens, rid)
+        self.blocks.tokens(num_tokens, rid)
         sets = None
         if blocks is not None:
             if self.role != "prefill":
@@ -833,7 +728,7 @@ class Endpoint:
                 )
             sets = [
                 (kind, self.local_block_ids(ids, rid))
-                for kind, ids, _ in self._block_sets(blocks, blocks, rid)
+                for kind, ids, _ in self.blocks.sets(blocks, blocks, rid)
             ]
         timeout = self._timeout_arg(timeout_s)
         engine, plan = self._expect_engine(engine)
@@ -921,15 +816,7 @@ class Endpoint:
     def _timeout_arg(self, timeout_s: float | None) -> float:
         if timeout_s is None:
             return self.timeout_s
-        try:
-            t = float(timeout_s)
-        except (TypeError, ValueError):
-            t = float("nan")
-        if not 0 < t < float("inf"):
-            raise UsageError(
-                f"{self.label}: timeout_s must be a finite number > 0, got {timeout_s!r}"
-            )
-        return t
+        return finite_timeout(timeout_s, "timeout_s", self.label)
 
     def _engine_plan(self, engine: str | None, rid: str) -> tuple[str | None, Plan]:
         """(engine, its plan) of a request this side initiates."""
@@ -974,96 +861,6 @@ class Endpoint:
             out[r] = peer
         return out
 
-    def _block_sets(self, local: Any, remote: Any, rid: str) -> list[tuple[str | None, Any, Any]]:
-        """``[(kind, local ids, remote ids)]``: one entry of kind None (every layer) for two
-        sequences, one per kind (in the plan's order) for two ``{kind: ids}`` mappings."""
-        lmap, rmap = isinstance(local, Mapping), isinstance(remote, Mapping)
-        if not lmap and not rmap:
-            return [(None, local, remote)]
-        if not (lmap and rmap):
-            raise UsageError(
-                f"{self.label}: request {rid!r}: give block ids per kind on both sides "
-                f"({{kind: ids}}) or one sequence on both"
-            )
-        if set(local) != set(remote):
-            raise UsageError(
-                f"{self.label}: request {rid!r}: kinds {sorted(map(str, local))} locally but "
-                f"{sorted(map(str, remote))} remotely"
-            )
-        unknown = [k for k in local if k not in self.kinds]
-        if unknown:
-            raise UsageError(
-                f"{self.label}: request {rid!r}: no layer kind {unknown[0]!r} "
-                f"(kinds: {', '.join(self.kinds)})"
-            )
-        return [(k, local[k], remote[k]) for k in self.kinds if k in local]
-
-    def _tokens_arg(self, num_tokens: Any, rid: str) -> int | None:
-        if num_tokens is None:
-            return None
-        if not isinstance(num_tokens, (int, np.integer)) or isinstance(num_tokens, bool):
-            raise UsageError(
-                f"{self.label}: request {rid!r}: num_tokens must be an int, got "
-                f"{type(num_tokens).__name__}"
-            )
-        if not 0 <= int(num_tokens) < 1 << 40:
-            raise UsageError(
-                f"{self.label}: request {rid!r}: num_tokens must be in [0, 2**40), got "
-                f"{int(num_tokens)}"
-            )
-        return int(num_tokens)
-
-    def _per_kernel_kind(self, kind: str | None) -> bool:
-        """Are the pages of ``kind`` (None: every layer) stored per kernel block?  (Under a
-        token remap a kind's pages are all one or all the other, or it is refused.)"""
-        pages = self.side.page_names if kind is None else self.kinds[kind]
-        return any(self.side.page(p).per == "kernel" for p in pages)
-
-    def _window_blocks(
-        self, plan: Plan, kind: str | None, local: Any, remote: Any, tokens: int, rid: str
-    ) -> tuple[Any, Any]:
-        """Under a token remap: the block ids of a per-kernel-block kind that hold the
-        request's ``tokens`` on each side (the first ones: more may be given)."""
-        pages = self.side.page_names if kind is None else self.kinds[kind]
-        pers = {self.side.page(p).per for p in pages}
-        what = "every layer" if kind is None else f"kind {kind!r}"
-        if len(pers) > 1:
-            raise UsageError(
-                f"{self.label}: request {rid!r}: the engines hold different tokens per logical "
-                f"block, so per-kernel-block and per-logical-block pages need block ids of "
-                f"their own: give them per kind ({{kind: ids}}) instead of one sequence for "
-                f"{what}"
-            )
-        if pers != {"kernel"}:
-            return local, remote
-        rm = plan.remap
-        assert rm is not None
-        out = []
-        for role, ids in ((self.role, local), (self.peer_role, remote)):
-            need = rm.blocks_for(role, tokens)
-            try:
-                n = len(ids)
-            except TypeError:
-                return local, remote  # (refused as not a sequence by the id checks)
-            if n < need:
-                kt, kb = rm.side(role)
-                raise BlockIdError(
-                    f"{self.label}: request {rid!r}: {tokens} tokens need {need} {role} block "
-                    f"ids of {what} ({kt * kb} tokens per logical block), got {n}",
-                    request_id=rid,
-                )
-            out.append(ids[:need])
-        return out[0], out[1]
-
-    def _kind_layers(self, kind: str | None, sel: np.ndarray | None) -> np.ndarray | None:
-        """Layers of ``kind`` (None: every layer) within the selection ``sel``."""
-        if kind is None:
-            return sel
-        of_kind = np.array(
-            [i for i, k in enumerate(self.pages.layer_kinds) if k == kind], dtype=np.int64
-        )
-        return of_kind if sel is None else np.intersect1d(of_kind, sel)
-
     def _start(
         self,
         kind: str,
@@ -1097,7 +894,7 @@ class Endpoint:
             targets = notify = plan.targets(self.rank)
         peer_kind = f"{self.peer_role}"
         peers = self._peers_for(engine, sorted(set(targets) | set(notify)), rid)
-        tokens = self._tokens_arg(num_tokens, rid)
+        tokens = self.blocks.tokens(num_tokens, rid)
         if plan.remap is not None and tokens is None:
             rm = plan.remap
             raise UsageError(
@@ -1107,9 +904,9 @@ class Endpoint:
                 "request's tokens)"
             )
         sets = []
-        for part_kind, lb, rb in self._block_sets(local_blocks, remote_blocks, rid):
+        for part_kind, lb, rb in self.blocks.sets(local_blocks, remote_blocks, rid):
             if plan.remap is not None and tokens is not None:
-                lb, rb = self._window_blocks(plan, part_kind, lb, rb, tokens, rid)
+                lb, rb = self.blocks.window(plan, part_kind, lb, rb, tokens, rid)
             local = self.local_block_ids(lb, rid, unique=(op == "READ"))
             remote = None
             for r in sorted(set(targets)):
@@ -1131,7 +928,7 @@ class Endpoint:
                     who=self.label,
                     request_id=rid,
                 )
-            if plan.remap is not None and self._per_kernel_kind(part_kind):
+            if plan.remap is not None and self.blocks.per_kernel(part_kind):
                 sets.append((part_kind, local, remote))
                 continue
             check_same_count(
@@ -1214,7 +1011,7 @@ class Endpoint:
         parts = []
         rm = self.plan_for(peer).remap
         for kind, local, remote in sets:
-            layers = self._kind_layers(kind, sel)
+            layers = self.blocks.kind_layers(kind, sel)
             rows = table.rows_for_layers(layers)
             explicit = None
             if rm is not None and req.num_tokens is not None:
@@ -1366,21 +1163,27 @@ class Endpoint:
         return "unknown"
 
     def _progress(self) -> None:
-        """One round: notifications, strategies' work, completions, deadlines."""
+        """One round: handshakes, notifications, strategies' work, completions, deadlines."""
+        self._admission.service()
         try:
             notifs = self.agent.get_new_notifs()
         except nixl_compat.nixl_errors():
             notifs = {}
+        except UnicodeDecodeError:  # a sender's name NIXL's binding cannot decode
+            self.telemetry.add("dropped_malformed")
+            notifs = {}
+        count = 0
         for sender, msgs in notifs.items():
-            sender = sender.decode(errors="replace") if isinstance(sender, bytes) else sender
+            if not isinstance(sender, str):
+                sender = bytes(sender).decode("utf-8", "replace")
             for m in msgs:
                 self.telemetry.add("notifs_received")
                 self._on_notif(sender, bytes(m))
-        if self._pending_hdr:
-            pending, self._pending_hdr = self._pending_hdr, []
-            for t, sender, hdr in pending:
-                if now() - t < self.timeout_s:
-                    self._on_hdr(sender, hdr, first_seen=t)
+            count += len(msgs)
+        if count >= _LARGE_BATCH:
+            # a flood: the batch NIXL queued for us is gone now; give its memory back
+            del notifs
+            _trim_heap()
         t = now()
         staged = self._staged
         if staged is not None and staged.busy():
@@ -1398,8 +1201,7 @@ class Endpoint:
             if self.active(req) and t > req.deadline:
                 self._timeout(req)
         if self._early:
-            for rid in [r for r, v in self._early.items() if t - v[0][0] > self.timeout_s]:
-                del self._early[rid]
+            self._early.expire(t, self.timeout_s)
 
     def _complete_initiator(self, req: Request) -> None:
         peers = self._moved_with(req)
@@ -1559,7 +1361,11 @@ class Endpoint:
 
     # ---------------------------------------------------------------- notifications
     def _send(self, peer_name: str, msg: Message) -> None:
-        self.agent.send_notif(peer_name, protocol.encode(msg))
+        peer = self._peers.get(peer_name)
+        if peer is None:
+            self.telemetry.add("notify_errors")  # (dropped meanwhile: nothing to tell)
+            return
+        self.agent.send_notif(peer_name, self._admission.notif(peer, msg))
         self.telemetry.add("notifs_sent")
 
     def _send_quiet(self, peer_name: str, msg: Message) -> None:
@@ -1569,23 +1375,37 @@ class Endpoint:
             self.telemetry.add("notify_errors")
 
     def _on_notif(self, sender: str, raw: bytes) -> None:
-        try:
-            msg = protocol.decode(raw)
-        except ProtocolError:
-            self._dropped += 1
-            return
-        if msg is None:
+        """One notification: authenticated, decoded and handled -- or dropped and counted.
+        Nothing a peer sends raises out of here."""
+        if not protocol.is_layoutc(raw):
             if len(self.other_notifs) < _MAX_OTHER_NOTIFS:
                 self.other_notifs.append((sender, raw))
+            else:
+                self.telemetry.add("dropped_other_notifs")
             return
-        if isinstance(msg, Hdr):
-            self._on_hdr(sender, msg)
+        opened = self._admission.open(sender, raw)
+        if opened is None:
             return
-        if isinstance(msg, Nak):
-            self._on_nak(sender, msg)
-            return
+        peer, msg = opened
+        try:
+            self._on_message(peer, msg, len(raw))
+        except Exception:  # noqa: BLE001 - a peer's message must never break the engine loop
+            self.telemetry.add("dropped_failed")
+            if self._logged < _MAX_LOGGED:
+                self._logged += 1
+                log.exception("%s: handling a message of %s failed", self.label, peer.label)
+
+    def _on_message(self, peer: Peer, msg: Message, nbytes: int) -> None:
+        sender = peer.name
         if isinstance(msg, Ping):
             return
+        if isinstance(msg, SReq):
+            # the destination's block ids are distinct: no staged request holds more blocks
+            # than the destination's buffers
+            dst_blocks = self.num_blocks if self.role == "decode" else peer.num_blocks
+            if msg.blocks.shape[0] > dst_blocks:
+                self.telemetry.add("dropped_malformed")
+                return
         req = self._requests.get(msg.rid)
         if req is None:
             if isinstance(msg, Fail) or (
@@ -1595,8 +1415,10 @@ class Endpoint:
                     s.on_stale(sender, msg)  # a late message of an ended request
                 if not isinstance(msg, Fail):
                     return
-            if msg.rid not in self._finished:
-                self._early.setdefault(msg.rid, []).append((now(), sender, msg))
+            if msg.rid in self._finished:
+                return
+            if not self._early.add(msg.rid, now(), sender, msg, nbytes):
+                self.telemetry.add("dropped_early_overflow")
             return
         self._on_request_msg(req, sender, msg)
 
@@ -1682,9 +1504,23 @@ class Endpoint:
             xfer_handles_open=c["xfer_handles_created"] - c["xfer_handles_released"],
             requests_active=len(self._requests),
             peers=len(self._peers),
-            messages_dropped=self._dropped,
+            messages_dropped=sum(c[k] for k in DROP_COUNTERS),
+            early_messages=self._early.count,
             extra=extra,
         )
+
+
+def finite_timeout(value: Any, what: str, who: str = "") -> float:
+    """``value`` as seconds: a finite number > 0 (not a bool), else :class:`UsageError`."""
+    try:
+        t = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        t = math.nan
+    if not 0 < t < math.inf:
+        raise UsageError(
+            f"{who + ': ' if who else ''}{what} must be a finite number > 0, got {value!r}"
+        )
+    return t
 
 
 #: Open endpoints of this process (``wait`` progresses those of its thread).

@@ -76,6 +76,10 @@ class Host(Protocol):
     def send(self, peer: Peer, msg: Message) -> None:
         """Send ``msg`` to ``peer`` (raises NIXL's errors)."""
 
+    def notif_bytes(self, peer: Peer, msg: Message) -> bytes:
+        """``msg`` to ``peer`` as notification bytes (authenticated; each call numbers a new
+        message), e.g. to attach to a transfer."""
+
     def fail(self, req: Request, err: TransferError) -> None:
         """Fail ``req`` (its peers are told, every strategy releases it)."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..auth import Channel
 from ..descriptors import PairTable, Segment, segments_by_key
 from ..plan import Plan, SideLayout
 
@@ -67,6 +68,15 @@ class Peer:
     #: the pair's descriptor table (built once, on first use; None: the pair moves no bytes)
     table: PairTable | None = None
     table_built: bool = False
+    #: message authentication in this handshake's epoch (:mod:`~layoutc.runtime.auth`)
+    channel: Channel | None = None
+    #: when the peer made its handshake (its clock, ns; a later handshake of the same rank
+    #: proving the auth key may replace this one)
+    issued: int = 0
+    #: False while a socket handshake waits for the peer's final confirmation
+    confirmed: bool = True
+    #: the nonce of the peer's handshake bytes: names the peer's endpoint instance
+    instance: bytes = b""
 
 
 def peer_from_header(

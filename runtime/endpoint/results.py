@@ -98,7 +98,8 @@ class PeerInfo(_Record):
 @dataclass(frozen=True)
 class Stats(_Record):
     """An endpoint's counters (``Endpoint.stats()``); ``extra`` holds those of its
-    strategies (staging slots, time spent in pack/unpack, packing ahead)."""
+    strategies (staging slots, time spent in pack/unpack, packing ahead).  The ``dropped_*``
+    counters say why peer messages were dropped (``messages_dropped``: all of them)."""
 
     registrations: int
     registered_bytes: int
@@ -128,4 +129,21 @@ class Stats(_Record):
     chunks_unpacked: int
     bytes_packed: int
     bytes_unpacked: int
+    #: peer messages dropped, by reason (``messages_dropped`` is their sum)
+    dropped_malformed: int = 0
+    dropped_unknown_sender: int = 0
+    dropped_old_epoch: int = 0
+    dropped_bad_mac: int = 0
+    dropped_replayed: int = 0
+    dropped_early_overflow: int = 0
+    dropped_other_notifs: int = 0
+    dropped_failed: int = 0
+    #: handshakes refused after the key was proved (mismatch, a live peer in the way), and
+    #: socket handshakes abandoned (malformed, unproven, too many at once, timed out)
+    handshakes_refused: int = 0
+    handshakes_dropped: int = 0
+    handshakes_pending: int = 0
+    peers_replaced: int = 0
+    #: messages kept for requests not started here yet
+    early_messages: int = 0
     extra: dict[str, int | float] = field(default_factory=dict)

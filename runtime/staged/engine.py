@@ -69,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import nixl_compat, protocol
+from .. import nixl_compat
 from ..costmodel import CostModel
 from ..endpoint.host import Host, JobPart, PeerJob
 from ..endpoint.peers import Peer
@@ -590,7 +590,7 @@ class Staged:
         self._mark("post", ctx, x.chunk)
         notif = b""
         if op == "WRITE":
-            notif = protocol.encode(Dat(ctx.req.rid, ctx.kind, x.chunk))
+            notif = host.notif_bytes(ctx.peer, Dat(ctx.req.rid, ctx.kind, x.chunk))
         t0 = self.tel.clock()
         try:
             ld = host.agent.get_xfer_descs(loc, self.pool.mem_type)

@@ -249,6 +249,78 @@ class _Session:
             self.channel.emit("done", done)
         return {"done": done, "error": None, "failed_rid": None, "t_error": None, "last_set": last}
 
+    # -- for the security tests: a peer that holds the pair's keys ------------------------------
+    def _peer(self, who: str) -> Any:
+        for p in self.ep._peers.values():
+            if who in (p.name, p.label):
+                return p
+        raise KeyError(who)
+
+    def seal(self, who: str, bodies: list[bytes], send: bool = True) -> list[bytes]:
+        """``bodies`` as authenticated messages to peer ``who`` (agent name or label): the
+        pair's epoch, next sequence numbers and tags, whatever the bodies hold; sent when
+        ``send``.  Returns the frames."""
+        from layoutc.runtime import protocol
+
+        peer = self._peer(who)
+        frames = []
+        for body in bodies:
+            epoch, seq, tag = peer.channel.seal(body)
+            frames.append(protocol.frame(epoch, seq, tag, body))
+        if send:
+            for i, f in enumerate(frames):
+                self.ep.agent.send_notif(peer.name, f)
+                if i % 64 == 63:
+                    self.ep.progress()
+        return frames
+
+    def flood_done(self, who: str, n: int, prefix: str) -> int:
+        """``n`` authenticated ``DONE``s of unknown request ids to peer ``who``."""
+        from layoutc.runtime import protocol
+
+        peer = self._peer(who)
+        for i in range(n):
+            self.ep.agent.send_notif(
+                peer.name, self.ep._admission.notif(peer, protocol.Done(f"{prefix}{i}"))
+            )
+            if i % 64 == 63:
+                self.ep.progress()
+        return n
+
+    def epoch(self, who: str) -> bytes:
+        """The epoch of the handshake with peer ``who`` (not secret: it names the handshake)."""
+        return self._peer(who).channel.epoch
+
+    def agent_name(self) -> str:
+        return self.ep.name
+
+    def port(self) -> int | None:
+        """The port of the endpoint's handshake socket."""
+        return self.ep.listen_port
+
+    def metadata(self) -> bytes:
+        """This endpoint's agent metadata (what a stranger who got hold of it would have)."""
+        return self.ep.agent.get_agent_metadata()
+
+    def hold_then_poll(self, seconds: float) -> dict[str, Any]:
+        """Do not poll for ``seconds`` (so that what peers send piles up), then poll once:
+        what that one poll reported, and the stats after it."""
+        self.channel.emit("holding")
+        time.sleep(seconds)
+        prog = self.ep.poll()
+        for rid in prog.done:
+            self.results[rid] = None
+        self.results.update(prog.failed)
+        return {"done": list(prog.done), "failed": sorted(prog.failed), "stats": self.ep.stats()}
+
+    def rss(self) -> int:
+        """Resident memory of this process (bytes)."""
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
     def trace(self, on: bool) -> list[str] | None:
         """Start (``on``) or stop the endpoint's trace; stopping returns its marks in order
         (``"packed decode rank 0 c3"``...)."""

@@ -137,11 +137,15 @@ def test_prefill_at_an_uncompiled_tp_is_refused_with_the_compile_command(ranks, 
     pre = ranks.rank(module_path, "prefill", 0, tp=1, engine="X", num_blocks=NB, layers=LAYERS)
     # a prefill engine at TP 2 (2:2 was not compiled): the handshake of a TP-1 rank with its
     # TP changed to 2 is refused before any plan is used, naming the command that adds it
-    header, md = protocol.decode_handshake(pre.call("handshake_bytes"), who="test")
+    # (without an auth key, whoever holds handshake bytes can seal altered ones: the test
+    # does so with the bytes' own nonce)
+    shake = protocol.decode_handshake(pre.call("handshake_bytes"), who="test")
+    header = shake.header
     header["tp"] = header["layout"]["tp"] = 2
     header["agent"] = "Y-prefill-0"
+    forged = protocol.encode_handshake(header, shake.metadata, nonce=shake.hello.nonce)
     with pytest.raises(HandshakeError) as ei:
-        dec.call("add_peer", protocol.encode_handshake(header, md))
+        dec.call("add_peer", forged)
     msg = str(ei.value)
     assert "prefill TP 2 -> decode TP 2 was not compiled" in msg
     assert "layoutc compile" in msg and "--tp-pairs 1:2,2:2,4:2" in msg

@@ -1,4 +1,4 @@
-"""Dead peers, stale requests, restarted peers, and the NIXL-listener handshake.
+"""Dead peers, stale requests, restarted peers, and the handshake socket.
 
 Peers are real processes killed with SIGKILL while transfers run; every wait is bounded and
 the survivor must fail exactly the affected requests, report the peer and request, never
@@ -134,14 +134,14 @@ def test_decode_killed_mid_push_other_engine_still_served(ranks):
     other.call("verify", [(0, db)])
 
 
-# ----------------------------------------------------------------------------- listener
+# ----------------------------------------------------------------------------- the socket
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_listener_handshake_transfer_refusal_and_restart(ranks):
+def test_socket_handshake_transfer_refusal_and_restart(ranks):
     plan = compiled("vllm_flashinfer", 1, 1, GQA4)
     pp, dp = _free_port(), _free_port()
     pre = ranks.rank(plan, "prefill", 0, listen_port=pp, name="L-prefill-0")
@@ -156,10 +156,11 @@ def test_listener_handshake_transfer_refusal_and_restart(ranks):
     pre.call("wait", "l1")
     dec.call("verify", [(0, [1, 2, 3])])
 
-    # a decode rank whose plan has other parameters is refused by both sides
+    # a decode rank whose plan has other parameters is refused by both sides (the waiting
+    # side names the refusal when its wait ends)
     other = compiled("vllm_flashinfer", 1, 1, dict(GQA4, head_dim=64))
     bad = ranks.rank(other, "decode", 0, listen_port=_free_port(), name="L-bad-0", engine="bad")
-    pre.send("wait_for_peers", 2)
+    pre.send("wait_for_peers", 2, timeout_s=3.0)
     with pytest.raises(HandshakeError) as ei:
         bad.call("connect", "127.0.0.1", pp, "L-prefill-0")
     assert "params.head_dim 32 but this plan expects 64" in str(
