@@ -185,6 +185,12 @@ def parse_settings(
             f"kv_connector_extra_config['strategy'] must be one of {', '.join(_STRATEGIES)}, "
             f"got {strategy!r}"
         )
+    auth_key = _str(extra, "auth_key", 1024)
+    if auth_key is not None and len(auth_key.encode()) < 16:
+        raise ConfigError(
+            "kv_connector_extra_config['auth_key'] must be at least 16 bytes (a pre-shared "
+            "key every peer proves in its handshake)"
+        )
     lease = _int(extra, "kv_lease_duration", 30, 1, 7 * 24 * 3600)
     assert lease is not None
     known = {
@@ -209,7 +215,7 @@ def parse_settings(
         enforce_compat=compat,
         layout_spec=_str(extra, "layout_spec"),
         allowed_peers=tuple(peers),
-        auth_key=_str(extra, "auth_key", 1024),
+        auth_key=auth_key,
         listen_port=_int(extra, "listen_port", None, 1, 65535),
         listen_host=_str(extra, "listen_host", 255),
         transfer_timeout_s=_float(extra, "transfer_timeout_s", 60.0, 0.1, 3600.0),

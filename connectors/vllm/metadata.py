@@ -26,7 +26,8 @@ class LayoutcConnectorMetadata(KVConnectorMetadata):
     ids and ``kv_transfer_params``, prefill leases, heartbeats, ...); ``failed_recv``: decode
     requests whose ``kv_transfer_params`` were refused (each worker reports them failed);
     ``prompt_tokens``: prompt length of each request to receive (bounds its remote tokens);
-    ``send_blocks``: block ids of each prefill request entering its lease;
+    ``send_blocks`` / ``send_tokens``: block ids (per group) and tokens of each prefill request
+    entering its lease;
     ``lease_updates``: renewed lease deadlines (the scheduler's clock, like ``reqs_to_send``).
     """
 
@@ -34,6 +35,7 @@ class LayoutcConnectorMetadata(KVConnectorMetadata):
     failed_recv: dict[str, str] = field(default_factory=dict)
     prompt_tokens: dict[str, int] = field(default_factory=dict)
     send_blocks: dict[str, tuple[list[int], ...]] = field(default_factory=dict)
+    send_tokens: dict[str, int] = field(default_factory=dict)
     lease_updates: dict[str, float] = field(default_factory=dict)
 
 

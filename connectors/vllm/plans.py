@@ -4,7 +4,8 @@
 ``plans``: anything with ``plan(prefill_tp=, decode_tp=)``.  The spec is loaded and checked
 once; each (prefill TP, decode TP) pair the engine meets is planned and verified on first use
 (well under a second) and kept.  Both sides are bound to the same values except the ones an
-engine chooses for itself (block sizes), which each side gives for its own role.
+engine chooses for itself (block sizes): a peer's are those its handshake announces
+(:meth:`SpecPlans.plan_for_peer`, which an endpoint calls at each handshake).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .errors import ConfigError
 __all__ = ["LoadedSpec", "SpecPlans"]
 
 _ROLES = ("prefill", "decode")
+_MAX_PEER_PLANS = 64
 
 
 def _other(role: str) -> str:
@@ -95,6 +97,7 @@ class SpecPlans:
         self.peer_params = self._own(self.params if peer_params is None else peer_params)
         self._lock = threading.Lock()
         self._plans: dict[tuple[int, int], Plan] = {}
+        self._peer_plans: dict[tuple[int, int, tuple[tuple[str, str], ...]], Plan] = {}
 
     def _own(self, values: Mapping[str, Any]) -> dict[str, str]:
         return {k: str(v) for k, v in sorted(values.items()) if k in self.declared}
@@ -127,6 +130,29 @@ class SpecPlans:
                 plan = self.loaded.compile(self.sets(), prefill_tp, decode_tp)
                 self._plans[key] = plan
             return plan
+
+    def plan_for_peer(
+        self, *, prefill_tp: int, decode_tp: int, peer_params: Mapping[str, Any]
+    ) -> Plan:
+        """The plan of the pair with a peer bound to ``peer_params`` (the values its
+        handshake announced, e.g. another block size): what an endpoint asks at each
+        handshake.  The compiler refuses values that do not describe the same model (both
+        values named)."""
+        if not isinstance(peer_params, Mapping) or len(peer_params) > 1024:
+            raise PlanError("peer parameters must be a mapping of at most 1024 values")
+        own = self._own(peer_params)
+        if own == self.peer_params:
+            return self.plan(prefill_tp, decode_tp)
+        key = (prefill_tp, decode_tp, tuple(sorted(own.items())))
+        with self._lock:
+            cached = self._peer_plans.get(key)
+        if cached is not None:
+            return cached
+        plan = self.with_peer(own).plan(prefill_tp, decode_tp)
+        with self._lock:
+            if len(self._peer_plans) < _MAX_PEER_PLANS:
+                self._peer_plans[key] = plan
+        return plan
 
     def side(self, tp: int) -> SideLayout:
         """This engine's side at TP ``tp`` (from its homogeneous pair)."""

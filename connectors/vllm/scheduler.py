@@ -58,6 +58,7 @@ class LayoutcScheduler(NixlPullConnectorScheduler):
         self._leases: dict[str, float] = {}  # prefill request -> lease deadline
         self._lease_updates: dict[str, float] = {}
         self._send_blocks: dict[str, tuple[list[int], ...]] = {}
+        self._send_tokens: dict[str, int] = {}
         self._refused: dict[str, str] = {}  # decode request -> why its params were refused
         self._failed_recv: dict[str, str] = {}
 
@@ -130,6 +131,7 @@ class LayoutcScheduler(NixlPullConnectorScheduler):
                 with self._lease_lock:
                     self._leases[rid] = deadline
                 self._send_blocks[rid] = tuple(list(g) for g in out["remote_block_ids"])
+                self._send_tokens[rid] = int(out.get("remote_num_tokens") or 0)
         return delay, out
 
     def build_connector_meta(self, scheduler_output: Any) -> LayoutcConnectorMetadata:
@@ -142,12 +144,14 @@ class LayoutcScheduler(NixlPullConnectorScheduler):
         send = {
             rid: self._send_blocks.pop(rid) for rid in nixl.reqs_to_send if rid in self._send_blocks
         }
+        tokens = {rid: self._send_tokens.pop(rid) for rid in send if rid in self._send_tokens}
         failed, self._failed_recv = self._failed_recv, {}
         return LayoutcConnectorMetadata(
             nixl=nixl,
             failed_recv=failed,
             prompt_tokens=prompt_tokens,
             send_blocks=send,
+            send_tokens=tokens,
             lease_updates=updates,
         )
 

@@ -38,10 +38,10 @@ from ...runtime.errors import (
     PeerNotConnectedError,
     TransferError,
 )
-from .errors import SideChannelError
+from .errors import BadRequestError, SideChannelError
 from .params import RemoteRequest, host_allowed
 from .plans import SpecPlans
-from .rounds import Round
+from .rounds import GroupRounds, Round, align
 from .side_channel import query
 
 __all__ = [
@@ -88,13 +88,15 @@ class EndpointConfig:
 
 @dataclass(frozen=True)
 class PullJob:
-    """Decode: load one request's blocks from its prefill engine."""
+    """Decode: load one request's blocks from its prefill engine.  ``local``: this engine's
+    block ids per transfer group (only those its prefix cache lacks); ``computed``: its
+    prefix-cache hit per group, in blocks."""
 
     req_id: str  # vLLM's id of the decode request (what finishes)
     remote: RemoteRequest
-    rounds: tuple[Round, ...]
+    local: tuple[tuple[int, ...], ...]
+    computed: tuple[int, ...]
     report: bool  # report in finished_recving (vLLM waits for it)
-    token_groups: tuple[int, ...] = ()  # groups whose blocks hold tokens (checked for length)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class ExpectJob:
 
     req_id: str
     rounds: tuple[Round, ...]
+    num_tokens: int | None = None  # the tokens its blocks hold
 
 
 @dataclass(frozen=True)
@@ -266,7 +269,8 @@ class Transport:
 
     ``local`` describes this worker for payload checks (``spec``, ``spec_sha256``,
     ``conv_layout``, ``compat_hash``); ``plans`` are the decode endpoint's (None without one),
-    ``tp_rank``/``tp_size`` this worker's; ``allowed_hosts``, ``enforce_compat``,
+    ``rounds`` how the engine's groups make requests, ``block_size`` its tokens per logical
+    block, ``tp_rank``/``tp_size`` this worker's; ``allowed_hosts``, ``enforce_compat``,
     ``handshake_timeout_s``, ``transfer_timeout_s``, ``lease_margin_s`` are the settings of the
     same names.  Raises what building an endpoint raised (after ``start_timeout_s`` at most).
     """
@@ -277,6 +281,8 @@ class Transport:
         *,
         local: Mapping[str, Any],
         plans: SpecPlans | None,
+        rounds: GroupRounds,
+        block_size: int,
         tp_rank: int,
         tp_size: int,
         allowed_hosts: Sequence[str],
@@ -290,6 +296,8 @@ class Transport:
     ) -> None:
         self.local = dict(local)
         self.plans = plans
+        self.rounds = rounds
+        self.block_size = block_size
         self.tp_rank = tp_rank
         self.tp_size = tp_size
         self.allowed_hosts = tuple(allowed_hosts)
@@ -309,6 +317,8 @@ class Transport:
         self._crashed: str | None = None  # why the thread ended early
         self._pending: dict[str, PullJob | ExpectJob] = {}  # by vLLM request id
         self._endpoints: dict[str, Any] = {}
+        #: the port each endpoint (by role) listens on for handshakes, once started
+        self.ports: dict[str, int] = {}
         self._active: dict[str, _Job] = {}  # by round id
         self._engines: dict[str, _Engine] = {}
         self._helper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="layoutc-side")
@@ -366,7 +376,9 @@ class Transport:
     def _run(self) -> None:
         try:
             for cfg in self._configs:
-                self._endpoints[cfg.role] = _endpoint(cfg)
+                ep = _endpoint(cfg)
+                self._endpoints[cfg.role] = ep
+                self.ports[cfg.role] = int(ep.listen_port or cfg.listen_port)
         except BaseException as e:  # reported to the constructor
             self._error = e
             for ep in self._endpoints.values():
@@ -453,7 +465,12 @@ class Transport:
         state = _Job(job, set())
         for r in job.rounds:
             try:
-                ep.expect(r.rid, blocks=dict(r.local) or None, timeout_s=self.expect_timeout_s)
+                ep.expect(
+                    r.rid,
+                    blocks=dict(r.local) or None,
+                    timeout_s=self.expect_timeout_s,
+                    num_tokens=job.num_tokens,
+                )
             except LayoutcError as e:
                 state.error = str(e)
                 continue
@@ -555,20 +572,8 @@ class Transport:
         plans = self.plans
         if plans is None:
             raise SideChannelError("this worker has no decode endpoint")
-        if params != plans.peer_params:
-            diff = sorted(
-                k
-                for k in set(params) | set(plans.peer_params)
-                if params.get(k) != plans.peer_params.get(k)
-            )
-            raise SideChannelError(
-                "prefill engine binds the layout spec differently: "
-                + ", ".join(
-                    f"{k} {params.get(k)!r} (here {plans.peer_params.get(k)!r})" for k in diff
-                )
-            )
         eng.block_size = int(payloads[0]["block_size"])
-        plan = plans.plan(eng.tp, self.tp_size)
+        plan = plans.plan_for_peer(prefill_tp=eng.tp, decode_tp=self.tp_size, peer_params=params)
         for rank in plan.rank(self.tp_rank).notified:
             p = payloads[rank]
             ep.connect(p["host"], p["port"], p["agent"], timeout_s=self.handshake_timeout_s)
@@ -593,7 +598,7 @@ class Transport:
         if n is None or not eng.block_size:
             return None
         most = -(-n // eng.block_size)
-        for g in job.token_groups:
+        for g in self.rounds.token_groups:
             if g < len(job.remote.block_ids) and len(job.remote.block_ids[g]) > most:
                 return (
                     f"kv_transfer_params['remote_block_ids'][{g}] holds "
@@ -602,14 +607,60 @@ class Transport:
                 )
         return None
 
+    def _pairs(self, eng: _Engine, job: PullJob) -> tuple[tuple[Round, ...], int | None]:
+        """The request's rounds and ``num_tokens`` (for engines holding different tokens per
+        block, else None).  Same block size: each group's ids paired as vLLM's NIXL worker
+        pairs them (:func:`~.rounds.align`).  Different block sizes: both lists start at the
+        first token decode lacks, which must be where a prefill block starts too."""
+        r = job.remote
+        rid = f"{r.engine_id}:{r.request_id}"
+        if eng.block_size == self.block_size or not self.rounds.token_groups:
+            local, remote = align(
+                job.local, r.block_ids, self.rounds.group_kinds, self.rounds.token_kinds
+            )
+            return self.rounds.make(rid, local, remote), None
+        if r.num_tokens is None:
+            raise BadRequestError("kv_transfer_params give no remote_num_tokens")
+        token_groups = set(self.rounds.token_groups)
+        skip = max((job.computed[g] for g in token_groups if g < len(job.computed)), default=0)
+        skip_tokens = skip * self.block_size
+        if skip_tokens % eng.block_size:
+            raise BadRequestError(
+                f"decode's prefix cache holds {skip_tokens} tokens of the request, not a whole "
+                f"number of the prefill's {eng.block_size}-token blocks"
+            )
+        local_l: list[list[int]] = []
+        remote_l: list[list[int]] = []
+        states = [g for g in range(len(r.block_ids)) if g not in token_groups]
+        loc_s, rem_s = align(
+            [job.local[g] for g in states] if job.local else [],
+            [r.block_ids[g] for g in states],
+            [self.rounds.group_kinds[g] for g in states],
+            self.rounds.token_kinds,
+        )
+        paired = dict(zip(states, zip(loc_s, rem_s)))
+        for g, rem in enumerate(r.block_ids):
+            if g in paired:
+                local_l.append(paired[g][0])
+                remote_l.append(paired[g][1])
+            else:
+                local_l.append(list(job.local[g]) if job.local else [])
+                remote_l.append(list(rem[skip_tokens // eng.block_size :]) if job.local else [])
+        return self.rounds.make(rid, local_l, remote_l), max(0, r.num_tokens - skip_tokens)
+
     def _start_pull(self, eng: _Engine, job: PullJob) -> None:
         err = self._length_error(eng, job) or self._lease_error(eng, job)
+        if err is None:
+            try:
+                rounds, num_tokens = self._pairs(eng, job)
+            except BadRequestError as e:
+                err = str(e)
         if err is not None:
             self._fail_job(job, err)
             return
         ep = self._endpoints["decode"]
         state = _Job(job, set())
-        for r in job.rounds:
+        for r in rounds:
             t0 = time.perf_counter()
             try:
                 ep.pull(
@@ -619,6 +670,7 @@ class Transport:
                     layers=r.layers,
                     engine=eng.engine_id,
                     timeout_s=self.transfer_timeout_s,
+                    num_tokens=num_tokens,
                 )
             except LayoutcError as e:
                 state.error = str(e)

@@ -16,7 +16,6 @@ finished, and prefill requests whose lease ended.
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any
 
@@ -34,7 +33,7 @@ from .errors import BadRequestError, ConfigError
 from .metadata import LayoutcConnectorMetadata, LayoutcHandshakePayload
 from .params import parse_remote
 from .plans import LoadedSpec, SpecPlans
-from .rounds import GroupRounds, align
+from .rounds import GroupRounds
 from .spec_choice import choose_spec
 from .tensors import wrap
 from .transport import (
@@ -47,34 +46,21 @@ from .transport import (
     Transport,
 )
 
-__all__ = ["LayoutcWorker", "listen_ports"]
+__all__ = ["LayoutcWorker", "advertised_host", "listen_ports"]
 
 logger = init_logger("vllm.layoutc." + __name__.rsplit(".", 1)[-1])
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
 def listen_ports(
-    base: int | None,
-    *,
-    roles: tuple[str, ...],
-    rank: int,
-    tp: int,
-    dp_index: int,
-    dp_size: int,
-    host: str,
+    base: int | None, *, roles: tuple[str, ...], rank: int, tp: int, dp_index: int, dp_size: int
 ) -> dict[str, int]:
-    """The port each endpoint of this worker listens on.  With ``listen_port`` (``base``) set:
-    the prefill endpoint of TP rank ``r`` of data-parallel rank ``i`` at ``base + i*tp + r``;
-    the decode endpoint at the same port, or ``tp * dp_size`` further for a ``kv_both`` engine.
-    Without it: a free port from the OS for each."""
+    """The port each endpoint of this worker listens on for layoutc handshakes.  With
+    ``listen_port`` (``base``) set: the prefill endpoint of TP rank ``r`` of data-parallel rank
+    ``i`` at ``base + i*tp + r``; the decode endpoint at the same port, or ``tp * dp_size``
+    further for a ``kv_both`` engine.  Without it: 0 (the endpoint takes a free port and the
+    payload advertises it)."""
     if base is None:
-        return {role: _free_port(host) for role in roles}
+        return dict.fromkeys(roles, 0)
     slot = base + dp_index * tp + rank
     out = {}
     for i, role in enumerate(roles):
@@ -83,6 +69,12 @@ def listen_ports(
             raise ConfigError(f"listen_port {base} leaves no port for rank {rank} ({port})")
         out[role] = port
     return out
+
+
+def advertised_host(bind: str, side_channel_host: str) -> str:
+    """The host peers reach a listener at: where it binds, or the side channel's host when it
+    binds every interface."""
+    return side_channel_host if bind in ("0.0.0.0", "::", "") else bind
 
 
 class LayoutcWorker:
@@ -138,7 +130,8 @@ class LayoutcWorker:
             if any(g.kind != "mamba" for g in layout.groups)
             else layout.groups[0].block_size
         )
-        host = s.listen_host or envs.VLLM_NIXL_SIDE_CHANNEL_HOST
+        side_host = str(envs.VLLM_NIXL_SIDE_CHANNEL_HOST)
+        bind = s.listen_host or side_host
         ports = listen_ports(
             s.listen_port,
             roles=roles,
@@ -146,7 +139,6 @@ class LayoutcWorker:
             tp=self.tp_size,
             dp_index=self.dp_index,
             dp_size=self.dp_size,
-            host=host,
         )
         timeout = s.transfer_timeout_s
         configs = [
@@ -165,7 +157,7 @@ class LayoutcWorker:
                 strategy=s.strategy,
                 staging_bytes=s.staging_bytes,
                 auth_key=s.auth_key,
-                listen_host=host,
+                listen_host=bind,
             )
             for role in roles
         ]
@@ -179,6 +171,8 @@ class LayoutcWorker:
             configs,
             local=local,
             plans=plans.get("decode"),
+            rounds=self.kinds,
+            block_size=self.block_size,
             tp_rank=self.tp_rank,
             tp_size=self.tp_size,
             allowed_hosts=s.allowed_peers,
@@ -197,8 +191,8 @@ class LayoutcWorker:
                     "tp_size": self.tp_size,
                     "tp_rank": self.tp_rank,
                     "agent": f"{self.engine_id}-p{self.tp_rank}",
-                    "host": host,
-                    "port": ports["prefill"],
+                    "host": advertised_host(bind, side_host),
+                    "port": self.transport.ports["prefill"],
                     "params": dict(plans["prefill"].params),
                     "lease_s": s.lease_s,
                     "num_blocks": reg.num_blocks,
@@ -213,7 +207,7 @@ class LayoutcWorker:
             len(reg.layer_names),
             reg.num_blocks,
             reg.device,
-            ", ".join(f"{r} on port {p}" for r, p in ports.items()),
+            ", ".join(f"{r} on {bind}:{p}" for r, p in self.transport.ports.items()),
         )
 
     # ------------------------------------------------------------------ per step
@@ -235,14 +229,18 @@ class LayoutcWorker:
         clock = nixl.scheduler_clock or now
         for req_id, deadline in nixl.reqs_to_send.items():
             self._leases[req_id] = now + (deadline - clock)
-            t.submit(self._expect_job(req_id, meta.send_blocks.get(req_id, ())))
+            blocks = meta.send_blocks.get(req_id, ())
+            t.submit(self._expect_job(req_id, blocks, meta.send_tokens.get(req_id)))
         for req_id, deadline in meta.lease_updates.items():
             if req_id in self._leases:
                 self._leases[req_id] = max(self._leases[req_id], now + (deadline - clock))
 
-    def _expect_job(self, req_id: str, blocks: tuple[list[int], ...]) -> ExpectJob:
+    def _expect_job(
+        self, req_id: str, blocks: tuple[list[int], ...], num_tokens: int | None
+    ) -> ExpectJob:
         assert self.kinds is not None
-        return ExpectJob(req_id, self.kinds.make(f"{self.engine_id}:{req_id}", blocks))
+        rounds = self.kinds.make(f"{self.engine_id}:{req_id}", blocks)
+        return ExpectJob(req_id, rounds, num_tokens)
 
     def _pull_job(self, req_id: str, m: Any, prompt_tokens: int | None) -> PullJob | FailJob | None:
         assert self.kinds is not None
@@ -266,16 +264,18 @@ class LayoutcWorker:
                 allowed_hosts=self.settings.allowed_peers,
                 max_tokens=prompt_tokens if prompt_tokens is not None else 1 << 31,
             )
-            local, remote_ids = align(
-                m.local_block_ids, remote.block_ids, self.kinds.group_kinds, self.kinds.token_kinds
-            )
+            local = tuple(tuple(int(b) for b in g) for g in m.local_block_ids)
+            if local and len(local) != len(remote.block_ids):
+                raise BadRequestError(
+                    f"{len(local)} local block groups for {len(remote.block_ids)} remote"
+                )
         except BadRequestError as e:
             if not report:
                 logger.warning("request %s: %s (nothing to load; prefill not notified)", req_id, e)
                 return None
             return FailJob(req_id, str(e))
-        rounds = self.kinds.make(f"{remote.engine_id}:{remote.request_id}", local, remote_ids)
-        return PullJob(req_id, remote, rounds, report, self.kinds.token_groups)
+        computed = tuple(int(c) for c in (m.local_num_computed_blocks or ()))
+        return PullJob(req_id, remote, local, computed, report)
 
     # ------------------------------------------------------------------ completion
     def get_finished(self) -> tuple[set[str], set[str], set[str]]:

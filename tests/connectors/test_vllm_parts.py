@@ -67,6 +67,7 @@ def test_settings_defaults_and_reports():
         ({"strategy": "fast"}, r"strategy.*got 'fast'"),
         ({"layout_spec": ""}, r"layout_spec.*got ''"),
         ({"listen_port": 70000}, r"listen_port.*got 70000"),
+        ({"auth_key": "short"}, r"auth_key'\] must be at least 16 bytes"),
     ],
 )
 def test_bad_settings_name_the_key_and_value(extra, match):
@@ -350,6 +351,7 @@ def test_align_pairs_block_ids_as_vllm_does():
 def _transport(query_fn):
     return Transport(
         [], local=LOCAL, plans=None, tp_rank=0, tp_size=1, allowed_hosts=("127.0.0.1",),
+        rounds=GroupRounds.of(("attention",), [[0]], frozenset({"attention"})), block_size=128,
         enforce_compat=True, handshake_timeout_s=1.0, transfer_timeout_s=1.0,
         lease_margin_s=0.0, expect_timeout_s=10.0, query_fn=query_fn,
     )  # fmt: skip
@@ -357,12 +359,7 @@ def _transport(query_fn):
 
 def _pull_job(req_id, report=True):
     remote = parse(remote_request_id=f"p-{req_id}")
-    return PullJob(
-        req_id,
-        remote,
-        (Round(f"e-1:p-{req_id}", {"attention": [1]}, {"attention": [3]}, None),),
-        report,
-    )
+    return PullJob(req_id, remote, ((1, 2),), (0,), report)
 
 
 def _drain_until(t, check, timeout=10.0):

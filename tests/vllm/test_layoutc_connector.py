@@ -16,7 +16,6 @@ Tests are ordered so consecutive ones share engines (the pool restarts only what
 from __future__ import annotations
 
 import copy
-import inspect
 import signal
 import time
 from typing import Any
@@ -238,18 +237,6 @@ def test_llama_p2_to_d1(engine_pool, baselines, report):
 # -- different block sizes -------------------------------------------------------------------
 
 
-def _runtime_maps_tokens() -> bool:
-    from layoutc.runtime.endpoint import Endpoint
-
-    return "num_tokens" in inspect.signature(Endpoint.pull).parameters
-
-
-@pytest.mark.xfail(
-    not _runtime_maps_tokens(),
-    reason="the layoutc runtime has no num_tokens= on pull/expect yet (plans with a token "
-    "remap between sides holding different tokens per block)",
-    strict=True,
-)
 def test_different_block_sizes(engine_pool, baselines, report):
     """Prefill in 64-token blocks, decode in 128 (vLLM's NixlConnector scrambles K and V of
     CPU pages here: see test_nixl_reference)."""
