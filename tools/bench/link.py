@@ -103,8 +103,10 @@ def _ucx_trials(run: Run) -> tuple[list[dict[str, Any]], tuple[str, dict[str, st
             if lo <= gbps <= hi:
                 return trials, (label, env)
         except Exception as e:  # noqa: BLE001 - a setting that does not work
-            trials.append({"setting": label, "error": f"{type(e).__name__}: {e}"[:300]})
-            log(f"link: {label}: {e}")
+            # the worker's message carries its traceback: the first line names the failure
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            trials.append({"setting": label, "error": why})
+            log(f"link: {label}: {why} (UCX cannot serve this setting here)")
         finally:
             for w in workers:
                 w.stop(5)
