@@ -639,6 +639,39 @@ def requests_done(worker: Worker, count: int, timeout: float = 60.0) -> None:
     worker.wait_event(lambda ev: ev[0] == "done" and ev[1] >= count, timeout)
 
 
+def kill_mid_staged_loop(
+    active: Worker,
+    passive: Worker,
+    num_blocks: int,
+    *,
+    mode: str,
+    seed: int,
+    requests: int = 400,
+    per_set: int = 256,
+    tag: str = "r",
+) -> tuple[dict[str, Any], list[Any], Any, float]:
+    """``active`` loops staged ``mode`` requests (``"pull"``: decode reading prefill,
+    ``"push"``: prefill writing decode) over two sets of its own block ids against one set of
+    the passive side's, all expected up front (a passive side serves staged requests only once
+    expected); after 3 requests ``passive`` is SIGKILLed.  Returns the loop's result, the two
+    active-side sets, the passive-side ids and when the kill happened."""
+    rng = np.random.default_rng(seed)
+    own = rng.permutation(num_blocks)
+    sets, other = [own[:per_set], own[per_set : 2 * per_set]], rng.permutation(num_blocks)[:per_set]
+    if mode == "pull":
+        passive.call("tag", 0, other)
+    else:
+        for i in range(2):
+            active.call("tag", i, sets[i])
+    for i in range(requests):
+        passive.call("expect", f"{tag}-{i}", timeout_s=60)
+    active.send("loop", mode, tag, requests, sets, other, seconds=60, strategy="staged")
+    requests_done(active, 3)
+    t_kill = time.monotonic()
+    passive.kill()
+    return active.result(90, "loop"), sets, other, t_kill
+
+
 def wait_until(what: str, check, timeout: float = 30.0) -> None:
     """Poll ``check()`` (a call into workers) until it is true; fail after ``timeout``."""
     end = time.monotonic() + timeout

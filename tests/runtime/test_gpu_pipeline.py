@@ -9,7 +9,6 @@ Marked ``gpu``: they run where CUDA is (the GPU box); their summary is committed
 from __future__ import annotations
 
 import re
-import time
 
 import numpy as np
 import pytest
@@ -20,8 +19,8 @@ from layoutc.runtime.errors import PeerDisconnectedError, TransferTimeoutError  
 from rt_plans import GQA4, HYBRID, compiled  # noqa: E402
 from rt_workers import (  # noqa: E402, F401 (`ranks`)
     connect_all,
+    kill_mid_staged_loop,
     ranks_fixture,
-    requests_done,
     run_requests,
 )
 
@@ -141,17 +140,9 @@ def test_vram_prefill_killed_mid_pipeline(ranks):
     pre = ranks.rank(plan, "prefill", 0, **kw)
     dec = ranks.rank(plan, "decode", 0, **kw)
     connect_all([pre], [dec])
-    rng = np.random.default_rng(9)
-    d = rng.permutation(nb)
-    sets, pb = [d[:192], d[192:384]], rng.permutation(nb)[:192]
-    pre.call("tag", 0, pb)
-    for i in range(300):
-        pre.call("expect", f"k-{i}", timeout_s=60)
-    dec.send("loop", "pull", "k", 300, sets, pb, seconds=60, strategy="staged")
-    requests_done(dec, 3)
-    t_kill = time.monotonic()
-    pre.kill()
-    res = dec.result(90, "loop")
+    res, sets, pb, t_kill = kill_mid_staged_loop(
+        dec, pre, nb, mode="pull", seed=9, requests=300, per_set=192
+    )
     err = res["error"]
     assert isinstance(err, (PeerDisconnectedError, TransferTimeoutError)), err
     assert err.peer == "prefill rank 0" and res["t_error"] - t_kill < 15.0

@@ -19,25 +19,11 @@ from layoutc.runtime.errors import (
     HandshakeError,
     PeerNotConnectedError,
 )
+from rt_local import closing_fixture, endpoint  # noqa: F401 (`closing`)
 from rt_plans import GQA4, HYBRID, SPECS, compiled
 
 pytestmark = pytest.mark.timeout(60)
 _names = itertools.count()
-
-
-def endpoint(plan, role, rank=0, layers=2, kinds=None, num_blocks=8, **kw):
-    ep = Endpoint(plan, role, rank, name=f"hs-{role}-{rank}-{next(_names)}", **kw)
-    kinds = kinds or layer_kind_sequence(plan, layers)
-    ep.register_layers(allocate_buffers(plan, role, kinds, num_blocks), kinds)
-    return ep
-
-
-@pytest.fixture
-def closing():
-    eps: list[Endpoint] = []
-    yield eps.append
-    for ep in eps:
-        ep.close()
 
 
 def refused(local: Endpoint, peer: Endpoint) -> HandshakeError:

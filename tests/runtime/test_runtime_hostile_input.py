@@ -20,33 +20,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from layoutc.runtime import auth, protocol
-from layoutc.runtime.endpoint import Endpoint, allocate_buffers, layer_kind_sequence
+from layoutc.runtime.endpoint import Endpoint
 from layoutc.runtime.errors import (
     HandshakeError,
     TransferTimeoutError,
     UsageError,
 )
+from rt_local import closing_fixture, endpoint  # noqa: F401 (`closing`)
 from rt_plans import GQA4, compiled
 
 pytestmark = pytest.mark.timeout(120)
 _names = itertools.count()
 KEY = "layoutc-test-key-0123456789abcdef"
-
-
-def endpoint(plan, role, rank=0, layers=2, num_blocks=8, **kw):
-    kw.setdefault("name", f"hi-{role}-{rank}-{next(_names)}")
-    ep = Endpoint(plan, role, rank, **kw)
-    kinds = layer_kind_sequence(plan, layers)
-    ep.register_layers(allocate_buffers(plan, role, kinds, num_blocks), kinds)
-    return ep
-
-
-@pytest.fixture
-def closing():
-    eps: list[Endpoint] = []
-    yield eps.append
-    for ep in eps:
-        ep.close()
 
 
 @pytest.fixture(scope="module")

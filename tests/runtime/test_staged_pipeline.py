@@ -25,8 +25,8 @@ from layoutc.runtime.staged.lanes import DONE, Lane, ThreadLane, make_lane
 from rt_plans import GQA4, HYBRID, compiled
 from rt_workers import (  # noqa: F401 (`ranks`)
     connect_all,
+    kill_mid_staged_loop,
     ranks_fixture,
-    requests_done,
     run_requests,
 )
 
@@ -234,17 +234,7 @@ def _pair(ranks, **extra):
 
 def test_prefill_killed_mid_pipeline_pull(ranks):
     plan, kw, pre, dec = _pair(ranks)
-    rng = np.random.default_rng(13)
-    d = rng.permutation(NB)
-    sets, pb = [d[:256], d[256:512]], rng.permutation(NB)[:256]
-    pre.call("tag", 0, pb)
-    for i in range(400):
-        pre.call("expect", f"a-{i}", timeout_s=60)
-    dec.send("loop", "pull", "a", 400, sets, pb, seconds=60, strategy="staged")
-    requests_done(dec, 3)
-    t_kill = time.monotonic()
-    pre.kill()
-    res = dec.result(60, "loop")
+    res, sets, pb, t_kill = kill_mid_staged_loop(dec, pre, NB, mode="pull", seed=13)
     err = res["error"]
     assert isinstance(err, (PeerDisconnectedError, TransferTimeoutError)), err
     assert err.peer == "prefill rank 0" and err.request_id == res["failed_rid"]
@@ -267,18 +257,7 @@ def test_prefill_killed_mid_pipeline_pull(ranks):
 
 def test_decode_killed_mid_pipeline_push(ranks):
     _plan, _kw, pre, dec = _pair(ranks)
-    rng = np.random.default_rng(14)
-    p = rng.permutation(NB)
-    sets, db = [p[:256], p[256:512]], rng.permutation(NB)[:256]
-    for i in range(2):
-        pre.call("tag", i, sets[i])
-    for i in range(400):
-        dec.call("expect", f"w-{i}", timeout_s=60)
-    pre.send("loop", "push", "w", 400, sets, db, seconds=60, strategy="staged")
-    requests_done(pre, 3)
-    t_kill = time.monotonic()
-    dec.kill()
-    res = pre.result(60, "loop")
+    res, _sets, _db, t_kill = kill_mid_staged_loop(pre, dec, NB, mode="push", seed=14)
     err = res["error"]
     assert isinstance(err, TransferError), err
     assert err.peer == "decode rank 0" and err.request_id == res["failed_rid"]

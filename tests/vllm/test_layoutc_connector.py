@@ -23,7 +23,16 @@ from typing import Any
 import pytest
 from engines import PREFILL_PARAMS, Completion, Engine, EngineError
 from models import LLAMA, LLAMA_KV6, LLAMA_OTHER, NEMOTRON_H, NEMOTRON_H_G1, ModelSpec
-from pd_driver import PDResult, compare, connect, logprob_gap, make_prompts, run_pd
+from pd_driver import (
+    LOGPROB_TOLERANCE,
+    PDResult,
+    assert_same_as_single,
+    compare,
+    connect,
+    logprob_gap,
+    make_prompts,
+    run_pd,
+)
 from pool import EngineSpec, spec
 from probes import block_checksums
 
@@ -31,8 +40,6 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1200)]
 
 MAX_TOKENS = 16
 PROMPTS = make_prompts()
-LOGPROB_TOLERANCE = 1e-4
-"""As in test_nixl_reference: fp32 TP 1 vs TP 2 differ by about 3e-6."""
 
 CONNECTOR = {"connector": "LayoutcConnector", "module_path": "layoutc.connectors.vllm"}
 STATS = {"disable_log_stats": False}
@@ -150,13 +157,7 @@ def _pd(
 def _assert_equal(
     rounds: list[PDResult], expected: list[Completion], prompts: list[list[int]] = PROMPTS
 ) -> None:
-    for result in rounds:
-        for prompt, got, want in zip(prompts, result.decode, expected):
-            assert got.token_ids == want.token_ids, (
-                f"prompt of {len(prompt)} tokens: decode {got.token_ids} != {want.token_ids}"
-            )
-            gap = logprob_gap(got, want)
-            assert gap <= LOGPROB_TOLERANCE, f"prompt of {len(prompt)} tokens: logprob gap {gap}"
+    assert_same_as_single(rounds, expected, prompts)
 
 
 # -- attention: TP pairs -------------------------------------------------------------------
