@@ -15,7 +15,9 @@ keeps the processes; killed ones are replaced.
 from __future__ import annotations
 
 import os
+import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -637,6 +639,43 @@ def ranks_fixture():
 def requests_done(worker: Worker, count: int, timeout: float = 60.0) -> None:
     """Wait until ``worker``'s running ``loop`` has completed ``count`` requests."""
     worker.wait_event(lambda ev: ev[0] == "done" and ev[1] >= count, timeout)
+
+
+def random_ids(
+    seed: int, nreq: int, blocks: int, nb_p: int, nb_d: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct random block ids, ``nreq`` rows of ``blocks``: prefill's among ``nb_p``,
+    decode's among ``nb_d`` (default ``nb_p``)."""
+    rng = np.random.default_rng(seed)
+    p = rng.permutation(nb_p)[: nreq * blocks].reshape(nreq, blocks)
+    d = rng.permutation(nb_p if nb_d is None else nb_d)[: nreq * blocks].reshape(nreq, blocks)
+    return p, d
+
+
+def connected_ranks(
+    pool: Pool, plan: Any, *, layers: int, nb_p: int, nb_d: int, **kw: Any
+) -> tuple[list[Worker], list[Worker]]:
+    """Every prefill and decode rank of ``plan`` (``nb_p`` / ``nb_d`` blocks, ``layers``
+    layers, ``kw`` to each endpoint), each decode rank connected to the prefill ranks."""
+    pre = pool.ranks(
+        [(plan, "prefill", r) for r in range(plan.prefill_tp)], num_blocks=nb_p, layers=layers, **kw
+    )
+    dec = pool.ranks(
+        [(plan, "decode", r) for r in range(plan.decode_tp)], num_blocks=nb_d, layers=layers, **kw
+    )
+    connect_all(pre, dec)
+    return pre, dec
+
+
+def chunk_events(marks: Sequence[str]) -> list[tuple[str, str, int]]:
+    """(what, peer label, chunk) of every per-chunk trace mark (``"<what> <peer> c<n>"``), in
+    order."""
+    out = []
+    for m in marks:
+        hit = re.fullmatch(r"(\S+) (.+) c(\d+)", m)
+        if hit:
+            out.append((hit[1], hit[2], int(hit[3])))
+    return out
 
 
 def kill_mid_staged_loop(

@@ -8,8 +8,6 @@ Marked ``gpu``: they run where CUDA is (the GPU box); their summary is committed
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 
@@ -18,8 +16,10 @@ torch = pytest.importorskip("torch")
 from layoutc.runtime.errors import PeerDisconnectedError, TransferTimeoutError  # noqa: E402
 from rt_plans import GQA4, HYBRID, compiled  # noqa: E402
 from rt_workers import (  # noqa: E402, F401 (`ranks`)
+    chunk_events,
     connect_all,
     kill_mid_staged_loop,
+    random_ids,
     ranks_fixture,
     run_requests,
 )
@@ -36,19 +36,7 @@ PIPE = dict(staging_bytes=4 << 20, staging_slots=8, **CUDA)
 
 
 def _ids(seed: int, nreq: int, nblk: int, pool: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    p = rng.permutation(pool)[: nreq * nblk].reshape(nreq, nblk)
-    d = rng.permutation(pool)[: nreq * nblk].reshape(nreq, nblk)
-    return p, d
-
-
-def _events(marks):
-    out = []
-    for m in marks:
-        hit = re.fullmatch(r"(\S+) (.+) c(\d+)", m)
-        if hit:
-            out.append((hit[1], hit[2], int(hit[3])))
-    return out
+    return random_ids(seed, nreq, nblk, pool)
 
 
 def _clean(workers, slots):
@@ -116,8 +104,8 @@ def test_vram_source_packs_ahead_of_crossing(ranks):
     pre[0].call("trace", True)
     dec[0].call("trace", True)
     run_requests(pre, dec, "pull", pb, db, strategy="staged", prefix="o")
-    src = _events(pre[0].call("trace", False))
-    dst = _events(dec[0].call("trace", False))
+    src = chunk_events(pre[0].call("trace", False))
+    dst = chunk_events(dec[0].call("trace", False))
     seq = [(w, c) for w, _, c in src if w in ("pack-start", "written")]
     assert seq.index(("pack-start", 1)) < seq.index(("written", 0))
     n = max(c for _, _, c in src) + 1

@@ -20,7 +20,9 @@ from layoutc.runtime.errors import (
 from rt_plans import GQA4, HYBRID, compiled
 from rt_workers import (  # noqa: F401 (`ranks`)
     connect_all,
+    connected_ranks,
     kill_mid_staged_loop,
+    random_ids,
     ranks_fixture,
     run_requests,
     wait_until,
@@ -41,27 +43,11 @@ REQS, BLOCKS = 2, 6
 
 
 def _ids(seed, nreq=REQS, blocks=BLOCKS, nb_p=NB_P, nb_d=NB_D):
-    rng = np.random.default_rng(seed)
-    p = rng.permutation(nb_p)[: nreq * blocks].reshape(nreq, blocks)
-    d = rng.permutation(nb_d)[: nreq * blocks].reshape(nreq, blocks)
-    return p, d
+    return random_ids(seed, nreq, blocks, nb_p, nb_d)
 
 
 def _setup(ranks, plan, *, layers=3, nb_p=NB_P, nb_d=NB_D, **kw):
-    pre = ranks.ranks(
-        [(plan, "prefill", r) for r in range(plan.prefill_tp)],
-        num_blocks=nb_p,
-        layers=layers,
-        **kw,
-    )
-    dec = ranks.ranks(
-        [(plan, "decode", r) for r in range(plan.decode_tp)],
-        num_blocks=nb_d,
-        layers=layers,
-        **kw,
-    )
-    connect_all(pre, dec)
-    return pre, dec
+    return connected_ranks(ranks, plan, layers=layers, nb_p=nb_p, nb_d=nb_d, **kw)
 
 
 def _transfer(pre, dec, mode, pb, db, *, strategy=None, prefix="r"):

@@ -8,7 +8,6 @@ have.  Real NIXL agents in separate processes; every byte verified on the decode
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 
@@ -24,8 +23,11 @@ from layoutc.runtime.errors import (
 from layoutc.runtime.staged.lanes import DONE, Lane, ThreadLane, make_lane
 from rt_plans import GQA4, HYBRID, compiled
 from rt_workers import (  # noqa: F401 (`ranks`)
+    chunk_events,
     connect_all,
+    connected_ranks,
     kill_mid_staged_loop,
+    random_ids,
     ranks_fixture,
     run_requests,
 )
@@ -44,21 +46,11 @@ NB_P, NB_D = 40, 36
 
 
 def _ids(seed, nreq=2, blocks=8, nb_p=NB_P, nb_d=NB_D):
-    rng = np.random.default_rng(seed)
-    p = rng.permutation(nb_p)[: nreq * blocks].reshape(nreq, blocks)
-    d = rng.permutation(nb_d)[: nreq * blocks].reshape(nreq, blocks)
-    return p, d
+    return random_ids(seed, nreq, blocks, nb_p, nb_d)
 
 
 def _setup(ranks, plan, *, layers=3, nb_p=NB_P, nb_d=NB_D, **kw):
-    pre = ranks.ranks(
-        [(plan, "prefill", r) for r in range(plan.prefill_tp)], num_blocks=nb_p, layers=layers, **kw
-    )
-    dec = ranks.ranks(
-        [(plan, "decode", r) for r in range(plan.decode_tp)], num_blocks=nb_d, layers=layers, **kw
-    )
-    connect_all(pre, dec)
-    return pre, dec
+    return connected_ranks(ranks, plan, layers=layers, nb_p=nb_p, nb_d=nb_d, **kw)
 
 
 def _clean(workers, slots=4):
@@ -67,16 +59,6 @@ def _clean(workers, slots=4):
         assert st["xfer_handles_open"] == 0, (r.label, st)
         assert st["staging_slots_free"] == slots and st["staging_slots_held"] == 0, st
         assert st["staging_slots_draining"] == 0, st
-
-
-def _chunk_events(marks):
-    """(what, peer label, chunk) of every per-chunk trace mark, in order."""
-    out = []
-    for m in marks:
-        hit = re.fullmatch(r"(\S+) (.+) c(\d+)", m)
-        if hit:
-            out.append((hit[1], hit[2], int(hit[3])))
-    return out
 
 
 # ----------------------------------------------------------------------------- lanes
@@ -174,8 +156,8 @@ def test_source_packs_the_next_chunks_while_the_first_crosses(ranks):
         pre[0].call("trace", True)
         dec[0].call("trace", True)
         run_requests(pre, dec, "pull", pb, db, strategy="staged", prefix=lanes)
-        src = _chunk_events(pre[0].call("trace", False))
-        dst = _chunk_events(dec[0].call("trace", False))
+        src = chunk_events(pre[0].call("trace", False))
+        dst = chunk_events(dec[0].call("trace", False))
         assert len({c for what, _, c in src if what == "written"}) > 4  # more chunks than slots
         order[lanes] = [(w, c) for w, _, c in src if w in ("pack-start", "written")]
         # each chunk: packed, then posted and written by the source, unpacked at the peer
@@ -204,7 +186,7 @@ def test_two_slots_bound_the_pipeline_under_many_requests(ranks, mode):
     assert all(v > 0 for v in verified.values())
     for r in pre:
         live, most = set(), 0
-        for what, peer, c in _chunk_events(r.call("trace", False)):
+        for what, peer, c in chunk_events(r.call("trace", False)):
             if what == "pack-start":
                 live.add((peer, c))
             elif what in ("written", "acked"):
