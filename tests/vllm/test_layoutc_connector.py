@@ -50,6 +50,11 @@ IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 (4 + 5 processes otherwise) fit the 2-core box's budget of 7."""
 
 
+AUTH_KEY = "layoutc-vllm-tests-key-0123456789"
+"""Every LayoutcConnector engine here holds this pre-shared key (handshakes and notifications
+authenticated), except the one that tests a peer holding another."""
+
+
 def lc(
     model: ModelSpec,
     tp: int,
@@ -60,14 +65,15 @@ def lc(
     llm: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> EngineSpec:
-    """An engine with LayoutcConnector (decode engines report metrics)."""
+    """An engine with LayoutcConnector holding ``AUTH_KEY`` (decode engines report
+    metrics)."""
     llm_kwargs = {**(STATS if role == "kv_consumer" else {}), **(llm or {})}
     return spec(
         model,
         tp,
         role,
         **CONNECTOR,
-        extra=extra or {},
+        extra={"auth_key": AUTH_KEY, **(extra or {})},
         env=env or {},
         llm_kwargs=llm_kwargs,
         **kwargs,
@@ -82,6 +88,7 @@ D2 = lc(LLAMA, 2, "kv_both", extra={"num_threads": 4}, llm=STATS)
 # D1 also decodes from the tamper engine (another model path): compatibility check off.
 D1 = lc(LLAMA, 1, "kv_consumer", extra={"enforce_handshake_compat": False})
 P1_OTHER = lc(LLAMA_OTHER, 1, "kv_producer")
+P1_WRONG_KEY = lc(LLAMA, 1, "kv_producer", extra={"auth_key": "another-key-0123456789abcdef"})
 P1_BS64 = lc(LLAMA, 1, "kv_producer", block_size=64)
 KV6_P2 = lc(LLAMA_KV6, 2, "kv_producer", env=IN_PROCESS)
 KV6_D3 = lc(LLAMA_KV6, 3, "kv_consumer", env=IN_PROCESS)
@@ -215,6 +222,25 @@ def test_forged_params_fail_only_their_request(engine_pool, baselines, report):
     report.outcome(
         "LayoutcConnector forged kv_transfer_params",
         "valid request as a single engine; " + ", ".join(c.finish_reason or "" for c in dec[1:]),
+    )
+
+
+def test_a_prefill_with_another_key_is_refused(engine_pool, report):
+    """A prefill engine holding another ``auth_key``: neither side proves the key the other
+    holds, so the handshake is refused, decode's requests end with an error (policy
+    ``fail``) and no byte is loaded."""
+    prefill, decode = engine_pool.get(P1_WRONG_KEY, D1)
+    prompts = make_prompts([300, 129], seed=8)
+    before = transfer_counts(decode)
+    t0 = time.monotonic()
+    result = run_pd(prefill, decode, prompts, MAX_TOKENS)
+    seconds = time.monotonic() - t0
+    after = transfer_counts(decode)
+    assert [c.finish_reason for c in result.decode] == ["error", "error"]
+    assert after[1] == before[1], "bytes were loaded from a peer without the key"
+    report.outcome(
+        "LayoutcConnector prefill with another auth_key",
+        f"both requests: error after {seconds:.1f} s; nothing loaded",
     )
 
 
