@@ -23,5 +23,5 @@ run() {  # a command line, its output, exit code and wall time
 } 2>&1 | tee "$out/h100-x2-demo.txt"
 {
   echo "# $(date -u +%FT%TZ)"
-  run "layoutc bench --device cuda --gpus 2 --json $out/h100-x2.json --time-limit ${BENCH_S:-150}" $(( ${BENCH_S:-150} + 30 ))
+  run "layoutc bench --device cuda --gpus 2 --json $out/h100-x2.json --time-limit ${BENCH_S:-360}" $(( ${BENCH_S:-360} + 30 ))
 } 2>&1 | tee "$out/h100-x2.txt"

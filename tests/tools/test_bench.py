@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -232,10 +233,14 @@ def test_link_limited_bench_flow_on_host_memory():
     assert "GPU over an emulated link" in bench.format_table(out)
 
 
-def test_concurrency_bench_flow_on_host_memory():
+@pytest.mark.parametrize("cross", [False, True], ids=["one-device", "two-devices"])
+def test_concurrency_bench_flow_on_host_memory(cross):
     """The closed loop (c requests in flight, each completion replaced at once, c warm-up
-    and 20 c measured, destination sets verified), run on host memory with tiny requests."""
+    and 20 c measured, destination sets verified), run on host memory with tiny requests;
+    ``cross``: the two-GPU placement (prefill on one device, decode on the other, against a
+    peer copy), both devices host memory here."""
     cfg = bench.BenchConfig(
+        xgpu_devices=("cpu", "cpu"),
         quick=True,
         device="cuda",
         progress=False,
@@ -249,20 +254,25 @@ def test_concurrency_bench_flow_on_host_memory():
         concurrency_staging_slots=4,
     )
     out: dict = {}
-    _run_section(bench.bench_concurrency, cfg, out)
+    _run_section(functools.partial(bench.bench_concurrency, cross=cross), cfg, out)
+    base, of_copy = ("xgpu_concurrency", "peer_copy") if cross else ("gpu_concurrency", "copy")
+    assert out[f"{base}_case"]["devices"] == {"prefill": "cpu", "decode": "cpu"}
     for c in (1, 3):
-        lv = out["gpu_concurrency_case"]["levels"][str(c)]
+        lv = out[f"{base}_case"]["levels"][str(c)]
         assert lv["requests_measured"] == 20 * c and lv["warm_up"] == c
-        assert 0 < out[f"gpu_concurrency_{c}_p50_ms"] <= out[f"gpu_concurrency_{c}_p99_ms"]
-        assert out[f"gpu_concurrency_{c}_GBps"] > 0
+        assert 0 < out[f"{base}_{c}_p50_ms"] <= out[f"{base}_{c}_p99_ms"]
+        assert out[f"{base}_{c}_GBps"] > 0 and out[f"{base}_{c}_fraction_of_{of_copy}"] > 0
         assert sum(lv["strategies"].values()) == 2 * 21 * c  # both decode ranks, every request
-    assert "GPU closed loop, 1 in flight" in bench.format_table(out)
+    label = "2 GPUs closed loop" if cross else "GPU closed loop"
+    assert f"{label}, 1 in flight" in bench.format_table(out)
 
 
-def test_engine_shaped_bench_flow_on_host_memory():
+@pytest.mark.parametrize("cross", [False, True], ids=["one-device", "two-devices"])
+def test_engine_shaped_bench_flow_on_host_memory(cross):
     """The engine-shaped cases (every rank a process, block ids per layer kind for the
     hybrid, the first request verified against each source rank's pattern), with small
-    models on host memory: the flow must complete and report each case's record."""
+    models on host memory: the flow must complete and report each case's record;
+    ``cross``: the two-GPU placement (keys ``xgpu_...``, against a peer copy)."""
     from layoutc.tools.bench.engines import EngineCase
     from rt_plans import HYBRID
 
@@ -291,19 +301,23 @@ def test_engine_shaped_bench_flow_on_host_memory():
         progress=False,
         runs=1,
         gpu_worker_device="cpu",
+        xgpu_devices=("cpu", "cpu"),
         engine_cases=cases,
         engines_staging_bytes=1 << 20,
         engines_copy_bytes=4 << 20,
     )
     out: dict = {}
-    _run_section(bench.bench_engines, cfg, out)
+    _run_section(functools.partial(bench.bench_engines, cross=cross), cfg, out)
+    prefix, frac = ("xgpu_", "fraction_of_peer_copy") if cross else ("gpu_", "fraction_of_copy")
     for case in cases:
-        rec = out[case.key]
-        assert set(rec) == {"fraction_of_copy", "descriptors", "verified", "scaled_down"}
-        assert rec["fraction_of_copy"] > 0 and rec["descriptors"] > 0
+        rec = out[prefix + case.key.removeprefix("gpu_")]
+        assert set(rec) == {frac, "descriptors", "verified", "scaled_down"}
+        assert rec[frac] > 0 and rec["descriptors"] > 0
         assert rec["verified"] is True and "of 32768 tokens" in rec["scaled_down"]
-    hyb = out["gpu_nemotron_nano_p4d2_case"]
+    hyb = out[prefix + "nemotron_nano_p4d2_case"]
     assert hyb["kinds"] == {"mamba": 3, "attention": 2}
     assert hyb["blocks"] == {"attention": 10, "mamba": 1}
+    assert hyb["devices"] == {"prefill": "cpu", "decode": "cpu"}
     table = bench.format_table(out)
-    assert "GPU engine-shaped: Llama-70B P8->D4 32k / torch copy" in table
+    label = "2 GPUs engine-shaped" if cross else "GPU engine-shaped"
+    assert f"{label}: Llama-70B P8->D4 32k / {'peer' if cross else 'torch'} copy" in table

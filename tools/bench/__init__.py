@@ -109,8 +109,12 @@ def run_bench(cfg: BenchConfig, compile_plan: Callable[..., Any]) -> dict[str, A
             "engines": lambda: bench_engines(compile_plan, run),
         }
         sections += [(n, gpu_sections[n]) for n in cfg.gpu_sections]
-        if cfg.gpus >= 2:
-            sections.append(("xgpu", lambda: bench_cross_gpu(compile_plan, run)))
+        if cfg.gpus >= 2:  # prefill ranks on GPU 0, decode ranks on GPU 1
+            sections += [
+                ("xgpu", lambda: bench_cross_gpu(compile_plan, run)),
+                ("xgpu_concurrency", lambda: bench_concurrency(compile_plan, run, cross=True)),
+                ("xgpu_engines", lambda: bench_engines(compile_plan, run, cross=True)),
+            ]
     out["errors"] = errors
     try:
         for name, fn in sections:

@@ -145,11 +145,15 @@ def closed_loop_decode(
     return {"errors": errors, "chosen": chosen}
 
 
-def bench_concurrency(compile_plan: Callable[..., Plan], run: Run) -> None:
+def bench_concurrency(compile_plan: Callable[..., Plan], run: Run, cross: bool = False) -> None:
     """Closed loop at each concurrency of ``cfg.concurrency_levels``: p50/p99 ready ->
-    complete, aggregate GB/s, against a torch copy on the device."""
+    complete, aggregate GB/s, against a torch copy on the device.  ``cross``: the prefill
+    rank on the first device of ``cfg.xgpu_devices``, the decode ranks on the second, against
+    a torch peer copy between them (keys ``xgpu_concurrency_*``, ``..._fraction_of_peer_copy``)."""
     cfg, out, log = run.cfg, run.out, run.log
-    dev = cfg.gpu_worker_device
+    src, dst = cfg.xgpu_devices if cross else (cfg.gpu_worker_device,) * 2
+    base = "xgpu_concurrency" if cross else "gpu_concurrency"
+    of_copy = "fraction_of_peer_copy" if cross else "fraction_of_copy"
     params = dict(num_key_value_heads=4, head_dim=128, block_size=16)
     layers = cfg.concurrency_layers
     plan = compile_plan("vllm_flashinfer", 1, 2, dict(params, num_layers=layers))
@@ -162,7 +166,7 @@ def bench_concurrency(compile_plan: Callable[..., Plan], run: Run) -> None:
     rng = np.random.default_rng(17)
     sets_p = rng.permutation(pool).reshape(n_sets, nblk).astype(np.int64)
     sets_d = rng.permutation(pool).reshape(n_sets, nblk).astype(np.int64)
-    workers = start_workers([dev] * 3, ["prefill", "decode-0", "decode-1"], run.deadline)
+    workers = start_workers([src, dst, dst], ["prefill", "decode-0", "decode-1"], run.deadline)
     ep_kw = dict(
         timeout_s=60.0,
         staging_bytes=cfg.concurrency_staging_bytes,
@@ -174,11 +178,15 @@ def bench_concurrency(compile_plan: Callable[..., Plan], run: Run) -> None:
         names = setup_pair(workers, plan, ["attention"] * layers, pool, pool, ep_kw, "q", placement)
         pre = names[("prefill", 0)][1]
         decs = [names[("decode", 0)][1], names[("decode", 1)][1]]
-        copy = workers[0].call("copy_rate", cfg.gpu_bytes_per_decode_rank * 2, 7, timeout=120)
-        copy_Bps = 2 * cfg.gpu_bytes_per_decode_rank / statistics.median(copy)
-        out["gpu_concurrency_copy_GBps"] = round_to(copy_Bps / 1e9, 4)
+        copy_bytes = cfg.gpu_bytes_per_decode_rank * 2
+        if cross:
+            copy = workers[0].call("peer_copy_rate", copy_bytes, src, dst, 7, timeout=120)
+        else:
+            copy = workers[0].call("copy_rate", copy_bytes, 7, timeout=120)
+        copy_Bps = copy_bytes / statistics.median(copy)
+        out[f"{base}_{'peer_' if cross else ''}copy_GBps"] = round_to(copy_Bps / 1e9, 4)
         log(
-            f"concurrency: {req_bytes / MiB:.0f} MiB requests (P1->D2, {nblk} scattered "
+            f"{base}: {req_bytes / MiB:.0f} MiB requests (P1->D2, {nblk} scattered "
             f"blocks per decode rank), closed loop at c = "
             f"{', '.join(str(c) for c in cfg.concurrency_levels)}"
         )
@@ -221,12 +229,12 @@ def bench_concurrency(compile_plan: Callable[..., Plan], run: Run) -> None:
                 p50 = float(np.percentile(lat, 50))
                 p99 = float(np.percentile(lat, 99))
                 gbps = (n - c) * req_bytes / span / 1e9
-                key = f"gpu_concurrency_{c}"
+                key = f"{base}_{c}"
                 out[f"{key}_p50_ms"] = round_to(p50, 4)
                 out[f"{key}_p99_ms"] = round_to(p99, 4)
                 out[f"{key}_p99_over_p50"] = round_to(p99 / p50, 4)
                 out[f"{key}_GBps"] = round_to(gbps, 4)
-                out[f"{key}_fraction_of_copy"] = round_to(gbps * 1e9 / copy_Bps, 4)
+                out[f"{key}_{of_copy}"] = round_to(gbps * 1e9 / copy_Bps, 4)
                 res[str(c)] = {
                     "requests_measured": n - c,
                     "warm_up": c,
@@ -239,7 +247,7 @@ def bench_concurrency(compile_plan: Callable[..., Plan], run: Run) -> None:
                     "strategies": chosen,
                 }
                 log(
-                    f"concurrency {c}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
+                    f"{base} {c}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
                     f"{gbps:.0f} GB/s aggregate over {n - c} requests"
                 )
                 run.checkpoint()
@@ -254,15 +262,16 @@ def bench_concurrency(compile_plan: Callable[..., Plan], run: Run) -> None:
     finally:
         for w in workers:
             w.stop()
-    top_key = f"gpu_concurrency_{top}"
-    for suffix in ("p99_over_p50", "fraction_of_copy"):
+    top_key = f"{base}_{top}"
+    for suffix in ("p99_over_p50", of_copy):
         if f"{top_key}_{suffix}" in out:
             out[f"{top_key}_{suffix}_spread"] = [out[f"{top_key}_{suffix}"]] * 2
-    out["gpu_concurrency_case"] = {
+    out[f"{base}_case"] = {
         "spec": "vllm_flashinfer",
         "params": dict(params, num_layers=layers),
         "pair": "1->2",
         "processes": "prefill rank 0 | decode rank 0 | decode rank 1",
+        "devices": {"prefill": src, "decode": dst},
         "request_bytes": req_bytes,
         "blocks_per_decode_rank": nblk,
         "block_sets": n_sets,

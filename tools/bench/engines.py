@@ -103,14 +103,17 @@ def request_ids(plan: Plan, kinds: list[str], tokens: int, seed: int) -> tuple[A
     return {"attention": d, "mamba": d[-1:]}, {"attention": p, "mamba": p[-1:]}, pool, pool
 
 
-def bench_engines(compile_plan: Callable[..., Plan], run: Run) -> None:
+def bench_engines(compile_plan: Callable[..., Plan], run: Run, cross: bool = False) -> None:
+    """Each engine-shaped case, every rank a process: on the one device, or (``cross``) the
+    prefill ranks on the first device of ``cfg.xgpu_devices`` and the decode ranks on the
+    second, against a torch peer copy (key ``xgpu_...`` for the case's ``gpu_...``)."""
     errs = []
     for case in run.cfg.engine_cases or default_engine_cases():
         if time.monotonic() > run.deadline - 20:
             errs.append(f"{case.key}: skipped, time limit reached")
             continue
         try:
-            _engine_case(compile_plan, run, case)
+            _engine_case(compile_plan, run, case, cross)
         except Exception as e:  # noqa: BLE001 - the other case still runs
             errs.append(f"{case.key}: {type(e).__name__}: {e}")
             run.log(f"engines {case.key}: FAILED: {e}")
@@ -136,7 +139,9 @@ def _bytes_of(plan: Plan, kinds: list[str], local: Any) -> int:
     return total
 
 
-def _engine_case(compile_plan: Callable[..., Plan], run: Run, case: EngineCase) -> None:
+def _engine_case(
+    compile_plan: Callable[..., Plan], run: Run, case: EngineCase, cross: bool = False
+) -> None:
     cfg, out, log = run.cfg, run.out, run.log
     runs = cfg.runs or (3 if cfg.quick else 5)
     plan = compile_plan(case.spec, case.prefill_tp, case.decode_tp, case.sets)
@@ -144,12 +149,12 @@ def _engine_case(compile_plan: Callable[..., Plan], run: Run, case: EngineCase) 
     local, remote, pool_d, pool_p = request_ids(plan, kinds, case.tokens, 29)
     total = _bytes_of(plan, kinds, local)
     p, d = case.prefill_tp, case.decode_tp
-    dev = cfg.gpu_worker_device
+    src, dst = cfg.xgpu_devices if cross else (cfg.gpu_worker_device,) * 2
+    key = "xgpu_" + case.key.removeprefix("gpu_") if cross else case.key
     labels = [f"prefill-{r}" for r in range(p)] + [f"decode-{r}" for r in range(d)]
-    log(
-        f"engines: {case.label or case.key}: {total / MiB:.0f} MiB, {p + d} processes on one device"
-    )
-    workers = start_workers([dev] * (p + d), labels, run.deadline)
+    where = f"prefill on {src}, decode on {dst}" if cross else "on one device"
+    log(f"engines: {case.label or case.key}: {total / MiB:.0f} MiB, {p + d} processes {where}")
+    workers = start_workers([src] * p + [dst] * d, labels, run.deadline)
     try:
         ep_kw = dict(
             timeout_s=120.0,
@@ -161,7 +166,10 @@ def _engine_case(compile_plan: Callable[..., Plan], run: Run, case: EngineCase) 
         names = setup_pair(workers, plan, kinds, pool_p, pool_d, ep_kw, "e", placement)
         dec = {p + r: [names[("decode", r)][1]] for r in range(d)}
         copy_bytes = min(total, cfg.engines_copy_bytes)
-        copy = workers[0].call("copy_rate", copy_bytes, 7, timeout=120)
+        if cross:
+            copy = workers[0].call("peer_copy_rate", copy_bytes, src, dst, 7, timeout=120)
+        else:
+            copy = workers[0].call("copy_rate", copy_bytes, 7, timeout=120)
         copy_Bps = copy_bytes / statistics.median(copy)
         ts: list[float] = []
         descriptors = 0
@@ -188,16 +196,17 @@ def _engine_case(compile_plan: Callable[..., Plan], run: Run, case: EngineCase) 
         t_med = statistics.median(ts)
         frac = (total / t_med) / copy_Bps
         scaled = case.tokens < case.full_tokens
-        out[case.key] = {
-            "fraction_of_copy": round_to(frac, 4),
+        out[key] = {
+            "fraction_of_peer_copy" if cross else "fraction_of_copy": round_to(frac, 4),
             "descriptors": descriptors,
             "verified": verified > 0,
             "scaled_down": (
                 f"{case.tokens} of {case.full_tokens} tokens (GPU memory)" if scaled else False
             ),
         }
-        out[case.key + "_case"] = {
+        out[key + "_case"] = {
             "spec": case.spec,
+            "devices": {"prefill": src, "decode": dst},
             "sets": case.sets,
             "pair": f"{p}->{d}",
             "processes": p + d,
@@ -215,7 +224,7 @@ def _engine_case(compile_plan: Callable[..., Plan], run: Run, case: EngineCase) 
             "GBps": round_to(total / t_med / 1e9, 4),
             "copy_GBps": round_to(copy_Bps / 1e9, 4),
             "copy_bytes": copy_bytes,
-            "fraction_of_copy_spread": [
+            f"{'fraction_of_peer_copy' if cross else 'fraction_of_copy'}_spread": [
                 round_to(total / max(ts) / copy_Bps, 4),
                 round_to(total / min(ts) / copy_Bps, 4),
             ],
@@ -225,7 +234,8 @@ def _engine_case(compile_plan: Callable[..., Plan], run: Run, case: EngineCase) 
             "runs": runs,
         }
         log(
-            f"engines: {case.key}: {total / t_med / 1e9:.1f} GB/s = {frac:.3f} of a copy, "
+            f"engines: {key}: {total / t_med / 1e9:.1f} GB/s = {frac:.3f} of a "
+            f"{'peer ' if cross else ''}copy, "
             f"{descriptors} descriptors, chose {', '.join(sorted(chosen))}"
         )
     finally:

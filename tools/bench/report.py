@@ -180,6 +180,27 @@ def format_table(out: dict[str, Any]) -> str:
         ("xgpu_contiguous_fraction_of_peer_copy", "2 GPUs 1->1 contiguous pull / peer copy"),
         ("xgpu_contiguous_GBps", "  contiguous pull (GB/s)"),
     ]
+    for c in (1, 8, 32):
+        rows += [
+            (
+                f"xgpu_concurrency_{c}_p50_ms",
+                f"2 GPUs closed loop, {c} in flight: p50 ready->done (ms)",
+            ),
+            (f"xgpu_concurrency_{c}_p99_ms", "  p99 (ms)"),
+            (f"xgpu_concurrency_{c}_p99_over_p50", "  p99 / p50"),
+            (f"xgpu_concurrency_{c}_GBps", "  aggregate (GB/s)"),
+            (f"xgpu_concurrency_{c}_fraction_of_peer_copy", "  aggregate / torch peer copy"),
+        ]
+    for key, label in (
+        ("xgpu_llama70b_p8d4_32k", "Llama-70B P8->D4 32k"),
+        ("xgpu_nemotron_nano_p4d2", "Nemotron-3-Nano P4->D2 32k"),
+    ):
+        rows += [
+            (f"{key}.fraction_of_peer_copy", f"2 GPUs engine-shaped: {label} / peer copy"),
+            (f"{key}.descriptors", "  NIXL transfers posted (all ranks)"),
+            (f"{key}.verified", "  verified"),
+            (f"{key}.scaled_down", "  scaled down"),
+        ]
     tg = out.get("targets", {})
     lines = []
     head = f"{'measure':66s} {'median':>12s} {'[min, max]':>24s}  target"
