@@ -96,6 +96,35 @@ def targets(out: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+def _loop_and_engine_rows(
+    prefix: str, where: str, copy_key: str, copy_label: str
+) -> list[tuple[str, str]]:
+    """Table rows of the closed loop and the engine-shaped cases, one placement (``gpu``: all
+    ranks on one GPU; ``xgpu``: prefill on GPU 0, decode on GPU 1)."""
+    rows: list[tuple[str, str]] = []
+    for c in (1, 8, 32):
+        key = f"{prefix}_concurrency_{c}"
+        rows += [
+            (f"{key}_p50_ms", f"{where} closed loop, {c} in flight: p50 ready->done (ms)"),
+            (f"{key}_p99_ms", "  p99 (ms)"),
+            (f"{key}_p99_over_p50", "  p99 / p50"),
+            (f"{key}_GBps", "  aggregate (GB/s)"),
+            (f"{key}_fraction_of_{copy_key}", f"  aggregate / {copy_label}"),
+        ]
+    for key, label in (
+        ("llama70b_p8d4_32k", "Llama-70B P8->D4 32k"),
+        ("nemotron_nano_p4d2", "Nemotron-3-Nano P4->D2 32k"),
+    ):
+        key = f"{prefix}_{key}"
+        rows += [
+            (f"{key}.fraction_of_{copy_key}", f"{where} engine-shaped: {label} / {copy_label}"),
+            (f"{key}.descriptors", "  NIXL transfers posted (all ranks)"),
+            (f"{key}.verified", "  verified"),
+            (f"{key}.scaled_down", "  scaled down"),
+        ]
+    return rows
+
+
 def format_table(out: dict[str, Any]) -> str:
     """The readable table printed on stdout."""
     rows = [
@@ -146,27 +175,7 @@ def format_table(out: dict[str, Any]) -> str:
         ("gpu_link_GBps", "  one descriptor over the link (GB/s)"),
         ("gpu_link_limited_zero_copy_GBps", "  scattered, zero-copy forced (GB/s)"),
     ]
-    for c in (1, 8, 32):
-        rows += [
-            (
-                f"gpu_concurrency_{c}_p50_ms",
-                f"GPU closed loop, {c} in flight: p50 ready->done (ms)",
-            ),
-            (f"gpu_concurrency_{c}_p99_ms", "  p99 (ms)"),
-            (f"gpu_concurrency_{c}_p99_over_p50", "  p99 / p50"),
-            (f"gpu_concurrency_{c}_GBps", "  aggregate (GB/s)"),
-            (f"gpu_concurrency_{c}_fraction_of_copy", "  aggregate / torch copy"),
-        ]
-    for key, label in (
-        ("gpu_llama70b_p8d4_32k", "Llama-70B P8->D4 32k"),
-        ("gpu_nemotron_nano_p4d2", "Nemotron-3-Nano P4->D2 32k"),
-    ):
-        rows += [
-            (f"{key}.fraction_of_copy", f"GPU engine-shaped: {label} / torch copy"),
-            (f"{key}.descriptors", "  NIXL transfers posted (all ranks)"),
-            (f"{key}.verified", "  verified"),
-            (f"{key}.scaled_down", "  scaled down"),
-        ]
+    rows += _loop_and_engine_rows("gpu", "GPU", "copy", "torch copy")
     for key, pair in (("1to2", "1->2"), ("2to1", "2->1")):
         rows += [
             (f"xgpu_{key}_pull_fraction_of_peer_copy", f"2 GPUs {pair} scattered pull / peer copy"),
@@ -180,27 +189,7 @@ def format_table(out: dict[str, Any]) -> str:
         ("xgpu_contiguous_fraction_of_peer_copy", "2 GPUs 1->1 contiguous pull / peer copy"),
         ("xgpu_contiguous_GBps", "  contiguous pull (GB/s)"),
     ]
-    for c in (1, 8, 32):
-        rows += [
-            (
-                f"xgpu_concurrency_{c}_p50_ms",
-                f"2 GPUs closed loop, {c} in flight: p50 ready->done (ms)",
-            ),
-            (f"xgpu_concurrency_{c}_p99_ms", "  p99 (ms)"),
-            (f"xgpu_concurrency_{c}_p99_over_p50", "  p99 / p50"),
-            (f"xgpu_concurrency_{c}_GBps", "  aggregate (GB/s)"),
-            (f"xgpu_concurrency_{c}_fraction_of_peer_copy", "  aggregate / torch peer copy"),
-        ]
-    for key, label in (
-        ("xgpu_llama70b_p8d4_32k", "Llama-70B P8->D4 32k"),
-        ("xgpu_nemotron_nano_p4d2", "Nemotron-3-Nano P4->D2 32k"),
-    ):
-        rows += [
-            (f"{key}.fraction_of_peer_copy", f"2 GPUs engine-shaped: {label} / peer copy"),
-            (f"{key}.descriptors", "  NIXL transfers posted (all ranks)"),
-            (f"{key}.verified", "  verified"),
-            (f"{key}.scaled_down", "  scaled down"),
-        ]
+    rows += _loop_and_engine_rows("xgpu", "2 GPUs", "peer_copy", "peer copy")
     tg = out.get("targets", {})
     lines = []
     head = f"{'measure':66s} {'median':>12s} {'[min, max]':>24s}  target"
