@@ -711,6 +711,25 @@ def kill_mid_staged_loop(
     return active.result(90, "loop"), sets, other, t_kill
 
 
+def serve_a_restarted_prefill(
+    pool: Pool, plan: Any, kw: dict[str, Any], dec: Worker, local: Any, remote: Any, *, tag: int
+) -> Worker:
+    """After a prefill rank died: a new prefill rank 0 (tagged ``tag`` at ``remote``) connects
+    to ``dec``, which pulls one staged request into ``local``; both sides complete and every
+    byte is verified.  Returns the new prefill worker."""
+    pre = pool.rank(plan, "prefill", 0, **kw)
+    pre.call("tag", tag, remote)
+    connect_all([pre], [dec])
+    dec.call("reset")
+    pre.call("expect", "after-restart")
+    dec.call("pull", "after-restart", local, remote, strategy="staged")
+    assert dec.call("wait", "after-restart", within=30.0)["strategy"] == "staged"
+    done = pre.call("wait", "after-restart", within=30.0)
+    assert done["ok"] and done["peers"] == ["decode rank 0"], done
+    dec.call("verify", [(tag, local)])
+    return pre
+
+
 def wait_until(what: str, check, timeout: float = 30.0) -> None:
     """Poll ``check()`` (a call into workers) until it is true; fail after ``timeout``."""
     end = time.monotonic() + timeout

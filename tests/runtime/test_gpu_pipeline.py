@@ -22,6 +22,7 @@ from rt_workers import (  # noqa: E402, F401 (`ranks`)
     random_ids,
     ranks_fixture,
     run_requests,
+    serve_a_restarted_prefill,
 )
 
 pytestmark = [
@@ -135,13 +136,5 @@ def test_vram_prefill_killed_mid_pipeline(ranks):
     assert isinstance(err, (PeerDisconnectedError, TransferTimeoutError)), err
     assert err.peer == "prefill rank 0" and res["t_error"] - t_kill < 15.0
     dec.call("check_blocks", 0, sets[res["last_set"]])
-    pre2 = ranks.rank(plan, "prefill", 0, **kw)
-    pre2.call("tag", 4, pb)
-    connect_all([pre2], [dec])
-    dec.call("reset")
-    pre2.call("expect", "again")
-    dec.call("pull", "again", sets[0], pb, strategy="staged")
-    assert dec.call("wait", "again", within=30.0)["strategy"] == "staged"
-    assert pre2.call("wait", "again", within=30.0)["ok"]
-    dec.call("verify", [(4, sets[0])])
+    pre2 = serve_a_restarted_prefill(ranks, plan, kw, dec, sets[0], pb, tag=4)
     _clean([dec, pre2], 8)

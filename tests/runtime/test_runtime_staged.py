@@ -25,6 +25,7 @@ from rt_workers import (  # noqa: F401 (`ranks`)
     random_ids,
     ranks_fixture,
     run_requests,
+    serve_a_restarted_prefill,
     wait_until,
 )
 
@@ -329,15 +330,7 @@ def test_prefill_killed_mid_staged_pull(ranks):
     assert st["xfer_handles_open"] == 0 and st["requests_failed"] == 1
     assert st["staged_peer_requests"] == res["done"] + 1
     # a restarted prefill is served, staged, through the same (released) slots
-    pre2 = ranks.rank(plan, "prefill", 0, **kw)
-    pre2.call("tag", 5, pb)
-    connect_all([pre2], [dec])
-    dec.call("reset")
-    pre2.call("expect", "new")
-    dec.call("pull", "new", sets[1], pb, strategy="staged")
-    assert dec.call("wait", "new")["strategy"] == "staged"
-    assert pre2.call("wait", "new")["peers"] == ["decode rank 0"]
-    dec.call("verify", [(5, sets[1])])
+    serve_a_restarted_prefill(ranks, plan, kw, dec, sets[1], pb, tag=5)
     st = dec.call("stats")
     assert st["staging_slots_free"] == 4 and st["staging_slots_held"] == 0
 

@@ -30,6 +30,7 @@ from rt_workers import (  # noqa: F401 (`ranks`)
     random_ids,
     ranks_fixture,
     run_requests,
+    serve_a_restarted_prefill,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -225,15 +226,7 @@ def test_prefill_killed_mid_pipeline_pull(ranks):
     st = dec.call("stats")
     assert st["xfer_handles_open"] == 0 and st["requests_failed"] == 1
     # the slots come back (unpacks still running finish first); a new prefill is served
-    pre2 = ranks.rank(plan, "prefill", 0, **kw)
-    pre2.call("tag", 5, pb)
-    connect_all([pre2], [dec])
-    dec.call("reset")
-    pre2.call("expect", "new")
-    dec.call("pull", "new", sets[1], pb, strategy="staged")
-    assert dec.call("wait", "new")["strategy"] == "staged"
-    assert pre2.call("wait", "new")["ok"]
-    dec.call("verify", [(5, sets[1])])
+    pre2 = serve_a_restarted_prefill(ranks, plan, kw, dec, sets[1], pb, tag=5)
     _clean([dec, pre2])
 
 
