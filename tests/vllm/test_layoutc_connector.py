@@ -433,7 +433,17 @@ def test_lease_ended_under_recompute(engine_pool, baselines, report):
     report.outcome("LayoutcConnector lease ended (recompute)", "decode as a single engine")
 
 
-D1_HOLD = lc(LLAMA, 1, "kv_consumer", llm={"max_num_seqs": 1})
+# Decode heartbeats every kv_lease_duration // 6 of its own setting (vLLM's scheduler) and a
+# heartbeat extends the prefill's lease by 2/3 of the prefill's: both sides use the same
+# duration, as the connector's docs require.  A margin of 0.5 s (default 2) leaves room for a
+# step between two heartbeats on a loaded box.
+D1_HOLD = lc(
+    LLAMA,
+    1,
+    "kv_consumer",
+    extra={"kv_lease_duration": LEASE_S, "lease_margin_s": 0.5},
+    llm={"max_num_seqs": 1},
+)
 
 
 def test_heartbeats_keep_a_queued_request_leased(engine_pool, baselines, report):
@@ -450,7 +460,7 @@ def test_heartbeats_keep_a_queued_request_leased(engine_pool, baselines, report)
     before = transfer_counts(decode)
     t0 = time.monotonic()
     dec = decode.generate(
-        [filler, a], [{"max_tokens": 1500}, {"max_tokens": MAX_TOKENS}], [None, params]
+        [filler, a], [{"max_tokens": 3000}, {"max_tokens": MAX_TOKENS}], [None, params]
     )
     held = time.monotonic() - t0
     after = transfer_counts(decode)
