@@ -55,6 +55,12 @@ __all__ = [
 ]
 
 #: under vLLM's logger namespace, so an engine's log configuration applies
+
+HEARTBEAT_MIN_INTERVAL_S = 0.25
+"""Least time between two lease renewals sent to one prefill engine."""
+HEARTBEAT_TIMEOUT_S = 5.0
+"""A renewal that gets no answer in this time is dropped (the next one is sent)."""
+
 logger = logging.getLogger("vllm.layoutc.transport")
 
 PAYLOAD_FORMAT = "layoutc-vllm/1"
@@ -322,6 +328,10 @@ class Transport:
         self._active: dict[str, _Job] = {}  # by round id
         self._engines: dict[str, _Engine] = {}
         self._helper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="layoutc-side")
+        # heartbeats: one renewal in flight per prefill engine, at most one per interval (vLLM
+        # sends one each step when its lease is short; queued queries would lag behind it)
+        self._hb_busy: set[str] = set()
+        self._hb_sent: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="layoutc-transport", daemon=True)
         self._thread.start()
         if not self._ready.wait(start_timeout_s):
@@ -695,6 +705,14 @@ class Transport:
         eng = self._engines.get(job.engine_id)
         if eng is None or eng.state != "connected" or not job.request_ids:
             return
+        now = time.perf_counter()
+        with self._lock:
+            if job.engine_id in self._hb_busy or (
+                now - self._hb_sent.get(job.engine_id, float("-inf")) < HEARTBEAT_MIN_INTERVAL_S
+            ):
+                return  # the next step's heartbeat names every waiting request again
+            self._hb_busy.add(job.engine_id)
+            self._hb_sent[job.engine_id] = now
 
         def renew() -> None:
             try:
@@ -702,10 +720,13 @@ class Transport:
                     job.host,
                     job.port,
                     {"op": "hb", "req": list(job.request_ids)},
-                    self.handshake_timeout_s,
+                    min(self.handshake_timeout_s, HEARTBEAT_TIMEOUT_S),
                 )
             except SideChannelError:
                 return
+            finally:
+                with self._lock:
+                    self._hb_busy.discard(job.engine_id)
             leases = reply.get("leases")
             if not isinstance(leases, dict):
                 return
