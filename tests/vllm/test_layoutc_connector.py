@@ -91,7 +91,10 @@ P1_OTHER = lc(LLAMA_OTHER, 1, "kv_producer")
 P1_WRONG_KEY = lc(LLAMA, 1, "kv_producer", extra={"auth_key": "another-key-0123456789abcdef"})
 P1_BS64 = lc(LLAMA, 1, "kv_producer", block_size=64)
 KV6_P2 = lc(LLAMA_KV6, 2, "kv_producer", env=IN_PROCESS)
-KV6_D3 = lc(LLAMA_KV6, 3, "kv_consumer", env=IN_PROCESS)
+# A worker of an in-process TP engine answers handshakes from its transfer thread, which vLLM's
+# busy-polling worker loop can starve on 2 cores for tens of seconds: a longer handshake timeout
+# (default 30 s) keeps this case about the transfer, not about that latency.
+KV6_D3 = lc(LLAMA_KV6, 3, "kv_consumer", env=IN_PROCESS, extra={"handshake_timeout_s": 120})
 HYBRID_P1 = lc(NEMOTRON_H, 1, "kv_producer", env=DS)
 HYBRID_D2 = lc(NEMOTRON_H, 2, "kv_consumer", env=DS)
 G1_P1 = lc(NEMOTRON_H_G1, 1, "kv_producer", env=SD)
