@@ -54,13 +54,12 @@ __all__ = [
     "check_payload",
 ]
 
-#: under vLLM's logger namespace, so an engine's log configuration applies
-
 HEARTBEAT_MIN_INTERVAL_S = 0.25
 """Least time between two lease renewals sent to one prefill engine."""
 HEARTBEAT_TIMEOUT_S = 5.0
 """A renewal that gets no answer in this time is dropped (the next one is sent)."""
 
+#: under vLLM's logger namespace, so an engine's log configuration applies
 logger = logging.getLogger("vllm.layoutc.transport")
 
 PAYLOAD_FORMAT = "layoutc-vllm/1"
