@@ -161,11 +161,14 @@ def test_source_packs_the_next_chunks_while_the_first_crosses(ranks):
         dst = chunk_events(dec[0].call("trace", False))
         assert len({c for what, _, c in src if what == "written"}) > 4  # more chunks than slots
         order[lanes] = [(w, c) for w, _, c in src if w in ("pack-start", "written")]
-        # each chunk: packed, then posted and written by the source, unpacked at the peer
+        # each chunk: packed, then posted and written by the source, unpacked at the peer.
+        # (The source's request ends at the reader's DONE, which can come before the source
+        # saw its last writes complete: a chunk may lack "written", never have it too early.)
         for c in range(max(c for _, _, c in src) + 1):
             seq = [w for w, _, x in src if x == c]
-            assert seq.index("pack-start") < seq.index("packed") < seq.index("post")
-            assert seq.index("post") < seq.index("written")
+            assert seq.index("pack-start") < seq.index("packed") < seq.index("post"), (c, seq)
+            if "written" in seq:
+                assert seq.index("post") < seq.index("written"), (c, seq)
             dseq = [w for w, _, x in dst if x == c]
             assert dseq.index("dat") < dseq.index("unpack-start") < dseq.index("unpacked")
         ranks.release()
