@@ -160,6 +160,7 @@ class _Job:
     pending: set[str]
     error: str | None = None
     posted: dict[str, float] = field(default_factory=dict)
+    engine: _Engine | None = None  # a pull's prefill engine (the connection it was posted on)
 
 
 @dataclass
@@ -503,7 +504,9 @@ class Transport:
                 )
                 return
         if eng is None or eng.state == "failed":
-            eng = _Engine(r.engine_id, r.host, r.port, r.tp_size)
+            old, eng = eng, _Engine(r.engine_id, r.host, r.port, r.tp_size)
+            if old is not None:  # (a failed engine's jobs have ended; none is left behind)
+                eng.waiting, old.waiting = old.waiting, []
             self._engines[r.engine_id] = eng
         if eng.state == "connected":
             self._start_pull(eng, job)
@@ -668,7 +671,7 @@ class Transport:
             self._fail_job(job, err)
             return
         ep = self._endpoints["decode"]
-        state = _Job(job, set())
+        state = _Job(job, set(), engine=eng)
         for r in rounds:
             t0 = time.perf_counter()
             try:
@@ -685,7 +688,7 @@ class Transport:
                 state.error = str(e)
                 with self._lock:
                     self._results.failed_transfers += 1
-                self._peer_trouble(eng.engine_id, e)
+                self._peer_trouble(eng, e)
                 break
             state.posted[r.rid] = time.perf_counter() - t0
             state.pending.add(r.rid)
@@ -693,11 +696,17 @@ class Transport:
         if not state.pending:
             self._finish(state)
 
-    def _peer_trouble(self, engine_id: str, err: BaseException) -> None:
-        """A prefill rank died or was never connected: the next request of its engine
-        handshakes again (a restarted engine may come back under the same id)."""
-        eng = self._engines.get(engine_id)
-        if eng is not None and isinstance(err, PeerDisconnectedError | PeerNotConnectedError):
+    def _peer_trouble(self, eng: _Engine | None, err: BaseException) -> None:
+        """A prefill rank of ``eng`` (the connection a pull was posted on) died or was never
+        connected: the next request of its engine handshakes again (a restarted engine may
+        come back under the same id).  Only that connection is given up: a round posted
+        before it failed may end while a new handshake with the engine is running, whose
+        waiting jobs stay with it."""
+        if (
+            eng is not None
+            and eng.state == "connected"
+            and isinstance(err, PeerDisconnectedError | PeerNotConnectedError)
+        ):
             eng.state, eng.error = "failed", str(err)
 
     def _heartbeat(self, job: HeartbeatJob) -> None:
@@ -770,8 +779,7 @@ class Transport:
             if state.error is None:
                 state.error = str(err)
             if isinstance(state.job, PullJob):
-                self._peer_trouble(state.job.remote.engine_id, err)
-            if isinstance(state.job, PullJob):
+                self._peer_trouble(state.engine, err)
                 with self._lock:
                     self._results.failed_transfers += 1
         elif isinstance(state.job, PullJob):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -396,8 +397,26 @@ class Engine:
 
     def _fail(self, what: str) -> None:
         tail = self.log_tail()
+        stacks = self._stacks()
         self.kill()
-        raise EngineError(f"{self.name}: {what}; engine killed. Log {self.log_path}:\n{tail}")
+        raise EngineError(
+            f"{self.name}: {what}; engine killed. Log {self.log_path}:\n{tail}{stacks}"
+        )
+
+    def _stacks(self) -> str:
+        """The Python stacks of the engine's processes, where py-spy is installed (what a
+        hung engine was doing)."""
+        spy = shutil.which("py-spy")
+        if spy is None or self._closed:
+            return ""
+        out = []
+        for pid in _group_pids(self.proc.pid):
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                dump = subprocess.run(
+                    [spy, "dump", "--pid", pid], capture_output=True, text=True, timeout=30
+                )
+                out.append(f"--- process {pid}:\n{dump.stdout[-8000:]}{dump.stderr[-500:]}")
+        return "\nStacks:\n" + "\n".join(out) if out else ""
 
 
 # -- process hygiene ----------------------------------------------------------------------------
