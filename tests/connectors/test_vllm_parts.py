@@ -21,6 +21,7 @@ from layoutc.connectors.vllm.plans import SpecPlans
 from layoutc.connectors.vllm.rounds import GroupRounds, Round, align
 from layoutc.connectors.vllm.transport import (
     PAYLOAD_FORMAT,
+    EndpointConfig,
     ExpectJob,
     FailJob,
     PullJob,
@@ -29,6 +30,7 @@ from layoutc.connectors.vllm.transport import (
     check_payload,
 )
 from layoutc.runtime.errors import PlanError
+from rt_workers import ranks_fixture  # noqa: F401 - the ranks fixture
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -419,4 +421,71 @@ def test_a_dead_thread_ends_every_pending_request():
         assert "transfer thread failed" in got.recv_failed["a"]
         assert not t.alive
     finally:
+        t.close()
+
+
+CPU_ATTN = {"num_key_value_heads": 2, "head_dim": 32, "kv_dtype": "fp32", "block_size": 16,
+            "kernel_blocks": 1, "num_layers": 2}  # fmt: skip
+
+
+def test_no_job_is_left_waiting_when_its_prefill_dies_mid_batch(ranks):
+    """A real prefill rank (a worker process) serves one load, then is killed.  The next
+    loads come in one batch: the first is posted before anyone knows, a later one fails to
+    post (the engine's connection is given up and a new handshake starts), and the first
+    one's failure is seen only after that.  Every load ends, failed -- none waits for ever
+    on the handshake its predecessor's failure must not touch."""
+    from layoutc.runtime.endpoint import allocate_buffers, layer_kind_sequence
+
+    plans = SpecPlans("vllm_cpu_attn", CPU_ATTN, role="decode")
+    plan = plans.plan(1, 1)
+    kinds = layer_kind_sequence(plan, 2)
+    pre = ranks.rank(plan, "prefill", 0, num_blocks=16, listen_port=0, engine="e-1", name="e-1-p0")
+    payload = dict(PAYLOAD, tp_size=1, tp_rank=0, agent=pre.call("agent_name"),
+                   port=pre.call("port"), params=dict(plans.params), block_size=16)  # fmt: skip
+    failed_seen = threading.Event()
+    queries = []
+
+    def query(host, port, msg, timeout):
+        queries.append(msg)
+        if len(queries) == 1:
+            return {"payload": payload}, 0.0
+        failed_seen.wait(timeout)  # a new handshake still runs when the failures are seen
+        raise SideChannelError("nobody home")
+
+    config = EndpointConfig(
+        role="decode", plans=plans, rank=0, tp=1, name="d-0", engine="d", device="cpu",
+        listen_port=0, buffers=allocate_buffers(plan, "decode", kinds, 16, "cpu"), kinds=kinds,
+        timeout_s=10.0, strategy="zero-copy",
+    )  # fmt: skip
+    t = Transport(
+        [config], local=LOCAL, plans=plans, tp_rank=0, tp_size=1, allowed_hosts=("127.0.0.1",),
+        rounds=GroupRounds.of(("attention",), [[0, 1]], frozenset({"attention"})), block_size=16,
+        enforce_compat=True, handshake_timeout_s=20.0, transfer_timeout_s=10.0,
+        lease_margin_s=0.0, expect_timeout_s=10.0, query_fn=query,
+    )  # fmt: skip
+
+    def job(rid, blocks):
+        remote = parse(remote_request_id=f"p-{rid}", tp_size=1, remote_block_ids=[blocks],
+                       remote_num_tokens=16 * len(blocks), remote_blocks_expiry_time=None)  # fmt: skip
+        return PullJob(rid, remote, (tuple(blocks),), (0,), True)
+
+    try:
+        t.submit(job("a", [1, 2]))
+        got = _drain_until(t, lambda g: "a" in g.recv_done, timeout=30)
+        assert "a" not in got.recv_failed, got.recv_failed
+        pre.kill()
+        late = [f"late-{i}" for i in range(6)]
+        for i, rid in enumerate(late):
+            t.submit(job(rid, [3 + i]))
+
+        def seen(g):
+            if len(g.recv_failed) >= 2:
+                failed_seen.set()
+            return set(late) <= g.recv_done
+
+        got = _drain_until(t, seen, timeout=60)
+        assert set(got.recv_failed) == set(late), got
+        assert len(queries) >= 2  # the engine was handshaken again
+    finally:
+        failed_seen.set()
         t.close()

@@ -406,7 +406,8 @@ class Engine:
     def _stacks(self) -> str:
         """The Python stacks of the engine's processes, where py-spy is installed (what a
         hung engine was doing)."""
-        spy = shutil.which("py-spy")
+        beside = Path(sys.executable).with_name("py-spy")
+        spy = str(beside) if beside.exists() else shutil.which("py-spy")
         if spy is None or self._closed:
             return ""
         out = []
