@@ -35,12 +35,6 @@ goes through every stage, then the slowest stage sets the pace).
   unpack on lanes of their own (CUDA streams on GPUs) beside NIXL's transfers, so the
   stages of different chunks can overlap; ``layoutc bench`` solves ``overlap`` from a large
   staged request.
-* ``lead_bytes``: not a cost but a posting rule of zero-copy: a request's merged descriptors
-  (whole pages, consecutive blocks: a few huge ones) holding more than this go out as two
-  transfers, the first descriptors (at least ``lead_bytes``) alone, so the link starts on
-  them while the host prepares and posts the rest (on one H100 NIXL/UCX took 0.4-0.8 ms to
-  prepare 16 cuda_ipc descriptors of 512 MiB; one of them crosses in ~0.36 ms).  0: one
-  transfer (host memory: UCX/cma copies inside the post, nothing to overlap).
 * ``bounce_Bps``: copies between a GPU and host memory (PCIe), for a GPU endpoint whose
   staging buffer is in host memory (``staging_memory="host"``: a link that only carries
   host memory): its pack is a kernel plus a device-to-host copy, its unpack the reverse,
@@ -89,7 +83,6 @@ class CostModel:
     op_s: float = 5e-6
     overlap: float = 0.0
     bounce_Bps: float = 25e9
-    lead_bytes: float = 0.0
     source: str = "defaults"
 
     # -- construction -------------------------------------------------------------------------
@@ -261,6 +254,5 @@ DEFAULTS: dict[str, CostModel] = {
         staged_request_s=50e-6,
         zero_copy_request_s=0.0,
         op_s=15e-6,
-        lead_bytes=256 * 2**20,
     ),
 }

@@ -9,7 +9,6 @@ instead (``initialize_xfer``: cheaper per descriptor than an index).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,19 +23,7 @@ from .host import Host, PeerJob
 from .peers import Peer
 from .requests import Request
 
-__all__ = ["ZeroCopy", "lead_split"]
-
-
-def lead_split(lengths: np.ndarray, lead_bytes: float) -> list[tuple[int, int]]:
-    """Ranges of the descriptors (of ``lengths`` bytes) to post as one transfer each: all
-    of them at once, or -- when they hold more than ``lead_bytes`` > 0 and more than the
-    first descriptors do -- the first ones holding at least ``lead_bytes``, then the rest
-    (the link starts on the lead while the host prepares the rest)."""
-    n = int(lengths.shape[0])
-    if lead_bytes <= 0 or n < 2:
-        return [(0, n)]
-    k = int(np.searchsorted(np.cumsum(lengths, dtype=np.float64), lead_bytes)) + 1
-    return [(0, k), (k, n)] if k < n else [(0, n)]
+__all__ = ["ZeroCopy"]
 
 
 @dataclass(eq=False)
@@ -69,89 +56,75 @@ class ZeroCopy:
 
     # -- moving ----------------------------------------------------------------------------------
     def start(self, req: Request, jobs: list[PeerJob]) -> None:
-        self.xfers.setdefault(req.rid, [])
+        host = self.host
+        tel = host.telemetry
+        xs = self.xfers.setdefault(req.rid, [])
         self.requests[req.rid] = req
         for job in jobs:
             peer = job.peer
+            table = job.table
             try:
-                posts = self._posts(job)
-                for make, n_desc, nbytes in posts:
-                    if not self._post(req, job.op, peer, make(), n_desc, nbytes):
-                        return
-            except nixl_compat.nixl_errors() as e:
-                self.host.peer_error(req, peer, e, "preparing")
-                return
-
-    def _posts(self, job: PeerJob) -> Iterator[tuple[Callable[[], Any], int, int]]:
-        """The transfers of one peer's job, as (make the handle, descriptors, bytes), made
-        one after the other so that the first is posted before the next is prepared."""
-        host, peer, table = self.host, job.peer, job.table
-        n_idx = sum(
-            int(table.row_nbytes[p.rows].shape[0]) * int(p.local.shape[0]) for p in job.parts
-        )
-        explicit = any(p.explicit is not None for p in job.parts)
-        if not explicit and job.posted * 4 > n_idx:
-            lh, rh = self._prep(peer, job)
-            idx = [table.indices(p.local, p.remote, p.rows) for p in job.parts]
-            li = np.concatenate([i[0] for i in idx]) if len(idx) > 1 else idx[0][0]
-            ri = np.concatenate([i[1] for i in idx]) if len(idx) > 1 else idx[0][1]
-            nbytes = sum(i[2] for i in idx)
-            yield (lambda: host.agent.make_prepped_xfer(job.op, lh, li, rh, ri)), li.size, nbytes
-            return
-        # NIXL would merge >= 3 of 4 indices (whole pages, consecutive blocks): post the
-        # merged descriptors themselves (~25 ns each) instead of every index (~32 ns each;
-        # 1 ms for a 1 GiB request of 32k blocks); a token remap's descriptors are explicit
-        merged = [
-            (*p.explicit, p.nbytes)
-            if p.explicit is not None
-            else merged_descriptors(table, p.local, p.remote, p.rows, p.runs)
-            for p in job.parts
-        ]
-        loc = np.concatenate([m[0] for m in merged])
-        rem = np.concatenate([m[1] for m in merged])
-        for a, b in lead_split(loc[:, 1], self.cost_model.lead_bytes):
-
-            def make(a: int = a, b: int = b) -> Any:
-                return host.agent.initialize_xfer(
-                    job.op,
-                    host.agent.get_xfer_descs(loc[a:b], host.mem_type),
-                    host.agent.get_xfer_descs(rem[a:b], peer.mem_type),
-                    peer.name,
+                n_idx = sum(
+                    int(table.row_nbytes[p.rows].shape[0]) * int(p.local.shape[0])
+                    for p in job.parts
                 )
-
-            yield make, b - a, int(loc[a:b, 1].sum())
-
-    def _post(
-        self, req: Request, op: str, peer: Peer, handle: Any, n_desc: int, nbytes: int
-    ) -> bool:
-        """Post one transfer of ``req`` with ``peer``; False when the request failed."""
-        host = self.host
-        tel = host.telemetry
-        tel.add("xfer_handles_created")
-        x = _Xfer(peer, handle, "PROC", n_desc, nbytes)
-        self.xfers[req.rid].append(x)
-        try:
-            x.state = host.agent.transfer(handle)
-        except nixl_compat.nixl_errors() as e:
-            host.peer_error(req, peer, e, "posting")
-            return False
-        tel.add("transfers_posted")
-        tel.add("descriptors_posted", x.descriptors)
-        tel.add("bytes_posted", nbytes)
-        req.descriptors += x.descriptors
-        req.nbytes += nbytes
-        if x.state == "ERR":
-            host.fail(
-                req,
-                TransferFailedError(
-                    f"{host.label}: request {req.rid!r}: NIXL reported ERR posting the "
-                    f"{op} with {peer.label}",
-                    peer=peer.label,
-                    request_id=req.rid,
-                ),
-            )
-            return False
-        return True
+                explicit = any(p.explicit is not None for p in job.parts)
+                if explicit or job.posted * 4 <= n_idx:
+                    # NIXL would merge >= 3 of 4 indices (whole pages, consecutive blocks):
+                    # post the merged descriptors themselves (~25 ns each) instead of every
+                    # index (~32 ns each; 1 ms for a 1 GiB request of 32k blocks); a token
+                    # remap's descriptors are explicit anyway
+                    merged = [
+                        (*p.explicit, p.nbytes)
+                        if p.explicit is not None
+                        else merged_descriptors(table, p.local, p.remote, p.rows, p.runs)
+                        for p in job.parts
+                    ]
+                    loc = np.concatenate([m[0] for m in merged])
+                    rem = np.concatenate([m[1] for m in merged])
+                    nbytes = sum(m[2] for m in merged)
+                    handle = host.agent.initialize_xfer(
+                        job.op,
+                        host.agent.get_xfer_descs(loc, host.mem_type),
+                        host.agent.get_xfer_descs(rem, peer.mem_type),
+                        peer.name,
+                    )
+                    n_desc = int(loc.shape[0])
+                else:
+                    lh, rh = self._prep(peer, job)
+                    idx = [table.indices(p.local, p.remote, p.rows) for p in job.parts]
+                    li = np.concatenate([i[0] for i in idx]) if len(idx) > 1 else idx[0][0]
+                    ri = np.concatenate([i[1] for i in idx]) if len(idx) > 1 else idx[0][1]
+                    nbytes = sum(i[2] for i in idx)
+                    handle = host.agent.make_prepped_xfer(job.op, lh, li, rh, ri)
+                    n_desc = int(li.size)
+            except nixl_compat.nixl_errors() as e:
+                host.peer_error(req, peer, e, "preparing")
+                return
+            tel.add("xfer_handles_created")
+            x = _Xfer(peer, handle, "PROC", n_desc, nbytes)
+            xs.append(x)
+            try:
+                x.state = host.agent.transfer(handle)
+            except nixl_compat.nixl_errors() as e:
+                host.peer_error(req, peer, e, "posting")
+                return
+            tel.add("transfers_posted")
+            tel.add("descriptors_posted", x.descriptors)
+            tel.add("bytes_posted", nbytes)
+            req.descriptors += x.descriptors
+            req.nbytes += nbytes
+            if x.state == "ERR":
+                host.fail(
+                    req,
+                    TransferFailedError(
+                        f"{host.label}: request {req.rid!r}: NIXL reported ERR posting the "
+                        f"{job.op} with {peer.label}",
+                        peer=peer.label,
+                        request_id=req.rid,
+                    ),
+                )
+                return
 
     def _prep(self, peer: Peer, job: PeerJob) -> tuple[Any, Any]:
         """The pair's descriptor lists, prepared once per peer."""
@@ -218,12 +191,11 @@ class ZeroCopy:
         return any(x.peer is peer and x.state != "DONE" for x in self.xfers.get(req.rid, ()))
 
     def peers(self, req: Request) -> list[Peer]:
-        # (a lead transfer and the rest: two transfers with one peer)
-        return list({x.peer.name: x.peer for x in self.xfers.get(req.rid, ())}.values())
+        return [x.peer for x in self.xfers.get(req.rid, ())]
 
     def pending(self, req: Request) -> list[tuple[str, str]]:
         xs = self.xfers.get(req.rid, ())
-        return list(dict.fromkeys((x.peer.label, x.peer.label) for x in xs if x.state != "DONE"))
+        return [(x.peer.label, x.peer.label) for x in xs if x.state != "DONE"]
 
     def release(self, req: Request, failed: bool) -> bool:
         self.requests.pop(req.rid, None)

@@ -118,28 +118,3 @@ def test_zero_block_request_completes_with_notifications(ranks):
         assert r.call("wait", "empty")["ok"]
     for r in dec:
         r.call("verify", [])  # nothing written anywhere
-
-
-@pytest.mark.parametrize("mode", ["pull", "push"])
-def test_a_large_merged_request_leads_with_its_first_descriptors(ranks, mode):
-    """Whole pages, consecutive blocks: the merged descriptors (one per layer) go out as two
-    transfers when they hold more than the cost model's ``lead_bytes`` -- the first layer's
-    alone, then the rest -- and every byte arrives; with the default (0 on host memory) as
-    one transfer."""
-    plan = compiled("vllm_flashinfer", 1, 1, GQA4)
-    page = plan.prefill.page("attention").logical_stride
-    posted = {}
-    for lead in (0, 6 * page):  # the first layer's 8 blocks: 8 pages
-        kw = {"cost_model": {"lead_bytes": lead}, "strategy": "zero-copy"}
-        pre = ranks.rank(plan, "prefill", 0, num_blocks=NB_PREFILL, layers=4, **kw)
-        dec = ranks.rank(plan, "decode", 0, num_blocks=NB_DECODE, layers=4, **kw)
-        connect_all([pre], [dec])
-        pb, db = np.arange(3, 11)[None], np.arange(20, 28)[None]
-        infos, verified = run_requests([pre], [dec], mode, pb, db, prefix=f"lead{lead}-")
-        assert all(v > 0 for v in verified.values()), verified
-        initiator = dec if mode == "pull" else pre
-        stats = initiator.call("stats")
-        assert stats["descriptors_posted"] == 4  # one merged descriptor per layer
-        posted[lead] = stats["transfers_posted"]
-        ranks.release()
-    assert posted == {0: 1, 6 * page: 2}
