@@ -13,6 +13,9 @@ checked (:func:`check_payload`), then :meth:`Endpoint.connect` to each prefill r
 reads from or notifies -- and waits for it.  Before reading, the job's lease is checked
 against the prefill engine's clock; then one ``pull`` per round of KV-cache groups (one group
 of each layer kind per round: ``rid``, ``rid#1``, ...).  A job ends when every round ended.
+Requests waiting in vLLM's queue have their leases renewed over their prefill engine's side
+channel (in helper threads of their own, whether or not this worker has met that engine over
+NIXL yet), and the answers are kept for that check (:class:`~.leases.Leases`).
 
 Prefill side (expect): one ``expect`` per round with the request's block ids (so a staged
 transfer packs ahead); the job ends when every round ended.
@@ -39,6 +42,7 @@ from ...runtime.errors import (
     TransferError,
 )
 from .errors import BadRequestError, SideChannelError
+from .leases import Leases
 from .params import RemoteRequest, host_allowed
 from .plans import SpecPlans
 from .rounds import GroupRounds, Round, align
@@ -174,11 +178,9 @@ class _Engine:
     state: str = "new"  # new, querying, connected, failed
     waiting: list[PullJob] = field(default_factory=list)
     future: Future[Any] | None = None
-    offset: float = 0.0  # its scheduler clock minus ours
     started: float = 0.0  # when the handshake began (perf_counter)
     error: str = ""
     block_size: int = 0  # tokens per logical block
-    leases: dict[str, float] = field(default_factory=dict)  # its request id -> deadline
 
 
 def check_payload(
@@ -328,10 +330,15 @@ class Transport:
         self._active: dict[str, _Job] = {}  # by round id
         self._engines: dict[str, _Engine] = {}
         self._helper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="layoutc-side")
+        # renewals apart, so that a prefill engine that stopped answering them cannot hold
+        # up handshakes with the others
+        self._hb_helper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="layoutc-hb")
         # heartbeats: one renewal in flight per prefill engine, at most one per interval (vLLM
         # sends one each step when its lease is short; queued queries would lag behind it)
         self._hb_busy: set[str] = set()
         self._hb_sent: dict[str, float] = {}
+        self._hb_trouble: dict[str, str] = {}  # engine -> why its renewals fail (logged once)
+        self.leases = Leases()
         self._thread = threading.Thread(target=self._run, name="layoutc-transport", daemon=True)
         self._thread.start()
         if not self._ready.wait(start_timeout_s):
@@ -374,6 +381,7 @@ class Transport:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
         self._helper.shutdown(wait=False, cancel_futures=True)
+        self._hb_helper.shutdown(wait=False, cancel_futures=True)
 
     def call(self, fn: Callable[[dict[str, Any]], Any], timeout_s: float = 30.0) -> Any:
         """Run ``fn(endpoints by role)`` in the thread and return its result (for tests and
@@ -547,7 +555,8 @@ class Transport:
                 continue
             worked = True
             try:
-                payloads, eng.offset = eng.future.result()
+                payloads, offset = eng.future.result()
+                self.leases.clock(eng.engine_id, offset)
                 t_query = time.perf_counter() - eng.started
                 self._connect(eng, payloads)
             except Exception as e:  # refused, unreachable -- or a bug: the engine's jobs fail
@@ -590,12 +599,14 @@ class Transport:
             p = payloads[rank]
             ep.connect(p["host"], p["port"], p["agent"], timeout_s=self.handshake_timeout_s)
 
-    def _lease_error(self, eng: _Engine, job: PullJob) -> str | None:
+    def _lease_error(self, job: PullJob) -> str | None:
         r = job.remote
-        deadline = max(eng.leases.get(r.request_id, float("-inf")), r.expiry or float("-inf"))
-        if r.expiry is None and r.request_id not in eng.leases:
+        renewed = self.leases.deadline(r.engine_id, r.request_id)
+        self.leases.forget(r.engine_id, r.request_id)
+        if r.expiry is None and renewed is None:
             return None
-        left = deadline - (time.perf_counter() + eng.offset)
+        deadline = max(renewed or float("-inf"), r.expiry or float("-inf"))
+        left = deadline - (time.perf_counter() + (self.leases.offset(r.engine_id) or 0.0))
         if left < self.lease_margin_s:
             return (
                 f"the lease on prefill request {r.request_id!r} of engine {r.engine_id!r} "
@@ -661,7 +672,7 @@ class Transport:
         return self.rounds.make(rid, local_l, remote_l), max(0, r.num_tokens - skip_tokens)
 
     def _start_pull(self, eng: _Engine, job: PullJob) -> None:
-        err = self._length_error(eng, job) or self._lease_error(eng, job)
+        err = self._length_error(eng, job) or self._lease_error(job)
         if err is None:
             try:
                 rounds, num_tokens = self._pairs(eng, job)
@@ -710,8 +721,9 @@ class Transport:
             eng.state, eng.error = "failed", str(err)
 
     def _heartbeat(self, job: HeartbeatJob) -> None:
-        eng = self._engines.get(job.engine_id)
-        if eng is None or eng.state != "connected" or not job.request_ids:
+        """Renew the leases of ``job``'s queued requests over their prefill engine's side
+        channel (met over NIXL or not yet)."""
+        if not job.request_ids:
             return
         now = time.perf_counter()
         with self._lock:
@@ -730,24 +742,31 @@ class Transport:
                     {"op": "hb", "req": list(job.request_ids)},
                     min(self.handshake_timeout_s, HEARTBEAT_TIMEOUT_S),
                 )
-            except SideChannelError:
+            except SideChannelError as e:
+                self._hb_problem(job.engine_id, str(e))
                 return
             finally:
                 with self._lock:
                     self._hb_busy.discard(job.engine_id)
             leases = reply.get("leases")
             if not isinstance(leases, dict):
+                self._hb_problem(job.engine_id, "its answer holds no leases")
                 return
-            eng.offset = offset
-            for rid, deadline in leases.items():
-                if (
-                    rid in job.request_ids
-                    and isinstance(deadline, int | float)
-                    and not isinstance(deadline, bool)
-                ):
-                    eng.leases[rid] = max(eng.leases.get(rid, float("-inf")), float(deadline))
+            with self._lock:
+                if self._hb_trouble.pop(job.engine_id, None) is not None:
+                    logger.info("lease renewals to prefill engine %s work again", job.engine_id)
+            self.leases.renewed(job.engine_id, offset, leases, set(job.request_ids))
 
-        self._helper.submit(renew)
+        self._hb_helper.submit(renew)
+
+    def _hb_problem(self, engine_id: str, why: str) -> None:
+        """A lease renewal to ``engine_id`` was not sent or not answered: logged once until
+        one works again (the leases of its queued requests are not extended meanwhile)."""
+        with self._lock:
+            if engine_id in self._hb_trouble:
+                return
+            self._hb_trouble[engine_id] = why
+        logger.warning("lease renewals to prefill engine %s fail: %s", engine_id, why)
 
     def _fail_job(self, job: PullJob, error: str) -> None:
         with self._lock:

@@ -24,6 +24,7 @@ from layoutc.connectors.vllm.transport import (
     EndpointConfig,
     ExpectJob,
     FailJob,
+    HeartbeatJob,
     PullJob,
     Results,
     Transport,
@@ -489,3 +490,42 @@ def test_no_job_is_left_waiting_when_its_prefill_dies_mid_batch(ranks):
     finally:
         failed_seen.set()
         t.close()
+
+
+def test_queued_requests_of_an_engine_not_met_yet_are_renewed():
+    """A request can wait in decode's queue before the first load from its prefill engine:
+    its lease is renewed over that engine's side channel all the same, and the answer kept
+    (deadlines of the requests asked about, later ones only, numbers only)."""
+    asked = []
+
+    def side_channel(host, port, msg, timeout):
+        asked.append((host, port, msg))
+        return {"ok": True, "leases": {"r-1": 50.0, "r-2": True, "other": 99.0}}, 7.0
+
+    t = _transport(side_channel)
+    try:
+        t.submit(HeartbeatJob("e-new", "127.0.0.1", 5600, ("r-1", "r-2")))
+        _drain_until(t, lambda g: t.leases.deadline("e-new", "r-1") is not None)
+        assert asked == [("127.0.0.1", 5600, {"op": "hb", "req": ["r-1", "r-2"]})]
+        assert t.leases.offset("e-new") == 7.0
+        assert t.leases.deadline("e-new", "r-2") is None  # not a number
+        assert t.leases.deadline("e-new", "other") is None  # not asked about
+    finally:
+        t.close()
+
+
+def test_leases_keep_the_latest_deadline_and_stay_bounded(monkeypatch):
+    from layoutc.connectors.vllm import leases as leases_mod
+
+    monkeypatch.setattr(leases_mod, "MAX_PER_ENGINE", 3)
+    monkeypatch.setattr(leases_mod, "MAX_ENGINES", 2)
+    ls = leases_mod.Leases()
+    assert ls.renewed("e", 0.0, {"a": 10.0}, {"a"}) == 1
+    ls.renewed("e", 0.5, {"a": 5.0, "b": 1.0, "c": 2.0, "d": 3.0}, {"a", "b", "c", "d"})
+    assert ls.deadline("e", "a") == 10.0 and ls.offset("e") == 0.5
+    assert ls.deadline("e", "b") is None  # the earliest deadline went first
+    ls.forget("e", "a")
+    assert ls.deadline("e", "a") is None
+    ls.clock("f", 1.0)
+    ls.clock("g", 2.0)
+    assert ls.offset("e") is None and ls.deadline("e", "c") is None  # the oldest engine went
