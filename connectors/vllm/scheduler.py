@@ -202,11 +202,17 @@ class LayoutcScheduler(NixlPullConnectorScheduler):
                 )
             now = time.perf_counter()
             renewed = now + self._kv_lease_duration * 2 / 3
+            # A lease about to end is not renewed: the workers learn a renewal at their next
+            # step and may end the lease before that (freeing the blocks) while decode would
+            # believe the new deadline.  A decode heartbeating every kv_lease_duration // 6
+            # renews long before this guard.
+            guard = max(0.5, self._kv_lease_duration / 6)
             out = {}
             with self._lease_lock:
                 for rid in ids:
-                    if rid in self._leases:
-                        self._leases[rid] = max(self._leases[rid], renewed)
+                    deadline = self._leases.get(rid)
+                    if deadline is not None and deadline - now > guard:
+                        self._leases[rid] = max(deadline, renewed)
                         self._lease_updates[rid] = self._leases[rid]
                         out[rid] = self._leases[rid]
             return {"ok": True, "leases": out, "clock": now}
