@@ -438,13 +438,17 @@ def test_lease_ended_under_recompute(engine_pool, baselines, report):
 
 # Decode heartbeats every kv_lease_duration // 6 of its own setting (vLLM's scheduler) and a
 # heartbeat extends the prefill's lease by 2/3 of the prefill's: both sides use the same
-# duration, as the connector's docs require.  A margin of 0.5 s (default 2) leaves room for a
-# step between two heartbeats on a loaded box.
+# duration, as the connector's docs require.  A prefill of its own with a 10 s lease: on the
+# loaded 2-core box one renewal can wait seconds for its answer (a prefill holding blocks keeps
+# stepping), which a 4 s lease does not survive.  A margin of 0.5 s (default 2) leaves room for
+# a step between two heartbeats.
+HB_LEASE_S = 10
+P1_HB = lc(LLAMA, 1, "kv_producer", extra={"kv_lease_duration": HB_LEASE_S})
 D1_HOLD = lc(
     LLAMA,
     1,
     "kv_consumer",
-    extra={"kv_lease_duration": LEASE_S, "lease_margin_s": 0.5},
+    extra={"kv_lease_duration": HB_LEASE_S, "lease_margin_s": 0.5},
     llm={"max_num_seqs": 1},
 )
 
@@ -454,7 +458,7 @@ def test_heartbeats_keep_a_queued_request_leased(engine_pool, baselines, report)
     longer than the prefill's lease: its heartbeats renew the lease (over the side channel),
     so the request still loads its KV -- one transfer, no failure -- and decodes as a single
     engine does."""
-    prefill, decode = engine_pool.get(P1_LEASE, D1_HOLD)
+    prefill, decode = engine_pool.get(P1_HB, D1_HOLD)
     a = make_prompts([1400], seed=41)[0]
     filler = make_prompts([16], seed=42)[0]
     expected = baselines.get(LLAMA, decode, [a], MAX_TOKENS)
@@ -463,12 +467,12 @@ def test_heartbeats_keep_a_queued_request_leased(engine_pool, baselines, report)
     before = transfer_counts(decode)
     t0 = time.monotonic()
     dec = decode.generate(
-        [filler, a], [{"max_tokens": 3000}, {"max_tokens": MAX_TOKENS}], [None, params]
+        [filler, a], [{"max_tokens": 4000}, {"max_tokens": MAX_TOKENS}], [None, params]
     )
     held = time.monotonic() - t0
     after = transfer_counts(decode)
     report.record("request held in the decode queue (heartbeats)", held)
-    assert held > LEASE_S + 3, f"the queue held the request only {held:.1f} s: no test"
+    assert held > HB_LEASE_S + 3, f"the queue held the request only {held:.1f} s: no test"
     assert dec[1].finish_reason == "length"
     assert dec[1].token_ids == expected[0].token_ids
     assert (after[0] - before[0], after[2] - before[2]) == (1, 0)
