@@ -34,12 +34,6 @@ class Leases:
         self._deadlines: OrderedDict[str, dict[str, float]] = OrderedDict()
         self._offsets: dict[str, float] = {}
 
-    def clock(self, engine_id: str, offset: float) -> None:
-        """``engine_id``'s clock is ours plus ``offset`` (a handshake or a renewal said)."""
-        with self._lock:
-            self._offsets[engine_id] = offset
-            self._touch(engine_id)
-
     def offset(self, engine_id: str) -> float | None:
         with self._lock:
             return self._offsets.get(engine_id)
@@ -69,10 +63,11 @@ class Leases:
         with self._lock:
             return self._deadlines.get(engine_id, {}).get(request_id)
 
-    def forget(self, engine_id: str, request_id: str) -> None:
-        """A load of the request started: its lease no longer matters here."""
+    def take(self, engine_id: str, request_id: str) -> float | None:
+        """The request's renewed deadline, forgotten here (a load of it starts: its lease no
+        longer matters after that check)."""
         with self._lock:
-            self._deadlines.get(engine_id, {}).pop(request_id, None)
+            return self._deadlines.get(engine_id, {}).pop(request_id, None)
 
     def _touch(self, engine_id: str) -> dict[str, float]:
         mine = self._deadlines.setdefault(engine_id, {})

@@ -178,6 +178,7 @@ class _Engine:
     state: str = "new"  # new, querying, connected, failed
     waiting: list[PullJob] = field(default_factory=list)
     future: Future[Any] | None = None
+    offset: float = 0.0  # its scheduler clock minus ours, from the handshake
     started: float = 0.0  # when the handshake began (perf_counter)
     error: str = ""
     block_size: int = 0  # tokens per logical block
@@ -512,9 +513,7 @@ class Transport:
                 )
                 return
         if eng is None or eng.state == "failed":
-            old, eng = eng, _Engine(r.engine_id, r.host, r.port, r.tp_size)
-            if old is not None:  # (a failed engine's jobs have ended; none is left behind)
-                eng.waiting, old.waiting = old.waiting, []
+            eng = _Engine(r.engine_id, r.host, r.port, r.tp_size)
             self._engines[r.engine_id] = eng
         if eng.state == "connected":
             self._start_pull(eng, job)
@@ -555,8 +554,7 @@ class Transport:
                 continue
             worked = True
             try:
-                payloads, offset = eng.future.result()
-                self.leases.clock(eng.engine_id, offset)
+                payloads, eng.offset = eng.future.result()
                 t_query = time.perf_counter() - eng.started
                 self._connect(eng, payloads)
             except Exception as e:  # refused, unreachable -- or a bug: the engine's jobs fail
@@ -599,14 +597,14 @@ class Transport:
             p = payloads[rank]
             ep.connect(p["host"], p["port"], p["agent"], timeout_s=self.handshake_timeout_s)
 
-    def _lease_error(self, job: PullJob) -> str | None:
+    def _lease_error(self, eng: _Engine, job: PullJob) -> str | None:
         r = job.remote
-        renewed = self.leases.deadline(r.engine_id, r.request_id)
-        self.leases.forget(r.engine_id, r.request_id)
+        renewed = self.leases.take(r.engine_id, r.request_id)
         if r.expiry is None and renewed is None:
             return None
         deadline = max(renewed or float("-inf"), r.expiry or float("-inf"))
-        left = deadline - (time.perf_counter() + (self.leases.offset(r.engine_id) or 0.0))
+        offset = self.leases.offset(r.engine_id)  # the latest renewal's, else the handshake's
+        left = deadline - (time.perf_counter() + (eng.offset if offset is None else offset))
         if left < self.lease_margin_s:
             return (
                 f"the lease on prefill request {r.request_id!r} of engine {r.engine_id!r} "
@@ -672,7 +670,7 @@ class Transport:
         return self.rounds.make(rid, local_l, remote_l), max(0, r.num_tokens - skip_tokens)
 
     def _start_pull(self, eng: _Engine, job: PullJob) -> None:
-        err = self._length_error(eng, job) or self._lease_error(job)
+        err = self._length_error(eng, job) or self._lease_error(eng, job)
         if err is None:
             try:
                 rounds, num_tokens = self._pairs(eng, job)

@@ -524,8 +524,8 @@ def test_leases_keep_the_latest_deadline_and_stay_bounded(monkeypatch):
     ls.renewed("e", 0.5, {"a": 5.0, "b": 1.0, "c": 2.0, "d": 3.0}, {"a", "b", "c", "d"})
     assert ls.deadline("e", "a") == 10.0 and ls.offset("e") == 0.5
     assert ls.deadline("e", "b") is None  # the earliest deadline went first
-    ls.forget("e", "a")
-    assert ls.deadline("e", "a") is None
-    ls.clock("f", 1.0)
-    ls.clock("g", 2.0)
+    assert ls.take("e", "a") == 10.0
+    assert ls.deadline("e", "a") is None and ls.take("e", "a") is None
+    ls.renewed("f", 1.0, {}, set())
+    ls.renewed("g", 2.0, {}, set())
     assert ls.offset("e") is None and ls.deadline("e", "c") is None  # the oldest engine went
