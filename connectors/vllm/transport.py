@@ -42,7 +42,7 @@ from ...runtime.errors import (
     TransferError,
 )
 from .errors import BadRequestError, SideChannelError
-from .leases import Leases
+from .leases import MAX_ENGINES, Leases
 from .params import RemoteRequest, host_allowed
 from .plans import SpecPlans
 from .rounds import GroupRounds, Round, align
@@ -731,6 +731,10 @@ class Transport:
                 return  # the next step's heartbeat names every waiting request again
             self._hb_busy.add(job.engine_id)
             self._hb_sent[job.engine_id] = now
+            if len(self._hb_sent) > MAX_ENGINES:  # (engine ids come from requests' params)
+                self._hb_sent = {
+                    e: t for e, t in self._hb_sent.items() if now - t < HEARTBEAT_MIN_INTERVAL_S
+                }
 
         def renew() -> None:
             try:
@@ -764,6 +768,8 @@ class Transport:
             if engine_id in self._hb_trouble:
                 return
             self._hb_trouble[engine_id] = why
+            if len(self._hb_trouble) > MAX_ENGINES:  # the oldest may be logged again
+                del self._hb_trouble[next(iter(self._hb_trouble))]
         logger.warning("lease renewals to prefill engine %s fail: %s", engine_id, why)
 
     def _fail_job(self, job: PullJob, error: str) -> None:

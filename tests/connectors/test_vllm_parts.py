@@ -529,3 +529,36 @@ def test_leases_keep_the_latest_deadline_and_stay_bounded(monkeypatch):
     ls.renewed("f", 1.0, {}, set())
     ls.renewed("g", 2.0, {}, set())
     assert ls.offset("e") is None and ls.deadline("e", "c") is None  # the oldest engine went
+
+
+def test_heartbeat_bookkeeping_stays_bounded_under_many_engine_ids(monkeypatch):
+    """Engine ids come from requests' kv_transfer_params: renewals to ever new ones (none
+    answering) keep at most MAX_ENGINES failing engines, and of the send times only those
+    that still hold a renewal back."""
+    from layoutc.connectors.vllm import transport as transport_mod
+
+    monkeypatch.setattr(transport_mod, "MAX_ENGINES", 4)
+
+    def refuse(host, port, msg, timeout):
+        raise SideChannelError("nobody home")
+
+    t = _transport(refuse)
+
+    def settled():
+        t.call(lambda eps: None)  # every job submitted so far handled
+        end = time.monotonic() + 10
+        while t._hb_busy and time.monotonic() < end:  # the renewals answered (refused)
+            time.sleep(0.01)
+
+    try:
+        for i in range(12):
+            t.submit(HeartbeatJob(f"e-{i}", "127.0.0.1", 5600, ("r",)))
+        settled()
+        assert len(t._hb_trouble) == 4
+        time.sleep(transport_mod.HEARTBEAT_MIN_INTERVAL_S + 0.05)
+        t.submit(HeartbeatJob("e-last", "127.0.0.1", 5600, ("r",)))
+        settled()
+        assert list(t._hb_sent) == ["e-last"]
+        assert len(t._hb_trouble) == 4 and "e-last" in t._hb_trouble
+    finally:
+        t.close()
