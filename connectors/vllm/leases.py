@@ -14,6 +14,7 @@ engines (the oldest go first).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
@@ -42,7 +43,7 @@ class Leases:
         self, engine_id: str, offset: float, leases: Mapping[Any, Any], asked: Collection[str]
     ) -> int:
         """Take a renewal's answer: the deadlines of the requests asked about (later ones
-        only; values that are not numbers are ignored).  Returns how many were taken."""
+        only; values that are not finite numbers are ignored).  Returns how many were taken."""
         taken = 0
         with self._lock:
             self._offsets[engine_id] = offset
@@ -52,6 +53,7 @@ class Leases:
                     rid in asked
                     and isinstance(deadline, int | float)
                     and not isinstance(deadline, bool)
+                    and math.isfinite(deadline)
                 ):
                     mine[rid] = max(mine.get(rid, float("-inf")), float(deadline))
                     taken += 1

@@ -22,6 +22,7 @@ an error reply and never stops the server.  Needs pyzmq (a vLLM dependency), not
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -167,6 +168,6 @@ def query(
             f"side channel at {address} refused: {err if isinstance(err, str) else reply!r:.200}"
         )
     clock = reply.get("clock")
-    if not isinstance(clock, int | float) or isinstance(clock, bool):
+    if not isinstance(clock, int | float) or isinstance(clock, bool) or not math.isfinite(clock):
         raise SideChannelError(f"side channel at {address} sent no clock")
     return reply, float(clock) - (t0 + t1) / 2

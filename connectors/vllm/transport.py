@@ -241,7 +241,9 @@ def check_payload(
     blocks = field_("num_blocks", int)
     if not 1 <= blocks < 1 << 40:
         raise SideChannelError(f"prefill rank {tp_rank} has {blocks} blocks")
-    field_("block_size", int)
+    block_size = field_("block_size", int)
+    if not 1 <= block_size <= 1 << 20:
+        raise SideChannelError(f"prefill rank {tp_rank} has a block size of {block_size}")
     return payload
 
 

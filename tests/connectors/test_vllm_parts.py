@@ -204,6 +204,7 @@ def test_a_good_payload_passes():
         ({"spec": "vllm_lbhnc"}, r"layout spec 'vllm_lbhnc'"),
         ({"params": {"block_size": 128}}, r"malformed spec parameters"),
         ({"lease_s": -1}, r"lease of -1"),
+        ({"block_size": 0}, r"block size of 0"),
         ({"agent": ""}, r"'agent'"),
         ({"format": "nixl"}, r"payload format 'nixl'"),
     ],
@@ -238,6 +239,8 @@ def test_side_channel_serves_and_survives_bad_requests():
         seen.append(msg)
         if msg.get("op") == "boom":
             raise RuntimeError("handler bug")
+        if msg.get("op") == "nan-clock":
+            return {"ok": True, "clock": float("nan")}
         if msg.get("op") != "meta":
             raise SideChannelError(f"unknown op {msg.get('op')!r}")
         return {"ok": True, "payload": {"x": 1}, "clock": 5.0}
@@ -250,6 +253,8 @@ def test_side_channel_serves_and_survives_bad_requests():
             query("127.0.0.1", port, {"op": "hb"}, 5.0)
         with pytest.raises(SideChannelError, match="internal error: RuntimeError"):
             query("127.0.0.1", port, {"op": "boom"}, 5.0)
+        with pytest.raises(SideChannelError, match="sent no clock"):
+            query("127.0.0.1", port, {"op": "nan-clock"}, 5.0)
         # raw garbage from a REQ socket, then a frame that is no REQ at all
         ctx = zmq.Context.instance()
         req = ctx.socket(zmq.REQ)
@@ -524,6 +529,8 @@ def test_leases_keep_the_latest_deadline_and_stay_bounded(monkeypatch):
     ls.renewed("e", 0.5, {"a": 5.0, "b": 1.0, "c": 2.0, "d": 3.0}, {"a", "b", "c", "d"})
     assert ls.deadline("e", "a") == 10.0 and ls.offset("e") == 0.5
     assert ls.deadline("e", "b") is None  # the earliest deadline went first
+    assert ls.renewed("e", 0.5, {"c": math.nan, "d": math.inf}, {"c", "d"}) == 0
+    assert (ls.deadline("e", "c"), ls.deadline("e", "d")) == (2.0, 3.0)
     assert ls.take("e", "a") == 10.0
     assert ls.deadline("e", "a") is None and ls.take("e", "a") is None
     ls.renewed("f", 1.0, {}, set())
